@@ -1,0 +1,41 @@
+# Two commands: `make demo` and `make test`. Both build .venv from nothing when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned so pip takes the CPU wheel that lies on these machines; see README for CUDA.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m monitor.offline.example_data --out build/demo
+	$(BIN)/collapse-monitor analyze \
+		--features build/demo/features.npy --labels build/demo/labels.npy \
+		--classifier build/demo/classifier.npy --bias build/demo/bias.npy \
+		--format table
+
+lint: $(STAMP)
+	$(BIN)/ruff check monitor tests benchmarks
+	$(BIN)/ruff format --check monitor tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict monitor
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests
+
+test: lint typecheck unit
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

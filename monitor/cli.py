@@ -1,0 +1,193 @@
+"""The `collapse-monitor` command line.
+
+Exit codes: 0 success; 1 unexpected failure; 2 bad input or usage (one line on stderr, a
+traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from monitor import __version__
+from monitor.errors import CollapseMonitorError
+from monitor.metrics import MetricReport
+from monitor.metrics.engine import (
+    DEFAULT_MAX_EXACT_CLASSES,
+    DEFAULT_MIN_COUNT,
+    DEFAULT_NC4_MAX_SAMPLES,
+    DEFAULT_PAIR_SAMPLES,
+)
+from monitor.metrics.report import COLLAPSE_KEYS, ESTIMATED_KEYS, GEOMETRY_KEYS
+
+EXIT_BAD_INPUT = 2
+
+app = typer.Typer(
+    name="collapse-monitor",
+    help="Watch the neural-collapse geometry of LLM hidden states; export gauges and alerts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+stderr = Console(stderr=True)
+_state = {"debug": False}
+
+
+class OutputFormat(StrEnum):
+    json = "json"
+    table = "table"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"collapse-monitor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """collapse-monitor: neural-collapse metrics of language-model hidden states."""
+    _state["debug"] = debug
+
+
+@app.command(
+    epilog=(
+        "Example: collapse-monitor analyze --features h.npy --labels y.npy "
+        "--classifier W.npy --format json"
+    )
+)
+def analyze(
+    features: Annotated[Path, typer.Option(help="(N, d) float features, .npy or .safetensors.")],
+    labels: Annotated[Path, typer.Option(help="(N,) int next-token labels.")],
+    classifier: Annotated[
+        Path | None, typer.Option(help="(V, d) LM-head weights; enables NC3 and NC4.")
+    ] = None,
+    bias: Annotated[Path | None, typer.Option(help="(V,) LM-head bias.")] = None,
+    eval_features: Annotated[
+        Path | None, typer.Option(help="Held-out features for NC4 (default: --features).")
+    ] = None,
+    eval_labels: Annotated[Path | None, typer.Option(help="Labels of --eval-features.")] = None,
+    min_count: Annotated[
+        int, typer.Option(min=1, help="Classes need this many samples.")
+    ] = DEFAULT_MIN_COUNT,
+    max_exact_classes: Annotated[
+        int, typer.Option(min=2, help="Above this many classes, pair metrics are sampled.")
+    ] = DEFAULT_MAX_EXACT_CLASSES,
+    pair_samples: Annotated[
+        int, typer.Option(min=100, help="Pairs drawn when sampling.")
+    ] = DEFAULT_PAIR_SAMPLES,
+    nc4_max_samples: Annotated[int, typer.Option(min=1, help="NC4 subsample size.")] = (
+        DEFAULT_NC4_MAX_SAMPLES
+    ),
+    second_moment: Annotated[
+        bool, typer.Option(help="Keep the d x d second moment (trace ratio, effective rank).")
+    ] = True,
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed for sampled pairs and NC4 subsamples.")] = 0,
+    output: Annotated[OutputFormat, typer.Option("--format", help="json or table.")] = (
+        OutputFormat.table
+    ),
+) -> None:
+    """Metrics of saved features: every collapse and geometry key of METRICS.md."""
+    import torch
+
+    from monitor.offline.analyze import AnalyzeOptions, analyze_arrays
+    from monitor.offline.arrays import load_array
+
+    def opt(path: Path | None, what: str) -> torch.Tensor | None:
+        return None if path is None else load_array(path, what)
+
+    feats = load_array(features, "features")
+    options = AnalyzeOptions(
+        min_count=min_count,
+        max_exact_classes=max_exact_classes,
+        pair_samples=pair_samples,
+        nc4_max_samples=nc4_max_samples,
+        second_moment=second_moment,
+        device=device,
+        seed=seed,
+    )
+    with Progress(
+        TextColumn("accumulating"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} samples"),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+        disable=not stderr.is_terminal,
+    ) as bar:
+        task = bar.add_task("accumulate", total=int(feats.shape[0]))
+        report = analyze_arrays(
+            feats,
+            load_array(labels, "labels"),
+            classifier=opt(classifier, "classifier"),
+            bias=opt(bias, "bias"),
+            eval_features=opt(eval_features, "eval_features"),
+            eval_labels=opt(eval_labels, "eval_labels"),
+            options=options,
+            progress=lambda done, _total: bar.update(task, completed=done),
+        )
+    _print_report(report, output)
+
+
+def _print_report(report: MetricReport, output: OutputFormat) -> None:
+    values = report.as_dict()
+    if output is OutputFormat.json:
+        typer.echo(json.dumps(values))
+        return
+    table = Table(title=f"collapse metrics ({report.seconds:.2f} s)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("stderr", justify="right")
+    for key in COLLAPSE_KEYS + GEOMETRY_KEYS:
+        value = values[key]
+        err = values.get(f"{key}_stderr") if key in ESTIMATED_KEYS else None
+        table.add_row(key, _fmt(value), "" if err is None else _fmt(err))
+    Console().print(table)
+
+
+def _fmt(value: float | int | None) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.6g}"
+
+
+def main() -> None:
+    """Console entry point: one-line errors with exit code 2 unless --debug.
+
+    Usage errors are typer's own (exit 2); our refusals of bad input come through here.
+    """
+    try:
+        app()
+    except CollapseMonitorError as exc:
+        if _state["debug"]:
+            raise
+        stderr.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        stderr.print("interrupted", markup=False)
+        sys.exit(130)
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        stderr.print(f"error: {type(exc).__name__}: {exc}", markup=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""`compute_metrics`: every collapse and geometry metric of METRICS.md from `CollapseStats`."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from monitor.errors import InvalidInput
+from monitor.metrics.duality import duality, nc4_from_samples
+from monitor.metrics.geometry import anisotropy_mean_cos, effective_rank, trace_ratio
+from monitor.metrics.pairwise import PairInputs, exact_pair_metrics, sampled_pair_metrics
+from monitor.metrics.report import Estimate, MetricReport
+from monitor.stats import CollapseStats
+from monitor.stats.validation import ArrayLike, as_tensor
+
+_F64 = torch.float64
+
+DEFAULT_MIN_COUNT = 2
+DEFAULT_MAX_EXACT_CLASSES = 30_000
+DEFAULT_PAIR_SAMPLES = 500_000
+DEFAULT_NC4_MAX_SAMPLES = 20_000
+
+
+def compute_metrics(
+    stats: CollapseStats,
+    classifier: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    min_count: int = DEFAULT_MIN_COUNT,
+    max_exact_classes: int = DEFAULT_MAX_EXACT_CLASSES,
+    pair_samples: int = DEFAULT_PAIR_SAMPLES,
+    eval_features: ArrayLike | None = None,
+    nc4_max_samples: int = DEFAULT_NC4_MAX_SAMPLES,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    tile_size: int = 1024,
+) -> MetricReport:
+    """Metrics over the classes with at least `min_count` samples.
+
+    `classifier` (V, d) and `bias` (V,) are the LM head, indexed by class id; NC3 and NC4 need
+    them. NC4 is measured on `eval_features` when given (subsampled above `nc4_max_samples`),
+    else taken from the hit counts capture recorded in `stats`. Pairwise metrics are exact up
+    to `max_exact_classes` classes and estimated from `pair_samples` pairs above that.
+    """
+    started = time.perf_counter()
+    if min_count < 1:
+        raise ValueError(f"min_count must be at least 1, got {min_count}")
+    dev = torch.device(device) if device is not None else stats.device
+    weight, head_bias = _check_head(stats, classifier, bias)
+    kept = stats.classes(min_count=min_count)
+    k = kept.num_classes
+
+    means = kept.means().to(dev)
+    centred = means - means.mean(dim=0) if k else means
+    fields: dict[str, float | None] = {
+        "anisotropy_mean_cos": anisotropy_mean_cos(stats),
+        "effective_rank": effective_rank(stats, dev),
+    }
+    estimates: dict[str, Estimate] = {}
+    exact = True
+    if k >= 2:
+        norms = centred.norm(dim=1)
+        fields["nc2_equinorm_cv"] = _cov(norms)
+        fields["nc1_trace_ratio"] = trace_ratio(stats, kept, centred, dev)
+        inputs = PairInputs(centred, kept.variances().to(dev), norms * norms)
+        exact = k <= max_exact_classes
+        if exact:
+            estimates.update(exact_pair_metrics(inputs, tile=tile_size))
+        else:
+            estimates.update(sampled_pair_metrics(inputs, samples=pair_samples, seed=seed))
+    if weight is not None and k >= 1:
+        ids = kept.class_ids.to(weight.device)
+        w_rows = weight[ids].to(dev, _F64)
+        b_rows = None if head_bias is None else head_bias[ids].to(dev, _F64)
+        if k >= 2:
+            mean_cos, cv = duality(w_rows, centred)
+            fields["nc3_duality_mean_cos"] = mean_cos
+            fields["nc3_uniform_duality_cv"] = cv
+        estimates["nc4_ncc_agreement"] = _nc4(
+            stats, eval_features, means, w_rows, b_rows, nc4_max_samples, seed, dev
+        )
+    return MetricReport(
+        class_count=k,
+        sample_count=stats.sample_count,
+        estimates=estimates,
+        exact_pairs=exact,
+        seconds=time.perf_counter() - started,
+        **fields,
+    )
+
+
+def _nc4(
+    stats: CollapseStats,
+    eval_features: ArrayLike | None,
+    means: torch.Tensor,
+    w_rows: torch.Tensor,
+    b_rows: torch.Tensor | None,
+    max_samples: int,
+    seed: int,
+    device: torch.device,
+) -> Estimate:
+    if eval_features is not None:
+        feats = as_tensor(eval_features, "eval_features")
+        if feats.ndim != 2 or feats.shape[1] != stats.dim:
+            raise InvalidInput(
+                "wrong_dimension",
+                f"eval features must be (N, {stats.dim}), got {tuple(feats.shape)}",
+            )
+        if not feats.is_floating_point() or not bool(torch.isfinite(feats).all()):
+            raise InvalidInput("non_finite", "eval features must be finite floating point values")
+        return nc4_from_samples(
+            feats.to(device), means, w_rows, b_rows, max_samples=max_samples, seed=seed
+        )
+    if stats.nc4_total > 0:
+        return Estimate(stats.nc4_hits / stats.nc4_total)
+    return Estimate(None)
+
+
+def _check_head(
+    stats: CollapseStats, classifier: ArrayLike | None, bias: ArrayLike | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if classifier is None:
+        if bias is not None:
+            raise InvalidInput("wrong_shape", "a bias was given without a classifier")
+        return None, None
+    w = as_tensor(classifier, "classifier")
+    expected = (stats.num_classes, stats.dim)
+    if tuple(w.shape) != expected:
+        raise InvalidInput(
+            "wrong_shape", f"classifier must have shape {expected}, got {tuple(w.shape)}"
+        )
+    if not w.is_floating_point() or not bool(torch.isfinite(w).all()):
+        raise InvalidInput("non_finite", "classifier weights must be finite floating point values")
+    b = None
+    if bias is not None:
+        b = as_tensor(bias, "bias")
+        if tuple(b.shape) != (stats.num_classes,):
+            raise InvalidInput(
+                "wrong_shape", f"bias must have shape ({stats.num_classes},), got {tuple(b.shape)}"
+            )
+        if not b.is_floating_point() or not bool(torch.isfinite(b).all()):
+            raise InvalidInput("non_finite", "bias must be finite floating point values")
+    return w, b
+
+
+def _cov(values: torch.Tensor) -> float | None:
+    """Population coefficient of variation, None when the mean is 0."""
+    mean = float(values.mean())
+    return float(values.std(correction=0)) / mean if mean != 0 else None

@@ -1,0 +1,209 @@
+"""Pairwise class metrics (NC1 CDNV, NC2 equiangularity and log energy) without a K x K matrix.
+
+Exact mode walks the upper triangle of the Gram matrix of the centred class means tile by tile
+(memory O(K d + tile^2)) and folds each tile into running moments. Sampled mode draws pairs
+uniformly and reports the standard error of each estimate, for K too large to enumerate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from monitor.metrics.report import Estimate
+
+_F64 = torch.float64
+# Below this fraction of ||m_i||^2 + ||m_j||^2 the Gram identity loses too many digits of
+# ||m_i - m_j||^2; those (rare) pairs are recomputed from the difference itself.
+_CANCELLATION_RATIO = 1e-6
+PAIR_METRICS = (
+    "nc1_cdnv",
+    "nc1_cdnv2",
+    "nc2_equiangularity_mean",
+    "nc2_equiangularity_std",
+    "nc2_log_energy_mean",
+    "nc2_log_energy_std",
+)
+
+
+@dataclass
+class RunningMoments:
+    """Count, mean and sum of squared deviations, merged with Chan et al.'s parallel update."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, values: torch.Tensor) -> None:
+        n = int(values.numel())
+        if n == 0:
+            return
+        mean_b = float(values.mean())
+        m2_b = float(((values - mean_b) ** 2).sum())
+        total = self.count + n
+        delta = mean_b - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2_b + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation (ddof = 0)."""
+        return math.sqrt(max(self.m2, 0.0) / self.count)
+
+
+@dataclass(frozen=True)
+class PairInputs:
+    """Per-class quantities every pairwise metric needs, on the compute device."""
+
+    centred: torch.Tensor  # (K, d) m_c
+    variances: torch.Tensor  # (K,) sigma_c^2
+    sq_norms: torch.Tensor  # (K,) ||m_c||^2
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.centred.shape[0])
+
+
+class _PairAccumulator:
+    """Folds blocks of pair values into the moments of CDNV, CDNV2, cosine and log energy."""
+
+    def __init__(self) -> None:
+        self.cdnv = RunningMoments()
+        self.cdnv2 = RunningMoments()
+        self.cos = RunningMoments()
+        self.log_energy = RunningMoments()
+
+    def add(
+        self, dist2: torch.Tensor, var_sum: torch.Tensor, cos: torch.Tensor, angular: torch.Tensor
+    ) -> None:
+        """All inputs are flat over the same valid pairs; `angular` masks pairs with m_c != 0."""
+        separated = dist2 > 0
+        d2 = dist2[separated]
+        cdnv = var_sum[separated] / (2.0 * d2)
+        self.cdnv.add(cdnv)
+        self.cdnv2.add(cdnv / d2)
+        c = cos[angular]
+        self.cos.add(c)
+        # ||u - u'||^2 = 2 - 2 cos for unit vectors; log(1/||u - u'||) = -log(that)/2.
+        chord2 = (2.0 - 2.0 * c).clamp_min(0.0)
+        self.log_energy.add(-0.5 * torch.log(chord2[chord2 > 0]))
+
+    def results(self) -> dict[str, Estimate]:
+        def mean(m: RunningMoments) -> Estimate:
+            return Estimate(m.mean if m.count else None)
+
+        def std(m: RunningMoments) -> Estimate:
+            return Estimate(m.std if m.count else None)
+
+        return {
+            "nc1_cdnv": mean(self.cdnv),
+            "nc1_cdnv2": mean(self.cdnv2),
+            "nc2_equiangularity_mean": mean(self.cos),
+            "nc2_equiangularity_std": std(self.cos),
+            "nc2_log_energy_mean": mean(self.log_energy),
+            "nc2_log_energy_std": std(self.log_energy),
+        }
+
+
+def exact_pair_metrics(inputs: PairInputs, *, tile: int = 1024) -> dict[str, Estimate]:
+    """Every pair c < c' once, one Gram tile at a time."""
+    m, var, a = inputs.centred, inputs.variances, inputs.sq_norms
+    k = inputs.num_classes
+    norms = a.sqrt()
+    inv_norm = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    acc = _PairAccumulator()
+    for i0 in range(0, k, tile):
+        i1 = min(i0 + tile, k)
+        for j0 in range(i0, k, tile):
+            j1 = min(j0 + tile, k)
+            gram = m[i0:i1] @ m[j0:j1].T
+            dist2 = a[i0:i1, None] + a[None, j0:j1] - 2.0 * gram
+            scale = a[i0:i1, None] + a[None, j0:j1]
+            risky = dist2 < _CANCELLATION_RATIO * scale
+            if i0 == j0:
+                upper = torch.ones_like(risky).triu(diagonal=1)
+                risky &= upper
+            if bool(risky.any()):
+                ri, rj = risky.nonzero(as_tuple=True)
+                diff = m[i0 + ri] - m[j0 + rj]
+                dist2[ri, rj] = (diff * diff).sum(dim=1)
+            cos = gram * inv_norm[i0:i1, None] * inv_norm[None, j0:j1]
+            var_sum = var[i0:i1, None] + var[None, j0:j1]
+            angular = (norms[i0:i1, None] > 0) & (norms[None, j0:j1] > 0)
+            if i0 == j0:
+                acc.add(dist2[upper], var_sum[upper], cos[upper], angular[upper])
+            else:
+                acc.add(dist2.flatten(), var_sum.flatten(), cos.flatten(), angular.flatten())
+    return acc.results()
+
+
+def sampled_pair_metrics(
+    inputs: PairInputs, *, samples: int, seed: int, chunk: int = 8192
+) -> dict[str, Estimate]:
+    """Unbiased estimates of the pair means from `samples` uniform pairs, with standard errors.
+
+    Pairs are drawn with replacement, uniformly among unordered pairs of distinct classes.
+    The std metrics are the sample std (consistent) with a delta-method standard error.
+    """
+    k = inputs.num_classes
+    device = inputs.centred.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    first = torch.randint(0, k, (samples,), generator=gen)
+    # Uniform over j != i: draw from k - 1 values and skip i.
+    second = torch.randint(0, k - 1, (samples,), generator=gen)
+    second += (second >= first).to(second.dtype)
+    m, var, a = inputs.centred, inputs.variances, inputs.sq_norms
+    norms = a.sqrt()
+    dist2_parts, var_parts, cos_parts, ang_parts = [], [], [], []
+    for start in range(0, samples, chunk):
+        i = first[start : start + chunk].to(device)
+        j = second[start : start + chunk].to(device)
+        mi, mj = m[i], m[j]
+        diff = mi - mj
+        dist2_parts.append((diff * diff).sum(dim=1))
+        var_parts.append(var[i] + var[j])
+        denom = norms[i] * norms[j]
+        ang_parts.append(denom > 0)
+        cos_parts.append((mi * mj).sum(dim=1) / denom.clamp_min(1e-300))
+    dist2 = torch.cat(dist2_parts)
+    var_sum = torch.cat(var_parts)
+    cos = torch.cat(cos_parts)
+    angular = torch.cat(ang_parts)
+
+    separated = dist2 > 0
+    cdnv = var_sum[separated] / (2.0 * dist2[separated])
+    c = cos[angular]
+    chord2 = (2.0 - 2.0 * c).clamp_min(0.0)
+    log_energy = -0.5 * torch.log(chord2[chord2 > 0])
+    return {
+        "nc1_cdnv": _mean_estimate(cdnv),
+        "nc1_cdnv2": _mean_estimate(cdnv / dist2[separated]),
+        "nc2_equiangularity_mean": _mean_estimate(c),
+        "nc2_equiangularity_std": _std_estimate(c),
+        "nc2_log_energy_mean": _mean_estimate(log_energy),
+        "nc2_log_energy_std": _std_estimate(log_energy),
+    }
+
+
+def _mean_estimate(values: torch.Tensor) -> Estimate:
+    n = int(values.numel())
+    if n == 0:
+        return Estimate(None)
+    std = float(values.std(correction=1)) if n > 1 else math.inf
+    return Estimate(float(values.mean()), std / math.sqrt(n))
+
+
+def _std_estimate(values: torch.Tensor) -> Estimate:
+    """Sample std with the delta-method stderr sqrt((mu4 - s^4) / (4 s^2 n))."""
+    n = int(values.numel())
+    if n < 2:
+        return Estimate(None)
+    centred = values - values.mean()
+    var = float((centred**2).mean())
+    mu4 = float((centred**4).mean())
+    std = math.sqrt(var)
+    stderr = math.sqrt(max(mu4 - var * var, 0.0) / (4.0 * var * n)) if var > 0 else 0.0
+    return Estimate(std, stderr)

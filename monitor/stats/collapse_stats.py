@@ -1,0 +1,265 @@
+"""`CollapseStats`: additive sufficient statistics of hidden states grouped by next token.
+
+Only the classes a batch touches get a row (a slot), so a per-batch partial over a 50k-token
+vocabulary stays as small as the batch, while a window that has seen every class holds one row
+per class. Everything is float64: `q_c/n_c - ||mu_c||^2` in float32 cancels catastrophically
+when `||mu|| >> sigma` (METRICS.md). Any split of the data, merged in any order, gives the same
+statistics up to float64 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from monitor.errors import IncompatibleStats
+from monitor.stats.validation import ArrayLike, check_batch
+
+_F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class ClassStatistics:
+    """The per-class rows of the classes with `n_c >= min_count`, ordered by class id."""
+
+    class_ids: torch.Tensor  # (K,) int64
+    counts: torch.Tensor  # (K,) int64
+    sums: torch.Tensor  # (K, d) float64, s_c = sum h
+    sq_norms: torch.Tensor  # (K,) float64, q_c = sum ||h||^2
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_ids.numel())
+
+    def means(self) -> torch.Tensor:
+        """mu_c = s_c / n_c, (K, d) float64."""
+        return self.sums / self.counts.unsqueeze(1).to(_F64)
+
+    def variances(self) -> torch.Tensor:
+        """sigma_c^2 = q_c/n_c - ||mu_c||^2 (trace of the biased class covariance), clamped at 0."""
+        n = self.counts.to(_F64)
+        mean_sq = (self.sums * self.sums).sum(dim=1) / (n * n)
+        return (self.sq_norms / n - mean_sq).clamp_min(0.0)
+
+
+class CollapseStats:
+    """Sufficient statistics of METRICS.md: per class `n, sum h, sum ||h||^2`, plus global sums.
+
+    Global: sample count `N`, `sum h`, `sum h/||h||` (for anisotropy), optionally the d x d
+    second moment `S = sum h h^T` (for the trace ratio and effective rank), and NC4 hit counts
+    recorded by capture. Tensors live on `device` (CPU by default) in float64.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        second_moment: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if num_classes < 1 or dim < 1:
+            raise ValueError(f"num_classes and dim must be positive, got {num_classes}, {dim}")
+        self.num_classes = int(num_classes)
+        self.dim = int(dim)
+        self.device = torch.device(device)
+        self._size = 0
+        self._slot = torch.full((self.num_classes,), -1, dtype=torch.int64, device=self.device)
+        self._class_ids = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._counts = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._sums = torch.empty(0, self.dim, dtype=_F64, device=self.device)
+        self._sq_norms = torch.empty(0, dtype=_F64, device=self.device)
+        self.sample_count = 0
+        self.total_sum = torch.zeros(self.dim, dtype=_F64, device=self.device)
+        self.unit_sum = torch.zeros(self.dim, dtype=_F64, device=self.device)
+        self.unit_count = 0
+        self.second: torch.Tensor | None = (
+            torch.zeros(self.dim, self.dim, dtype=_F64, device=self.device)
+            if second_moment
+            else None
+        )
+        self.nc4_hits = 0
+        self.nc4_total = 0
+
+    # ----------------------------------------------------------------- views
+    @property
+    def has_second_moment(self) -> bool:
+        return self.second is not None
+
+    @property
+    def touched_classes(self) -> int:
+        """Number of classes with at least one sample."""
+        return self._size
+
+    @property
+    def class_ids(self) -> torch.Tensor:
+        return self._class_ids[: self._size]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self._counts[: self._size]
+
+    @property
+    def sums(self) -> torch.Tensor:
+        return self._sums[: self._size]
+
+    @property
+    def sq_norms(self) -> torch.Tensor:
+        return self._sq_norms[: self._size]
+
+    def classes(self, min_count: int = 1) -> ClassStatistics:
+        """Rows of the classes with `n_c >= min_count`, sorted by class id (copies)."""
+        order = torch.argsort(self.class_ids)
+        keep = order[self.counts[order] >= min_count]
+        return ClassStatistics(
+            class_ids=self.class_ids[keep].clone(),
+            counts=self.counts[keep].clone(),
+            sums=self.sums[keep].clone(),
+            sq_norms=self.sq_norms[keep].clone(),
+        )
+
+    def count_of(self, class_id: int) -> int:
+        slot = int(self._slot[class_id])
+        return 0 if slot < 0 else int(self._counts[slot])
+
+    # ---------------------------------------------------------------- update
+    def update(self, features: ArrayLike, labels: ArrayLike) -> None:
+        """Add a batch: features (N, d) float, labels (N,) int next-token ids.
+
+        Validates everything first (shape, dtype, finite values, label range) and raises
+        `InvalidInput` without changing anything when the batch is bad.
+        """
+        x, y = check_batch(features, labels, dim=self.dim, num_classes=self.num_classes)
+        x = x.to(device=self.device, dtype=_F64)
+        y = y.to(device=self.device, dtype=torch.int64)
+        slots = self._slots_for(y)
+        sq = torch.einsum("nd,nd->n", x, x)
+        self._counts.index_add_(0, slots, torch.ones_like(slots))
+        self._sums.index_add_(0, slots, x)
+        self._sq_norms.index_add_(0, slots, sq)
+        self.total_sum += x.sum(dim=0)
+        norms = sq.sqrt()
+        nonzero = norms > 0
+        inv = torch.where(nonzero, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        self.unit_sum += inv @ x
+        self.unit_count += int(nonzero.sum())
+        if self.second is not None:
+            self.second.addmm_(x.T, x)
+        self.sample_count += int(x.shape[0])
+
+    def record_nc4(self, hits: int, total: int) -> None:
+        """Add NC4 agreement counts measured at ingestion (capture counts them per batch)."""
+        if total < 0 or hits < 0 or hits > total:
+            raise ValueError(f"invalid NC4 counts: {hits} hits of {total}")
+        self.nc4_hits += int(hits)
+        self.nc4_total += int(total)
+
+    # ----------------------------------------------------------------- merge
+    def merge(self, other: CollapseStats) -> CollapseStats:
+        """Add `other` into `self` exactly (sums of sums); returns `self`."""
+        self._check_compatible(other)
+        ids = other.class_ids.to(self.device)
+        slots = self._slots_for(ids)
+        self._counts.index_add_(0, slots, other.counts.to(self.device))
+        self._sums.index_add_(0, slots, other.sums.to(self.device))
+        self._sq_norms.index_add_(0, slots, other.sq_norms.to(self.device))
+        self.total_sum += other.total_sum.to(self.device)
+        self.unit_sum += other.unit_sum.to(self.device)
+        self.unit_count += other.unit_count
+        if self.second is not None and other.second is not None:
+            self.second += other.second.to(self.device)
+        self.sample_count += other.sample_count
+        self.nc4_hits += other.nc4_hits
+        self.nc4_total += other.nc4_total
+        return self
+
+    def __iadd__(self, other: CollapseStats) -> CollapseStats:
+        return self.merge(other)
+
+    def copy(self) -> CollapseStats:
+        out = CollapseStats(
+            self.num_classes, self.dim, second_moment=self.has_second_moment, device=self.device
+        )
+        return out.merge(self)
+
+    @classmethod
+    def merged(cls, parts: list[CollapseStats]) -> CollapseStats:
+        """The sum of several statistics (at least one), as a new object."""
+        if not parts:
+            raise ValueError("merged() needs at least one CollapseStats")
+        out = parts[0].copy()
+        for part in parts[1:]:
+            out.merge(part)
+        return out
+
+    def _check_compatible(self, other: CollapseStats) -> None:
+        mine = (self.num_classes, self.dim, self.has_second_moment)
+        theirs = (other.num_classes, other.dim, other.has_second_moment)
+        if mine != theirs:
+            raise IncompatibleStats(
+                f"cannot merge statistics of (num_classes, dim, second_moment) {theirs} into {mine}"
+            )
+
+    # -------------------------------------------------------------- storage
+    def _slots_for(self, ids: torch.Tensor) -> torch.Tensor:
+        """Slot of each class id, allocating rows for classes seen for the first time."""
+        slots = self._slot[ids]
+        missing = slots < 0
+        if bool(missing.any()):
+            new_ids = torch.unique(ids[missing])
+            start = self._size
+            self._reserve(start + int(new_ids.numel()))
+            stop = start + int(new_ids.numel())
+            self._slot[new_ids] = torch.arange(start, stop, device=self.device)
+            self._class_ids[start:stop] = new_ids
+            self._size = stop
+            slots = self._slot[ids]
+        return slots
+
+    def _reserve(self, needed: int) -> None:
+        """Grow row capacity geometrically so streaming updates copy each row O(1) times."""
+        capacity = int(self._class_ids.numel())
+        if needed <= capacity:
+            return
+        new_cap = min(self.num_classes, max(needed, 2 * capacity, 16))
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros((new_cap, *t.shape[1:]), dtype=t.dtype, device=self.device)
+            out[: self._size] = t[: self._size]
+            return out
+
+        self._class_ids = grow(self._class_ids)
+        self._counts = grow(self._counts)
+        self._sums = grow(self._sums)
+        self._sq_norms = grow(self._sq_norms)
+
+    def _load_rows(
+        self, class_ids: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, sq: torch.Tensor
+    ) -> None:
+        """Install validated per-class rows into empty statistics (used by deserialisation)."""
+        if self._size:
+            raise RuntimeError("_load_rows needs empty statistics")
+        slots = self._slots_for(class_ids.to(self.device))
+        self._counts[slots] = counts.to(self.device)
+        self._sums[slots] = sums.to(self.device, _F64)
+        self._sq_norms[slots] = sq.to(self.device, _F64)
+
+    def __repr__(self) -> str:
+        return (
+            f"CollapseStats(num_classes={self.num_classes}, dim={self.dim}, "
+            f"samples={self.sample_count}, touched_classes={self._size}, "
+            f"second_moment={self.has_second_moment})"
+        )
+
+    # Serialisation lives in monitor.stats.serialization; bound here for the public API.
+    def to_bytes(self) -> bytes:
+        from monitor.stats.serialization import stats_to_bytes
+
+        return stats_to_bytes(self)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, *, device: str | torch.device = "cpu") -> CollapseStats:
+        from monitor.stats.serialization import stats_from_bytes
+
+        return stats_from_bytes(blob, device=device)

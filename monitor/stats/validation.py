@@ -1,0 +1,77 @@
+"""Checks a batch of (features, labels) before anything is accumulated.
+
+Every check runs before the statistics change, so a refused batch leaves them untouched. Each
+failure is an `InvalidInput` whose `reason` is the label the pipeline counts rejections by.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import numpy as np
+import torch
+
+from monitor.errors import InvalidInput
+
+ArrayLike: TypeAlias = torch.Tensor | np.ndarray
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def as_tensor(value: ArrayLike, what: str) -> torch.Tensor:
+    """A torch view of a numpy array or tensor, without copying where possible."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype == np.float16 or value.dtype.kind in "fiub":
+            return torch.from_numpy(np.ascontiguousarray(value))
+        raise InvalidInput("wrong_dtype", f"{what}: unsupported dtype {value.dtype}")
+    raise InvalidInput(
+        "wrong_type",
+        f"{what}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}",
+    )
+
+
+def check_batch(
+    features: ArrayLike, labels: ArrayLike, *, dim: int, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a batch; returns (features, labels) as tensors, unconverted.
+
+    Raises `InvalidInput` naming the first problem found: shape, dtype, empty batch, mismatched
+    lengths, labels outside `[0, num_classes)`, or non-finite features.
+    """
+    x = as_tensor(features, "features")
+    y = as_tensor(labels, "labels")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise InvalidInput(
+            "wrong_dtype",
+            f"features must be floating point (float16/bfloat16/32/64), got {x.dtype}",
+        )
+    if y.dtype not in _INT_DTYPES:
+        raise InvalidInput("wrong_dtype", f"labels must be integers, got {y.dtype}")
+    if x.ndim != 2:
+        raise InvalidInput(
+            "wrong_shape", f"features must be 2-D (N, dim), got shape {tuple(x.shape)}"
+        )
+    if y.ndim != 1:
+        raise InvalidInput("wrong_shape", f"labels must be 1-D (N,), got shape {tuple(y.shape)}")
+    if x.shape[1] != dim:
+        raise InvalidInput(
+            "wrong_dimension", f"features have dimension {x.shape[1]}, these statistics use {dim}"
+        )
+    if x.shape[0] != y.shape[0]:
+        raise InvalidInput("length_mismatch", f"{x.shape[0]} feature rows but {y.shape[0]} labels")
+    if x.shape[0] == 0:
+        raise InvalidInput("empty_batch", "empty batch: no samples to add")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise InvalidInput(
+            "label_out_of_range",
+            f"label {bad} is outside the vocabulary [0, {num_classes})",
+        )
+    if not bool(torch.isfinite(x).all()):
+        rows = int((~torch.isfinite(x)).any(dim=1).sum())
+        raise InvalidInput("non_finite", f"features contain NaN or Inf in {rows} row(s)")
+    return x, y
