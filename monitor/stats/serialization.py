@@ -21,6 +21,7 @@ from monitor.stats.collapse_stats import CollapseStats
 FORMAT = "collapse-stats"
 VERSION = 1
 _F64 = torch.float64
+_META_KEY = "collapse_stats"
 
 
 def stats_to_bytes(stats: CollapseStats) -> bytes:
@@ -30,7 +31,6 @@ def stats_to_bytes(stats: CollapseStats) -> bytes:
         "counts": rows.counts.cpu().contiguous(),
         "sums": rows.sums.cpu().contiguous(),
         "sq_norms": rows.sq_norms.cpu().contiguous(),
-        "total_sum": stats.total_sum.cpu().contiguous(),
         "unit_sum": stats.unit_sum.cpu().contiguous(),
     }
     if stats.second is not None:
@@ -44,8 +44,10 @@ def stats_to_bytes(stats: CollapseStats) -> bytes:
         "nc4_hits": stats.nc4_hits,
         "nc4_total": stats.nc4_total,
     }
-    metadata = {"format": FORMAT, "version": str(VERSION), "header": json.dumps(header)}
-    return save(tensors, metadata=metadata)
+    header = {"format": FORMAT, "version": VERSION, **header}
+    # One metadata entry: safetensors keeps metadata in a hash map whose order varies between
+    # calls, and equal statistics must give equal bytes.
+    return save(tensors, metadata={_META_KEY: json.dumps(header, sort_keys=True)})
 
 
 def _metadata(blob: bytes) -> dict[str, str]:
@@ -68,14 +70,18 @@ def _metadata(blob: bytes) -> dict[str, str]:
 def stats_from_bytes(blob: bytes, *, device: str | torch.device = "cpu") -> CollapseStats:
     """Rebuild statistics from `stats_to_bytes` output, checking every field."""
     meta = _metadata(bytes(blob))
-    if meta.get("format") != FORMAT:
-        raise IncompatibleStats(f"not a collapse-stats blob (format {meta.get('format')!r})")
-    if meta.get("version") != str(VERSION):
+    try:
+        header = json.loads(meta[_META_KEY])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IncompatibleStats("not a collapse-stats blob: no collapse_stats metadata") from exc
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise IncompatibleStats("not a collapse-stats blob: wrong format name")
+    if header.get("version") != VERSION:
         raise IncompatibleStats(
-            f"collapse-stats version {meta.get('version')!r} is not supported (expected {VERSION})"
+            f"collapse-stats version {header.get('version')!r} is not supported "
+            f"(this release reads version {VERSION})"
         )
     try:
-        header = json.loads(meta["header"])
         num_classes, dim = int(header["num_classes"]), int(header["dim"])
         second_moment = bool(header["second_moment"])
         counters = {
@@ -95,7 +101,6 @@ def stats_from_bytes(blob: bytes, *, device: str | torch.device = "cpu") -> Coll
         "counts": (torch.int64, (k,)),
         "sums": (_F64, (k, dim)),
         "sq_norms": (_F64, (k,)),
-        "total_sum": (_F64, (dim,)),
         "unit_sum": (_F64, (dim,)),
     }
     if second_moment:
@@ -123,7 +128,6 @@ def stats_from_bytes(blob: bytes, *, device: str | torch.device = "cpu") -> Coll
 
     stats = CollapseStats(num_classes, dim, second_moment=second_moment, device=device)
     stats._load_rows(ids, counts, arrays["sums"], arrays["sq_norms"])
-    stats.total_sum = arrays["total_sum"].to(device)
     stats.unit_sum = arrays["unit_sum"].to(device)
     if second_moment:
         stats.second = arrays["second"].to(device)
