@@ -20,12 +20,6 @@ from rich.table import Table
 from monitor import __version__
 from monitor.errors import CollapseMonitorError
 from monitor.metrics import MetricReport
-from monitor.metrics.engine import (
-    DEFAULT_MAX_EXACT_CLASSES,
-    DEFAULT_MIN_COUNT,
-    DEFAULT_NC4_MAX_SAMPLES,
-    DEFAULT_PAIR_SAMPLES,
-)
 from monitor.metrics.report import COLLAPSE_KEYS, ESTIMATED_KEYS, GEOMETRY_KEYS
 
 EXIT_BAD_INPUT = 2
@@ -81,45 +75,53 @@ def analyze(
     ] = None,
     eval_labels: Annotated[Path | None, typer.Option(help="Labels of --eval-features.")] = None,
     min_count: Annotated[
-        int, typer.Option(min=1, help="Classes need this many samples.")
-    ] = DEFAULT_MIN_COUNT,
+        int | None, typer.Option(min=1, help="Classes need this many samples. [env: 2]")
+    ] = None,
     max_exact_classes: Annotated[
-        int, typer.Option(min=2, help="Above this many classes, pair metrics are sampled.")
-    ] = DEFAULT_MAX_EXACT_CLASSES,
+        int | None,
+        typer.Option(min=2, help="Above this many classes, pair metrics are sampled. [env: 30000]"),
+    ] = None,
     pair_samples: Annotated[
-        int, typer.Option(min=100, help="Pairs drawn when sampling.")
-    ] = DEFAULT_PAIR_SAMPLES,
-    nc4_max_samples: Annotated[int, typer.Option(min=1, help="NC4 subsample size.")] = (
-        DEFAULT_NC4_MAX_SAMPLES
-    ),
+        int | None, typer.Option(min=100, help="Pairs drawn when sampling. [env: 500000]")
+    ] = None,
+    nc4_max_samples: Annotated[
+        int | None, typer.Option(min=1, help="NC4 subsample size. [env: 20000]")
+    ] = None,
     second_moment: Annotated[
         bool, typer.Option(help="Keep the d x d second moment (trace ratio, effective rank).")
     ] = True,
-    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed for sampled pairs and NC4 subsamples.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N]. [env: cpu]")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of sampled pairs and NC4. [env: 0]")
+    ] = None,
     output: Annotated[OutputFormat, typer.Option("--format", help="json or table.")] = (
         OutputFormat.table
     ),
 ) -> None:
-    """Metrics of saved features: every collapse and geometry key of METRICS.md."""
+    """Metrics of saved features: every collapse and geometry key of METRICS.md.
+
+    Options left out take their value from the settings (COLLAPSE_* env vars, see
+    docs/configuration.md); [env: N] shows the built-in default.
+    """
     import torch
 
-    from monitor.offline.analyze import AnalyzeOptions, analyze_arrays
+    from monitor.config import Settings
+    from monitor.offline.analyze import analyze_arrays
     from monitor.offline.arrays import load_array
 
     def opt(path: Path | None, what: str) -> torch.Tensor | None:
         return None if path is None else load_array(path, what)
 
     feats = load_array(features, "features")
-    options = AnalyzeOptions(
-        min_count=min_count,
-        max_exact_classes=max_exact_classes,
-        pair_samples=pair_samples,
-        nc4_max_samples=nc4_max_samples,
-        second_moment=second_moment,
-        device=device,
-        seed=seed,
-    )
+    overrides = {
+        "min_count": min_count,
+        "max_exact_classes": max_exact_classes,
+        "pair_samples": pair_samples,
+        "nc4_max_samples": nc4_max_samples,
+        "device": device,
+        "seed": seed,
+    }
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     with Progress(
         TextColumn("accumulating"),
         BarColumn(),
@@ -137,7 +139,8 @@ def analyze(
             bias=opt(bias, "bias"),
             eval_features=opt(eval_features, "eval_features"),
             eval_labels=opt(eval_labels, "eval_labels"),
-            options=options,
+            settings=settings,
+            second_moment=second_moment,
             progress=lambda done, _total: bar.update(task, completed=done),
         )
     _print_report(report, output)

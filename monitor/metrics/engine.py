@@ -20,6 +20,7 @@ DEFAULT_MIN_COUNT = 2
 DEFAULT_MAX_EXACT_CLASSES = 30_000
 DEFAULT_PAIR_SAMPLES = 500_000
 DEFAULT_NC4_MAX_SAMPLES = 20_000
+DEFAULT_TILE_SIZE = 512
 
 
 def compute_metrics(
@@ -34,7 +35,7 @@ def compute_metrics(
     nc4_max_samples: int = DEFAULT_NC4_MAX_SAMPLES,
     seed: int = 0,
     device: str | torch.device | None = None,
-    tile_size: int = 1024,
+    tile_size: int = DEFAULT_TILE_SIZE,
 ) -> MetricReport:
     """Metrics over the classes with at least `min_count` samples.
 
@@ -62,7 +63,7 @@ def compute_metrics(
     if k >= 2:
         norms = centred.norm(dim=1)
         fields["nc2_equinorm_cv"] = _cov(norms)
-        fields["nc1_trace_ratio"] = trace_ratio(stats, kept, centred, dev)
+        fields["nc1_trace_ratio"] = trace_ratio(stats, kept, centred, min_count, dev)
         inputs = PairInputs(centred, kept.variances().to(dev), norms * norms)
         exact = k <= max_exact_classes
         if exact:

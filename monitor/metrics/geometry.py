@@ -45,22 +45,27 @@ def trace_ratio(
     stats: CollapseStats,
     kept: ClassStatistics,
     centred: torch.Tensor,
+    min_count: int,
     device: torch.device,
 ) -> float | None:
-    """`Tr(Sigma_W pinv(Sigma_B)) / K` over the kept classes C'.
+    """`Tr(Sigma_W pinv(Sigma_B)) / K` over the kept classes C' (`n_c >= min_count`).
 
-    Sigma_W * N' = S' - sum_{c in C'} s_c s_c^T / n_c, where S' is the second moment of the
-    samples of C'. We only hold S over all samples, so the classes left out of C' are removed
-    through their means: exact when each of them has one sample (always so with the default
-    min_count of 2); with a larger min_count, their within-class scatter stays in Sigma_W.
+    `S - sum_c s_c s_c^T / n_c` over all classes is the within-class scatter of every class
+    (a one-sample class adds none). With min_count <= 2 every class left out of C' has one
+    sample, so dividing by the sample count of C' gives Sigma_W of C' exactly.
+    With a larger min_count, S cannot separate the classes, and Sigma_W is pooled over every
+    class with at least two samples: an estimate of C''s that assumes similar class spreads.
     """
     k = kept.num_classes
     if stats.second is None or k < 2:
         return None
-    n_kept = int(kept.counts.sum())
     everyone = stats.classes(min_count=1)
+    if min_count <= 2:
+        pooled = int(kept.counts.sum())
+    else:
+        pooled = int(everyone.counts[everyone.counts >= 2].sum())
     scaled = everyone.sums.to(device) / everyone.counts.to(device, _F64).sqrt().unsqueeze(1)
-    within = (stats.second.to(device) - scaled.T @ scaled) / n_kept
+    within = (stats.second.to(device) - scaled.T @ scaled) / pooled
     between = centred.T @ centred / k
     eigval, eigvec = torch.linalg.eigh((between + between.T) / 2)
     # The pseudo-inverse cut-off of numpy.linalg.pinv(hermitian=True): d * eps * largest.

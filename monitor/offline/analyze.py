@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from monitor.config import Settings
 from monitor.errors import InvalidInput
 from monitor.metrics import MetricReport, compute_metrics
-from monitor.metrics.engine import (
-    DEFAULT_MAX_EXACT_CLASSES,
-    DEFAULT_MIN_COUNT,
-    DEFAULT_NC4_MAX_SAMPLES,
-    DEFAULT_PAIR_SAMPLES,
-)
 from monitor.stats import CollapseStats
 
-
-@dataclass(frozen=True)
-class AnalyzeOptions:
-    min_count: int = DEFAULT_MIN_COUNT
-    max_exact_classes: int = DEFAULT_MAX_EXACT_CLASSES
-    pair_samples: int = DEFAULT_PAIR_SAMPLES
-    nc4_max_samples: int = DEFAULT_NC4_MAX_SAMPLES
-    second_moment: bool = True
-    device: str = "cpu"
-    seed: int = 0
-    chunk: int = 65_536
+_CHUNK = 65_536
 
 
 def analyze_arrays(
@@ -38,14 +22,17 @@ def analyze_arrays(
     bias: torch.Tensor | None = None,
     eval_features: torch.Tensor | None = None,
     eval_labels: torch.Tensor | None = None,
-    options: AnalyzeOptions = AnalyzeOptions(),
+    settings: Settings | None = None,
+    second_moment: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> MetricReport:
     """Accumulate statistics in chunks (calling `progress(done, total)`), then compute metrics.
 
     The vocabulary size is the classifier's row count, else the largest label + 1. NC4 runs on
-    the eval set when given, else on the analysed features themselves.
+    the eval set when given, else on the analysed features themselves. Metric options come
+    from `settings` (default: the environment's).
     """
+    options = settings if settings is not None else Settings()
     if labels.ndim != 1 or labels.numel() == 0:
         raise InvalidInput(
             "wrong_shape", f"labels must be a non-empty 1-D array, got {tuple(labels.shape)}"
@@ -85,14 +72,14 @@ def analyze_arrays(
     stats = CollapseStats(
         max(num_classes, 1),
         int(features.shape[1]),
-        second_moment=options.second_moment,
+        second_moment=second_moment,
         device=options.device,
     )
     total = int(features.shape[0])
     if labels.shape[0] != total:
         raise InvalidInput("length_mismatch", f"{total} feature rows but {labels.shape[0]} labels")
-    for start in range(0, total, options.chunk):
-        stop = min(start + options.chunk, total)
+    for start in range(0, total, _CHUNK):
+        stop = min(start + _CHUNK, total)
         stats.update(features[start:stop], labels[start:stop])
         if progress is not None:
             progress(stop, total)
@@ -107,4 +94,5 @@ def analyze_arrays(
         nc4_max_samples=options.nc4_max_samples,
         seed=options.seed,
         device=options.device,
+        tile_size=options.tile_size,
     )
