@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,15 +26,92 @@ from monitor.metrics.engine import (
     DEFAULT_PAIR_SAMPLES,
     DEFAULT_TILE_SIZE,
 )
+from monitor.store.keys import MODEL_NAME
 
 ENV_PREFIX = "COLLAPSE_"
 CONFIG_FILE_ENV = "COLLAPSE_CONFIG_FILE"
+
+
+class ModelSpec(BaseModel):
+    """A model to watch: a checkpoint (vocabulary and width read from it) or explicit sizes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=MODEL_NAME.pattern, description="Label in keys and gauges.")
+    checkpoint: str | None = Field(None, description="Local directory or hub id.")
+    vocab_size: int | None = Field(None, ge=2, description="Vocabulary size (features-only).")
+    dim: int | None = Field(None, ge=1, description="Hidden width (features-only).")
+    device: str = Field("cpu", description="Device of the mirror forward pass.")
+    dtype: str = Field("auto", description="auto, float32, bfloat16 or float16.")
+    second_moment: bool = Field(
+        False, description="Keep the d x d second moment (trace ratio, effective rank)."
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ModelSpec:
+        if self.checkpoint is None and (self.vocab_size is None or self.dim is None):
+            raise ValueError(f"model {self.name!r}: give a checkpoint, or vocab_size and dim")
+        return self
 
 
 class Settings(BaseSettings):
     """Service settings; each field's description is its documentation."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    redis_url: str | None = Field(
+        None,
+        description="Redis for broker and store, e.g. redis://host:6379/0 or rediss:// for "
+        "TLS. Unset: embedded mode (in-memory store, tasks run in-process).",
+    )
+    redis_password: SecretStr | None = Field(
+        None, description="Redis AUTH password (kept out of URLs and logs)."
+    )
+    redis_tls_ca_file: str | None = Field(None, description="CA bundle for rediss:// URLs.")
+    redis_tls_cert_file: str | None = Field(None, description="Client certificate for TLS.")
+    redis_tls_key_file: str | None = Field(None, description="Client key for TLS.")
+    redis_key_prefix: str = Field(
+        "cm", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="Prefix of every Redis key."
+    )
+    models: list[ModelSpec] = Field(
+        default_factory=list,
+        description="Models to watch, as a JSON list of {name, checkpoint | vocab_size + dim, "
+        "device, dtype, second_moment}. Samples for other models are refused.",
+    )
+    bucket_seconds: int = Field(300, ge=1, description="Length of fine time buckets.")
+    coarse_bucket_seconds: int = Field(
+        3600, ge=1, description="Length of coarse buckets (a multiple of bucket_seconds)."
+    )
+    fine_retention_seconds: int = Field(
+        3600, ge=1, description="Fine buckets are kept this long; longer windows read coarse."
+    )
+    windows: dict[str, int] = Field(
+        default_factory=lambda: {"15m": 900, "1h": 3600, "24h": 86400},
+        description="Rolling windows: label -> seconds.",
+    )
+    partial_ttl_seconds: int = Field(
+        86400, ge=60, description="Uncompacted per-batch partials expire after this."
+    )
+    max_batch_samples: int = Field(
+        65536, ge=1, description="Largest batch one submission may carry."
+    )
+    max_payload_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest encoded submission accepted."
+    )
+    task_visibility_timeout: int = Field(
+        3600,
+        ge=1,
+        description="Seconds before an unacknowledged task (its worker died) is redelivered.",
+    )
+    compaction_interval: float = Field(
+        30.0, gt=0, description="Seconds between compaction runs of beat."
+    )
+    snapshot_history: int = Field(
+        288, ge=1, description="Metric snapshots kept per model and window."
+    )
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token the HTTP API requires (required outside embedded mode)."
+    )
 
     min_count: int = Field(
         DEFAULT_MIN_COUNT,
@@ -81,6 +158,23 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.coarse_bucket_seconds % self.bucket_seconds:
+            raise ValueError("coarse_bucket_seconds must be a multiple of bucket_seconds")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """No Redis configured: one process, in-memory store, tasks run eagerly."""
+        return self.redis_url is None
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
 
 def settings_markdown() -> str:
     """docs/configuration.md: one row per setting with its env var, default and meaning."""
@@ -96,7 +190,7 @@ def settings_markdown() -> str:
         "| --- | --- | --- | --- |",
     ]
     for name, info in Settings.model_fields.items():
-        default = info.default
+        default = info.get_default(call_default_factory=True)
         lines.append(
             f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | `{default!r}` | {info.description} |"
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from monitor.errors import InvalidInput
+from monitor.stats.validation import as_tensor
 
 
 def load_array(path: str | Path, what: str) -> torch.Tensor:
@@ -29,10 +29,7 @@ def load_array(path: str | Path, what: str) -> torch.Tensor:
             raise InvalidInput("malformed_file", f"{what}: cannot read {p}: {exc}") from exc
         if array.dtype.kind not in "fiu":
             raise InvalidInput("wrong_dtype", f"{what}: {p} holds dtype {array.dtype}")
-        with warnings.catch_warnings():
-            # The memory map is read-only and nothing here writes to it.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(np.ascontiguousarray(array))
+        return as_tensor(array, what)
     if suffix == ".safetensors":
         try:
             tensors = load_file(str(p))

@@ -35,7 +35,7 @@ def stats_to_bytes(stats: CollapseStats) -> bytes:
     }
     if stats.second is not None:
         tensors["second"] = stats.second.cpu().contiguous()
-    header = {
+    header: dict[str, object] = {
         "num_classes": stats.num_classes,
         "dim": stats.dim,
         "second_moment": stats.has_second_moment,

@@ -6,6 +6,7 @@ failure is an `InvalidInput` whose `reason` is the label the pipeline counts rej
 
 from __future__ import annotations
 
+import warnings
 from typing import TypeAlias
 
 import numpy as np
@@ -25,7 +26,10 @@ def as_tensor(value: ArrayLike, what: str) -> torch.Tensor:
         return value
     if isinstance(value, np.ndarray):
         if value.dtype == np.float16 or value.dtype.kind in "fiub":
-            return torch.from_numpy(np.ascontiguousarray(value))
+            with warnings.catch_warnings():
+                # Read-only arrays (memory maps, wire buffers) are fine: nothing here writes.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                return torch.from_numpy(np.ascontiguousarray(value))
         raise InvalidInput("wrong_dtype", f"{what}: unsupported dtype {value.dtype}")
     raise InvalidInput(
         "wrong_type",
@@ -72,8 +76,8 @@ def check_batch(
             f"label {bad} is outside the vocabulary [0, {num_classes})",
         )
     # min and max propagate NaN and reach +-Inf: one cheap reduction instead of an N x d mask.
-    lo, hi = torch.aminmax(x)
-    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+    smallest, largest = torch.aminmax(x)
+    if not (bool(torch.isfinite(smallest)) and bool(torch.isfinite(largest))):
         bad_rows = int((~torch.isfinite(x)).any(dim=1).sum())
         raise InvalidInput("non_finite", f"features contain NaN or Inf in {bad_rows} row(s)")
     return x, y

@@ -187,6 +187,7 @@ CASES = {
     "min_count_3": (4, 12, 300, 90, 8, 12, 15, 3),
     "min_count_1": (5, 10, 120, 60, 15, 5, 20, 1),
     "few_classes": (6, 20, 9, 4, 1, 1, 300, 2),
+    "fewer_samples_than_dims": (7, 64, 20, 8, 2, 3, 5, 2),
 }
 
 
@@ -207,9 +208,11 @@ def test_metrics_match_reference(name: str) -> None:
     W, b = make_classifier(rng, true_means, kept)
     eval_x = X  # NC4 over the analysed samples themselves, as the reference does by default
     stats = build_stats(X, y, vocab, rng=rng)
+    before = stats.to_bytes()
     report = compute_metrics(
         stats, classifier=t64(W), bias=t64(b), min_count=min_count, eval_features=t64(eval_x)
     )
+    assert stats.to_bytes() == before, "compute_metrics changed the statistics"
     got = report.as_dict()
     assert_well_formed(got)
     ref = reference_metrics(X, y, classifier=W, bias=b, min_count=min_count)
@@ -355,15 +358,31 @@ def _kernel_spread(kern: list[float], key: str) -> float:
     return float(k.std())
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sampled_pairs_within_five_stderr(seed: int) -> None:
-    rng = np.random.default_rng(100 + seed)
+@pytest.fixture(scope="module")
+def sampled_case() -> dict[str, Any]:
+    """294 kept classes (42,921 pairs) and their brute-force reference, computed once."""
+    rng = np.random.default_rng(100)
     X, y, true_means = make_data(
         rng, d=16, vocab=1000, used=300, singletons=6, doubles=10, max_count=8, sep=1.0
     )
     kept = kept_classes(y, 2)
     assert len(kept) == 294
     W, b = make_classifier(rng, true_means, kept)
+    means, variances = class_means_and_variances(X, y, kept)
+    return {
+        "X": X,
+        "y": y,
+        "W": W,
+        "b": b,
+        "ref": reference_metrics(X, y, classifier=W, bias=b),
+        "kern": pair_kernels(means, variances),
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampled_pairs_within_five_stderr(seed: int, sampled_case: dict[str, Any]) -> None:
+    X, y, W, b = (sampled_case[k] for k in ("X", "y", "W", "b"))
+    ref, kern = sampled_case["ref"], sampled_case["kern"]
     stats = build_stats(X, y, 1000)
     pair_samples = 20000
     kwargs: dict[str, Any] = {
@@ -376,9 +395,6 @@ def test_sampled_pairs_within_five_stderr(seed: int) -> None:
     }
     got = compute_metrics(stats, **kwargs).as_dict()
     assert_well_formed(got)
-    ref = reference_metrics(X, y, classifier=W, bias=b)
-    means, variances = class_means_and_variances(X, y, kept)
-    kern = pair_kernels(means, variances)
     by_key = {
         "nc1_cdnv": kern["cdnv"],
         "nc1_cdnv2": kern["cdnv2"],
@@ -437,6 +453,19 @@ def test_nc4_subsample_within_five_stderr() -> None:
     assert abs(p - exact) <= 5.0 * se, (p, exact, se)
     for key in PAIRWISE_KEYS:
         assert got[f"{key}_stderr"] is None
+    # exactly nc4_max_samples rows: no subsampling, exact value, no stderr
+    at_limit = eval_x[:n_sub]
+    got = compute_metrics(
+        stats,
+        classifier=t64(W),
+        bias=t64(b),
+        eval_features=t64(at_limit),
+        nc4_max_samples=n_sub,
+        seed=3,
+    ).as_dict()
+    want = reference_metrics(X, y, classifier=W, bias=b, eval_features=at_limit)
+    assert close(got["nc4_ncc_agreement"], want["nc4_ncc_agreement"])
+    assert got["nc4_ncc_agreement_stderr"] is None
 
 
 # --------------------------------------------------------------------- planted geometry
@@ -465,6 +494,70 @@ def test_planted_simplex_etf(K: int, d: int) -> None:
     assert abs(got["nc3_duality_mean_cos"] - 1.0) < 1e-9
     assert abs(got["nc3_uniform_duality_cv"]) < 1e-6
     assert_matches(got, reference_metrics(X, y, classifier=W, bias=np.zeros(K)), METRIC_KEYS)
+
+
+def _dyadic(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Multiples of 1/4 in [-2, 2): every sum/mean below is exact in any order."""
+    return rng.integers(-8, 8, size=shape) / 4.0
+
+
+def test_coinciding_class_means_are_skipped() -> None:
+    """Two classes with the very same samples (the same context followed by two different
+    tokens): their means coincide exactly, so that pair is left out of cdnv, cdnv2 and the log
+    energy (distance 0) but kept in the equiangularity (cos = 1)."""
+    rng = np.random.default_rng(41)
+    d = 6
+    X, y, _ = make_data(rng, d=d, vocab=50, used=15, singletons=0, doubles=2, max_count=8)
+    shared = _dyadic(rng, (4, d)) + 3.0  # far from the others' centre: ||m|| > 0
+    X = np.concatenate([X, shared, shared[::-1]])
+    y = np.concatenate([y, np.full(4, 60), np.full(4, 61)]).astype(np.int64)
+    ref = reference_metrics(X, y)
+    means, variances = class_means_and_variances(X, y, kept_classes(y, 2))
+    n_pairs = len(means) * (len(means) - 1) // 2
+    kern = pair_kernels(means, variances)
+    assert len(kern["cdnv"]) == n_pairs - 1  # the reference did skip the pair
+    assert len(kern["log_energy"]) == n_pairs - 1
+    assert len(kern["cos"]) == n_pairs
+    stats = build_stats(X, y, 64)
+    got = compute_metrics(stats).as_dict()
+    assert_well_formed(got)
+    assert_matches(got, ref, METRIC_KEYS)
+
+
+def test_class_mean_at_the_global_mean_is_left_out_of_angles() -> None:
+    """Class means a, -a and 0: m_c = 0 for the third class (mu_G = 0 exactly), which has no
+    direction; the angular metrics use the single pair (a, -a): cos = -1, log energy -log 2."""
+    rng = np.random.default_rng(42)
+    d = 5
+    a = _dyadic(rng, (d,)) + 0.5
+    e = _dyadic(rng, (3, d)) / 8.0
+    X = np.concatenate([a + e, a - e, -a + e, -a - e, e, -e])
+    y = np.repeat([2, 2, 4, 4, 7, 7], 3).astype(np.int64)
+    W = rng.normal(size=(9, d))
+    ref = reference_metrics(X, y, classifier=W)
+    assert abs(ref["nc2_equiangularity_mean"] + 1.0) < 1e-15
+    assert abs(ref["nc2_log_energy_mean"] + math.log(2.0)) < 1e-15
+    assert abs(ref["nc2_equinorm_cv"] - math.sqrt(2.0) / 2.0) < 1e-12
+    stats = build_stats(X, y, 9)
+    got = compute_metrics(stats, classifier=t64(W), eval_features=t64(X)).as_dict()
+    assert_well_formed(got)
+    assert got["class_count"] == 3
+    assert_matches(got, ref, METRIC_KEYS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_reference() -> None:
+    rng = np.random.default_rng(50)
+    X, y, true_means = make_data(
+        rng, d=24, vocab=500, used=120, singletons=5, doubles=5, max_count=10
+    )
+    W, b = make_classifier(rng, true_means, kept_classes(y, 2))
+    stats = build_stats(X, y, 500)
+    got = compute_metrics(
+        stats, classifier=t64(W), bias=t64(b), eval_features=t64(X), device="cuda"
+    ).as_dict()
+    assert_well_formed(got)
+    assert_matches(got, reference_metrics(X, y, classifier=W, bias=b), METRIC_KEYS)
 
 
 def test_non_collapsed_geometry() -> None:

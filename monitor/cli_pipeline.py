@@ -1,0 +1,230 @@
+"""Pipeline commands: worker, beat, status, replay and baseline pin|list|unpin."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from monitor.cli_common import OutputFormat, stderr
+from monitor.config import Settings
+from monitor.errors import InvalidInput
+from monitor.pipeline.runtime import Runtime
+
+baseline_app = typer.Typer(help="Pin, list and unpin baselines.", no_args_is_help=True)
+
+
+def _service_settings() -> Settings:
+    settings = Settings()
+    if settings.embedded:
+        raise InvalidInput(
+            "no_redis", "this command needs COLLAPSE_REDIS_URL (embedded mode keeps no state)"
+        )
+    return settings
+
+
+def _runtime() -> Runtime:
+    return Runtime(_service_settings())
+
+
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = (
+        "ingest,maintenance"
+    ),
+    concurrency: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
+    pool: Annotated[str, typer.Option(help="prefork, solo or threads (solo for a GPU).")] = (
+        "prefork"
+    ),
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+) -> None:
+    """Run a Celery worker. Example: collapse-monitor worker --queues embed --pool solo"""
+    _service_settings()
+    from monitor.pipeline.celery_app import QUEUES, app
+
+    wanted = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = sorted(set(wanted) - set(QUEUES))
+    if unknown or not wanted:
+        raise InvalidInput("invalid_option", f"unknown queues {unknown}; choose from {QUEUES}")
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={','.join(wanted)}",
+            f"--concurrency={concurrency}",
+            f"--pool={pool}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info") -> None:
+    """Run the scheduler of compaction (exactly one per deployment).
+
+    Its schedule lives in memory: the tasks are idempotent intervals, so nothing needs to
+    persist across restarts (and Celery's default shelve file would be pickle at rest).
+    """
+    _service_settings()
+    from monitor.pipeline.celery_app import app
+
+    app.start(["beat", "--scheduler=celery.beat:Scheduler", f"--loglevel={loglevel}"])
+
+
+def status(
+    model: Annotated[str | None, typer.Option(help="One model (default: all).")] = None,
+    output: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
+) -> None:
+    """Windows, counts, pending partials, compaction lag and memory per model."""
+    from monitor.pipeline.status import model_status, status_document
+
+    runtime = _runtime()
+    names = [model] if model else sorted(set(runtime.store.models()) | set(runtime.registry.names))
+    statuses = [model_status(runtime.store, runtime.settings, name) for name in names]
+    if output is OutputFormat.json:
+        typer.echo(json.dumps(status_document(statuses)))
+        return
+    for s in statuses:
+        lag = "-" if s.compaction_lag_seconds is None else f"{s.compaction_lag_seconds:.0f}s"
+        table = Table(
+            title=f"{s.model}: {s.pending_partials} pending, lag {lag}, "
+            f"{s.memory_bytes / 2**20:.1f} MiB, baselines {', '.join(s.baselines) or '-'}"
+        )
+        for column in ("window", "samples", "classes", "buckets"):
+            table.add_column(column, justify="right")
+        for w in s.windows:
+            table.add_row(w.window, str(w.sample_count), str(w.class_count), str(w.buckets))
+        Console().print(table)
+        counters = ", ".join(f"{k}={v}" for k, v in sorted(s.counters.items())) or "none"
+        typer.echo(f"counters: {counters}")
+
+
+def replay(
+    model: Annotated[str, typer.Option(help="Declared model name.")],
+    features: Annotated[Path | None, typer.Option(help="(N, d) features file.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="(N,) labels file.")] = None,
+    corpus: Annotated[Path | None, typer.Option(help="Text file, one document per line.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows (or lines) per task.")] = 4096,
+) -> None:
+    """Feed saved features or a text corpus into the running pipeline."""
+    from monitor.offline.arrays import load_array
+    from monitor.pipeline.client import MonitorClient
+
+    settings = _service_settings()
+    client = MonitorClient(settings)
+    if (features is None) == (corpus is None) or (features is not None) != (labels is not None):
+        raise InvalidInput("invalid_option", "give --features with --labels, or --corpus")
+    with Progress(console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
+        if features is not None and labels is not None:
+            x, y = load_array(features, "features"), load_array(labels, "labels")
+            if x.shape[0] != y.shape[0]:
+                raise InvalidInput("length_mismatch", "features and labels differ in length")
+            task = bar.add_task("replay", total=int(x.shape[0]))
+            for start in range(0, int(x.shape[0]), batch_size):
+                client.submit_features(
+                    model, x[start : start + batch_size], y[start : start + batch_size]
+                )
+                bar.update(task, completed=min(start + batch_size, int(x.shape[0])))
+            sent = int(x.shape[0])
+        else:
+            assert corpus is not None
+            lines = [ln for ln in corpus.read_text().splitlines() if ln.strip()]
+            task = bar.add_task("replay", total=len(lines))
+            for start in range(0, len(lines), batch_size):
+                client.submit_texts(model, lines[start : start + batch_size])
+                bar.update(task, completed=min(start + batch_size, len(lines)))
+            sent = len(lines)
+    typer.echo(f"queued {sent} {'samples' if features is not None else 'texts'} for {model}")
+
+
+@baseline_app.command("pin")
+def baseline_pin(
+    model: Annotated[str, typer.Option(help="Declared model name.")],
+    name: Annotated[str, typer.Option(help="Baseline name.")] = "default",
+    window: Annotated[str | None, typer.Option(help="Pin this rolling window, e.g. 1h.")] = None,
+    features: Annotated[Path | None, typer.Option(help="Pin saved features instead.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels of --features.")] = None,
+    replace: Annotated[bool, typer.Option(help="Overwrite a baseline of that name.")] = False,
+) -> None:
+    """Freeze a window's (or saved features') statistics as a baseline."""
+    from monitor.offline.arrays import load_array
+    from monitor.pipeline.baselines import pin_stats, pin_window
+    from monitor.stats import CollapseStats
+
+    runtime = _runtime()
+    runtime.registry.spec(model)
+    if (window is None) == (features is None):
+        raise InvalidInput("invalid_option", "give --window or --features/--labels")
+    if window is not None:
+        seconds = runtime.settings.windows.get(window)
+        if seconds is None:
+            raise InvalidInput(
+                "invalid_option", f"unknown window {window!r}: {list(runtime.settings.windows)}"
+            )
+        meta = pin_window(
+            runtime.store, runtime.registry, model, name, window, seconds, replace=replace
+        )
+    else:
+        if features is None or labels is None:
+            raise InvalidInput("invalid_option", "--features needs --labels")
+        shape = runtime.registry.shape(model)
+        stats = CollapseStats(shape.vocab_size, shape.dim, second_moment=shape.second_moment)
+        stats.update(load_array(features, "features"), load_array(labels, "labels"))
+        meta = pin_stats(
+            runtime.store,
+            runtime.registry,
+            model,
+            name,
+            stats,
+            source=f"features:{features.name}",
+            replace=replace,
+        )
+    typer.echo(json.dumps({"model": model, "baseline": name, **meta}))
+
+
+@baseline_app.command("list")
+def baseline_list(
+    model: Annotated[str, typer.Option(help="Declared model name.")],
+    output: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
+) -> None:
+    """Baselines pinned for a model, with their stamps."""
+    runtime = _runtime()
+    found = runtime.store.baselines(model)
+    if output is OutputFormat.json:
+        typer.echo(json.dumps(found))
+        return
+    table = Table(title=f"baselines of {model}")
+    for column in ("name", "source", "samples", "classes", "dim", "created"):
+        table.add_column(column)
+    for name, meta in found.items():
+        table.add_row(
+            name,
+            str(meta.get("source")),
+            str(meta.get("sample_count")),
+            str(meta.get("class_count")),
+            str(meta.get("dim")),
+            str(meta.get("created")),
+        )
+    Console().print(table)
+
+
+@baseline_app.command("unpin")
+def baseline_unpin(
+    model: Annotated[str, typer.Option(help="Declared model name.")],
+    name: Annotated[str, typer.Option(help="Baseline name.")],
+) -> None:
+    """Remove a pinned baseline."""
+    runtime = _runtime()
+    if not runtime.store.unpin_baseline(model, name):
+        raise InvalidInput("unknown_baseline", f"no baseline {name!r} pinned for {model!r}")
+    typer.echo(f"unpinned {name} of {model}")
+
+
+def register(app: typer.Typer) -> None:
+    for command in (worker, beat, status, replay):
+        app.command()(command)
+    app.add_typer(baseline_app, name="baseline")

@@ -1,0 +1,104 @@
+"""Pinned baselines: frozen statistics of a reference period or corpus, stamped for safety.
+
+The stamp (model, vocabulary size, width, statistics options and their hash) is checked on
+use, so a baseline of another model or dimension is refused with a clear error instead of
+producing meaningless drift numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+from monitor.errors import IncompatibleStats, InvalidInput
+from monitor.pipeline.registry import ModelRegistry, ModelShape
+from monitor.pipeline.windows import window_stats
+from monitor.stats import CollapseStats
+from monitor.store.base import Store
+from monitor.store.keys import check_model_name
+
+
+def stats_options_hash(shape: ModelShape) -> str:
+    """Hash of everything that makes two statistics comparable."""
+    options = {
+        "vocab_size": shape.vocab_size,
+        "dim": shape.dim,
+        "second_moment": shape.second_moment,
+    }
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pin_stats(
+    store: Store,
+    registry: ModelRegistry,
+    model: str,
+    name: str,
+    stats: CollapseStats,
+    *,
+    source: str,
+    replace: bool = False,
+) -> dict[str, object]:
+    """Pin `stats` as baseline `name` of `model`; returns its stamp."""
+    check_model_name(name)
+    shape = registry.shape(model)
+    if (stats.num_classes, stats.dim) != (shape.vocab_size, shape.dim):
+        raise IncompatibleStats(
+            f"statistics of vocabulary {stats.num_classes} x dim {stats.dim} do not fit model "
+            f"{model!r} ({shape.vocab_size} x {shape.dim})"
+        )
+    meta: dict[str, object] = {
+        "model": model,
+        "vocab_size": shape.vocab_size,
+        "dim": shape.dim,
+        "second_moment": stats.has_second_moment,
+        "settings_hash": stats_options_hash(shape),
+        "source": source,
+        "sample_count": stats.sample_count,
+        "class_count": stats.touched_classes,
+        "created": time.time(),
+    }
+    store.pin_baseline(model, name, stats.to_bytes(), meta, replace=replace)
+    return meta
+
+
+def pin_window(
+    store: Store,
+    registry: ModelRegistry,
+    model: str,
+    name: str,
+    window: str,
+    seconds: int,
+    *,
+    replace: bool = False,
+) -> dict[str, object]:
+    """Pin the current statistics of a rolling window."""
+    current = window_stats(store, model, window, seconds)
+    if current.stats is None or current.stats.sample_count == 0:
+        raise InvalidInput("insufficient_data", f"window {window} of {model!r} holds no samples")
+    return pin_stats(
+        store, registry, model, name, current.stats, source=f"window:{window}", replace=replace
+    )
+
+
+def load_baseline(
+    store: Store, registry: ModelRegistry, model: str, name: str
+) -> tuple[CollapseStats, dict[str, object]]:
+    """The baseline's statistics, refused when its stamp does not match the model now."""
+    found = store.baseline(model, name)
+    if found is None:
+        raise InvalidInput("unknown_baseline", f"no baseline {name!r} pinned for {model!r}")
+    shape = registry.shape(model)
+    meta = found.meta
+    expected = {"model": model, "vocab_size": shape.vocab_size, "dim": shape.dim}
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise IncompatibleStats(
+                f"baseline {name!r} was pinned for {key}={meta.get(key)!r}, "
+                f"but {model!r} now has {key}={value!r}"
+            )
+    if meta.get("settings_hash") != stats_options_hash(shape):
+        raise IncompatibleStats(
+            f"baseline {name!r} was pinned under other statistics settings; pin it again"
+        )
+    return CollapseStats.from_bytes(found.blob), meta

@@ -1,0 +1,135 @@
+"""`MonitorClient`: how a Python producer (a gateway, the probe's sink) feeds the pipeline."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from monitor.config import Settings
+from monitor.pipeline.celery_app import TASK_EMBED, TASK_INGEST, create_app
+from monitor.pipeline.payload import SCHEMA_VERSION, encode_batch
+from monitor.pipeline.runtime import Runtime, get_runtime
+
+if TYPE_CHECKING:
+    from monitor.capture.sinks import CaptureBatch
+
+
+_FLOAT16_MAX = 6.0e4
+
+
+def _numpy(a: Any) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+class MonitorClient:
+    """Sends batches to the Celery queues (or runs them in-process in embedded mode).
+
+    Large submissions are split into batches of at most `max_batch_samples` rows, each with a
+    batch id derived from the caller's, so a retried submission is still counted once.
+    """
+
+    def __init__(self, settings: Settings | None = None, runtime: Runtime | None = None) -> None:
+        self.settings = settings if settings is not None else Settings()
+        # Embedded mode runs the work in this process on its runtime; otherwise Celery.
+        self.runtime = (
+            runtime if runtime is not None else (get_runtime() if self.settings.embedded else None)
+        )
+        self.app = None if self.settings.embedded else create_app(self.settings)
+
+    def _send(self, task: str, payload: dict[str, Any]) -> None:
+        if self.app is not None:
+            self.app.send_task(task, args=[payload])
+            return
+        assert self.runtime is not None
+        if task == TASK_INGEST:
+            self.runtime.ingestor.ingest(payload)
+        else:
+            from monitor.pipeline.embed import embed_payload
+
+            embed_payload(self.runtime, payload)
+
+    def submit_features(
+        self,
+        model: str,
+        features: Any,
+        labels: Any,
+        *,
+        batch_id: str | None = None,
+        ts: float | None = None,
+        nc4: tuple[int, int] | None = None,
+        half_precision: bool = False,
+    ) -> list[str]:
+        """Queue (N, d) features and (N,) next-token labels; returns the batch ids sent.
+
+        `half_precision=True` sends float16 (half the bytes, about 3 significant digits, enough
+        for hidden states of a bf16 model); values outside float16's range are sent as float32.
+        """
+        x, y = _numpy(features), _numpy(labels)
+        finite = bool(np.isfinite(x).all())
+        if half_precision and finite and np.abs(x).max(initial=0.0) < _FLOAT16_MAX:
+            x = x.astype(np.float16)
+        base = batch_id or uuid.uuid4().hex
+        step = self.settings.max_batch_samples
+        ids: list[str] = []
+        for i, start in enumerate(range(0, max(len(y), 1), step)):
+            part = base if len(y) <= step else f"{base}.{i}"
+            payload = encode_batch(
+                model,
+                x[start : start + step],
+                y[start : start + step],
+                batch_id=part,
+                ts=ts,
+                nc4=nc4 if i == 0 else None,
+            )
+            self._send(TASK_INGEST, payload)
+            ids.append(part)
+        return ids
+
+    def submit_texts(
+        self,
+        model: str,
+        texts: Sequence[str] | None = None,
+        *,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        batch_id: str | None = None,
+        ts: float | None = None,
+        texts_per_task: int = 32,
+    ) -> list[str]:
+        """Queue texts (or token-id sequences) for the `embed` workers' forward pass."""
+        if (texts is None) == (token_ids is None):
+            raise ValueError("give exactly one of texts and token_ids")
+        key, items = ("texts", list(texts)) if texts is not None else ("token_ids", token_ids)
+        assert items is not None
+        base = batch_id or uuid.uuid4().hex
+        ids: list[str] = []
+        for i, start in enumerate(range(0, len(items), texts_per_task)):
+            part = base if len(items) <= texts_per_task else f"{base}.{i}"
+            payload: dict[str, Any] = {"v": SCHEMA_VERSION, "model": model, "batch_id": part}
+            if ts is not None:
+                payload["ts"] = ts
+            payload[key] = [
+                list(s) if key == "token_ids" else s for s in items[start : start + texts_per_task]
+            ]
+            self._send(TASK_EMBED, payload)
+            ids.append(part)
+        return ids
+
+
+class PipelineSink:
+    """The probe's sink into the pipeline: every captured batch becomes one ingest task."""
+
+    def __init__(self, client: MonitorClient, model: str) -> None:
+        self.client = client
+        self.model = model
+
+    def send(self, batch: CaptureBatch) -> None:
+        nc4 = (batch.nc4_hits, batch.nc4_total) if batch.nc4_total else None
+        self.client.submit_features(
+            self.model, batch.features, batch.labels, batch_id=batch.batch_id, nc4=nc4
+        )

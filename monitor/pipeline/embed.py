@@ -1,0 +1,115 @@
+"""The `embed` queue's work: mirrored texts or token ids -> hidden states -> one partial.
+
+Each worker process loads each model once and keeps it; the forward pass runs on the
+model's configured device (the GPU a worker is pinned to with CUDA_VISIBLE_DEVICES).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from monitor.errors import InvalidInput
+from monitor.pipeline.ingest import IngestResult, count_rejection, store_partial
+from monitor.pipeline.payload import SCHEMA_VERSION
+from monitor.pipeline.runtime import Runtime
+from monitor.stats import CollapseStats
+from monitor.store.keys import check_batch_id, check_model_name
+
+_models: dict[str, tuple[Any, Any]] = {}
+_models_lock = threading.Lock()
+
+
+def loaded_model(runtime: Runtime, name: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of a declared checkpoint, loaded on first use in this process."""
+    with _models_lock:
+        if name not in _models:
+            from monitor.capture.mirror import load_model
+
+            spec = runtime.registry.spec(name)
+            if spec.checkpoint is None:
+                raise InvalidInput(
+                    "no_checkpoint", f"model {name!r} is features-only: it has no checkpoint"
+                )
+            _models[name] = load_model(
+                spec.checkpoint, device=spec.device, dtype=_torch_dtype(spec.dtype)
+            )
+        return _models[name]
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return "auto"
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidInput("invalid_dtype", f"unknown torch dtype {name!r}")
+    return dtype
+
+
+def parse_text_payload(
+    payload: object, max_items: int, max_bytes: int
+) -> tuple[str, str, float, list[Any]]:
+    """(model, batch_id, ts, texts or token-id lists) after checking the text payload."""
+    if not isinstance(payload, dict) or payload.get("v") != SCHEMA_VERSION:
+        raise InvalidInput(
+            "malformed_payload", f"text payload must be a map with v={SCHEMA_VERSION}"
+        )
+    model, batch_id = payload.get("model"), payload.get("batch_id")
+    if not isinstance(model, str) or not isinstance(batch_id, str):
+        raise InvalidInput("malformed_payload", "payload needs string 'model' and 'batch_id'")
+    check_model_name(model)
+    check_batch_id(batch_id)
+    ts = payload.get("ts", time.time())
+    if not isinstance(ts, int | float) or isinstance(ts, bool):
+        raise InvalidInput("malformed_payload", "'ts' must be a number of seconds")
+    texts, ids = payload.get("texts"), payload.get("token_ids")
+    if (texts is None) == (ids is None):
+        raise InvalidInput("malformed_payload", "give exactly one of 'texts' and 'token_ids'")
+    items = texts if texts is not None else ids
+    if not isinstance(items, list) or not items:
+        raise InvalidInput("empty_batch", "no texts or token ids to embed")
+    if len(items) > max_items:
+        raise InvalidInput("oversized_batch", f"{len(items)} items exceed the limit of {max_items}")
+    if texts is not None:
+        if not all(isinstance(t, str) for t in items):
+            raise InvalidInput("malformed_payload", "'texts' must be a list of strings")
+        size = sum(len(t.encode()) for t in items)
+    else:
+        if not all(
+            isinstance(seq, list)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in seq)
+            for seq in items
+        ):
+            raise InvalidInput("malformed_payload", "'token_ids' must be a list of integer lists")
+        size = 8 * sum(len(seq) for seq in items)
+    if size > max_bytes:
+        raise InvalidInput("oversized_payload", f"payload of {size} bytes exceeds {max_bytes}")
+    return model, batch_id, float(ts), items
+
+
+def embed_payload(runtime: Runtime, payload: object) -> IngestResult:
+    settings = runtime.settings
+    owner = payload.get("model") if isinstance(payload, dict) else None
+    try:
+        model, batch_id, ts, items = parse_text_payload(
+            payload, settings.max_batch_samples, settings.max_payload_bytes
+        )
+        shape = runtime.registry.shape(model)
+        lm, tokenizer = loaded_model(runtime, model)
+        stats = CollapseStats(shape.vocab_size, shape.dim, second_moment=shape.second_moment)
+        from monitor.capture.mirror import embed_batches
+
+        for batch in embed_batches(lm, tokenizer, items, batch_size=8):
+            stats.update(batch.features, batch.labels)
+            if batch.nc4_total:
+                stats.record_nc4(batch.nc4_hits, batch.nc4_total)
+        if stats.sample_count == 0:
+            raise InvalidInput("empty_batch", "no labelled positions: every text is under 2 tokens")
+    except InvalidInput as exc:
+        known = isinstance(owner, str) and owner in runtime.registry.names
+        count_rejection(runtime.store, owner if known else None, exc.reason, 1)
+        raise
+    return store_partial(runtime.store, model, batch_id, ts, stats)

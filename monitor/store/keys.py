@@ -1,0 +1,90 @@
+"""The Redis key schema, in one place (documented in docs/architecture.md).
+
+Every per-model key carries the hash tag `{model}`, so a model's multi-key operations
+(compaction's WATCH/MULTI, the partial-write script) stay on one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from monitor.errors import InvalidInput
+
+# Model names become part of keys and Prometheus labels: keep them short and inert.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+BATCH_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+BASELINE_NAME = MODEL_NAME
+LEVELS = ("fine", "coarse")
+
+
+def check_model_name(name: str) -> str:
+    if not isinstance(name, str) or not MODEL_NAME.match(name):
+        raise InvalidInput(
+            "invalid_model_name",
+            "model names are 1-64 characters of letters, digits, '.', '_' or '-'",
+        )
+    return name
+
+
+def check_batch_id(batch_id: str) -> str:
+    if not isinstance(batch_id, str) or not BATCH_ID.match(batch_id):
+        raise InvalidInput(
+            "invalid_batch_id",
+            "batch ids are 1-128 characters of letters, digits, '.', '_', ':', '-'",
+        )
+    return batch_id
+
+
+@dataclass(frozen=True)
+class ModelKeys:
+    """Key names of one model under `prefix`."""
+
+    prefix: str
+    model: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{{{self.model}}}"
+
+    def seen(self, batch_id: str) -> str:
+        return f"{self.base}:seen:{batch_id}"
+
+    def partial(self, batch_id: str) -> str:
+        return f"{self.base}:partial:{batch_id}"
+
+    @property
+    def pending(self) -> str:
+        return f"{self.base}:pending"
+
+    def bucket(self, level: str, start: int) -> str:
+        return f"{self.base}:bucket:{level}:{start}"
+
+    def bucket_index(self, level: str) -> str:
+        return f"{self.base}:buckets:{level}"
+
+    def baseline(self, name: str) -> str:
+        return f"{self.base}:baseline:{name}"
+
+    @property
+    def baselines(self) -> str:
+        return f"{self.base}:baselines"
+
+    def snapshot(self, window: str) -> str:
+        return f"{self.base}:snapshot:{window}"
+
+    def history(self, window: str) -> str:
+        return f"{self.base}:history:{window}"
+
+    @property
+    def counters(self) -> str:
+        return f"{self.base}:counters"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.base}:meta"
+
+
+def models_key(prefix: str) -> str:
+    """The set of model names that have stored anything (not hash-tagged: global)."""
+    return f"{prefix}:models"
