@@ -53,7 +53,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": settings.task_visibility_timeout},
+        "broker_transport_options": {
+            "visibility_timeout": settings.task_visibility_timeout,
+            # kombu sweeps for tasks of dead workers every interval x throttle seconds (100 s
+            # by default); sweep at least twice per visibility timeout instead.
+            "unacked_restore_interval": max(1, min(10, settings.task_visibility_timeout // 2)),
+            "unacked_restore_throttle": 1,
+            # A worker killed during a sweep leaves the sweep's mutex behind until it expires
+            # (300 s by default), blocking every other worker's sweep until then.
+            "unacked_mutex_expire": max(5, min(300, settings.task_visibility_timeout)),
+            "socket_connect_timeout": 5,
+        },
         "task_queues": [Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
         "task_default_queue": "ingest",
         "task_routes": {

@@ -1,0 +1,143 @@
+"""Real servers for integration tests: redis-server and celery workers on loopback.
+
+Each helper binds 127.0.0.1 on a free port, waits until the server answers, and stops it
+(SIGTERM, then SIGKILL after a bound) so no test can leave a process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not ready after {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL it if it has not exited in `timeout`."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+
+class RedisServer:
+    """A redis-server with AOF on (appendfsync always), restartable on the same port and data."""
+
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+
+    def start(self) -> None:
+        args = [
+            self.binary,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.workdir),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
+        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        wait_for(lambda: bool(self.client().ping()), 15, "redis-server")
+
+    def kill(self) -> None:
+        """SIGKILL: what survives is exactly what the AOF holds."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+def service_env(redis_url: str, models_json: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COLLAPSE_")}
+    env.update(
+        {
+            "COLLAPSE_REDIS_URL": redis_url,
+            "COLLAPSE_MODELS": models_json,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            **extra,
+        }
+    )
+    return env
+
+
+def start_worker(
+    env: dict[str, str], logfile: Path, queues: str = "ingest"
+) -> subprocess.Popen[bytes]:
+    """`collapse-monitor worker` in its own process group (so SIGKILL takes its pool too)."""
+    log = open(logfile, "ab")  # noqa: SIM115 - lives as long as the worker
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "monitor.cli",
+            "worker",
+            "--queues",
+            queues,
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "info",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
