@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,11 +17,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from monitor import __version__
+from monitor.cli_common import EXIT_BAD_INPUT, OutputFormat, stderr
 from monitor.errors import CollapseMonitorError
 from monitor.metrics import MetricReport
 from monitor.metrics.report import COLLAPSE_KEYS, ESTIMATED_KEYS, GEOMETRY_KEYS
-
-EXIT_BAD_INPUT = 2
 
 app = typer.Typer(
     name="collapse-monitor",
@@ -31,13 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-stderr = Console(stderr=True)
 _state = {"debug": False}
-
-
-class OutputFormat(StrEnum):
-    json = "json"
-    table = "table"
 
 
 def _version(value: bool) -> None:
@@ -113,7 +105,7 @@ def analyze(
         return None if path is None else load_array(path, what)
 
     feats = load_array(features, "features")
-    overrides = {
+    overrides: dict[str, Any] = {
         "min_count": min_count,
         "max_exact_classes": max_exact_classes,
         "pair_samples": pair_samples,
@@ -168,6 +160,16 @@ def _fmt(value: float | int | None) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{value:.6g}"
+
+
+def _register_commands() -> None:
+    from monitor import cli_api, cli_pipeline
+
+    cli_pipeline.register(app)
+    cli_api.register(app)
+
+
+_register_commands()
 
 
 def main() -> None:

@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     )
     bucket_seconds: int = Field(300, ge=1, description="Length of fine time buckets.")
     coarse_bucket_seconds: int = Field(
-        3600, ge=1, description="Length of coarse buckets (a multiple of bucket_seconds)."
+        10800, ge=1, description="Length of coarse buckets (a multiple of bucket_seconds)."
     )
     fine_retention_seconds: int = Field(
         3600, ge=1, description="Fine buckets are kept this long; longer windows read coarse."

@@ -1,4 +1,4 @@
-"""Which token positions the probe keeps: per-request rate, per-token rate, tokens-per-second budget.
+"""Which token positions the probe keeps: per-request rate, per-token rate, tokens per second.
 
 The decisions are made on the CPU from shapes alone (never from tensor values on the
 accelerator), so sampling never forces a device synchronisation on the request path. A seeded

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -140,7 +141,8 @@ def _array(
     if len(data) > max_bytes:
         raise InvalidInput("oversized_payload", f"{what} exceed {max_bytes} bytes")
     np_dtype = np.dtype(dtypes[str(dtype)])
-    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    # Python integers: a hostile shape cannot overflow into a small or negative size.
+    expected = math.prod(shape) * np_dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
             "length_mismatch", f"{what}: {len(data)} bytes do not match shape {shape} of {dtype}"

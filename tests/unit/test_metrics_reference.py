@@ -545,7 +545,7 @@ def test_class_mean_at_the_global_mean_is_left_out_of_angles() -> None:
     assert_matches(got, ref, METRIC_KEYS)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_matches_reference() -> None:
     rng = np.random.default_rng(50)
     X, y, true_means = make_data(

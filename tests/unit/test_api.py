@@ -1,0 +1,502 @@
+"""The HTTP ingest API: good batches land as partials, every bad input is refused and counted.
+
+Embedded mode (in-memory store, in-process ingestion) for the data path; a non-embedded app
+whose broker is an unreachable loopback port for auth, 503s and readiness. No network, no
+Redis server: each test runs in well under a second except the deliberate timeouts (1 s).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import typer
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from monitor.api import ApiConfigError, create_api
+from monitor.api.server import is_loopback, serve
+from monitor.cli_api import register
+from monitor.config import Settings
+from monitor.pipeline.celery_app import TASK_EMBED, TASK_INGEST
+from monitor.pipeline.payload import decode_batch
+from monitor.pipeline.runtime import Runtime, set_runtime
+from monitor.pipeline.windows import compact_model, window_stats
+from monitor.stats import CollapseStats
+from monitor.store.memory import MemoryStore
+
+URL = "/v1/models/m/samples"
+TOKEN = "s3cret-api-token-0123456789abcdef"
+UNREACHABLE = "redis://127.0.0.1:1/0"
+MODELS: list[dict[str, Any]] = [
+    {"name": "m", "vocab_size": 50, "dim": 8},
+    {"name": "t", "checkpoint": "/nonexistent/tiny", "vocab_size": 50, "dim": 8},
+]
+LIMIT = 16384
+RNG = np.random.default_rng(0)
+JSON = {"content-type": "application/json"}
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": None,
+        "models": MODELS,
+        "max_payload_bytes": LIMIT,
+        "max_batch_samples": 64,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def runtime() -> Iterator[Runtime]:
+    rt = Runtime(make_settings())
+    set_runtime(rt)  # eager tasks and the API share one store
+    yield rt
+    set_runtime(None)
+
+
+@pytest.fixture
+def client(runtime: Runtime) -> TestClient:
+    return TestClient(create_api(runtime.settings, runtime))
+
+
+def arrays(n: int = 6, dim: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    return RNG.standard_normal((n, dim)).astype(np.float32), RNG.integers(0, 50, n).astype(np.int32)
+
+
+def array_map(a: np.ndarray, *, binary: bool = False, dtype: str | None = None) -> dict[str, Any]:
+    raw = a.tobytes()
+    return {
+        "dtype": dtype or a.dtype.name,
+        "shape": list(a.shape),
+        "data": raw if binary else base64.b64encode(raw).decode(),
+    }
+
+
+def body(x: np.ndarray, y: np.ndarray, *, binary: bool = False, **extra: Any) -> dict[str, Any]:
+    return {"features": array_map(x, binary=binary), "labels": array_map(y, binary=binary), **extra}
+
+
+def error_of(response: Any) -> str:
+    document = response.json()
+    assert set(document) == {"error"}
+    assert set(document["error"]) == {"reason", "message"}
+    assert document["error"]["message"]
+    return str(document["error"]["reason"])
+
+
+def stored_stats(runtime: Runtime) -> CollapseStats:
+    compact_model(runtime.store, "m")
+    stats = window_stats(runtime.store, "m", "1h", 3600).stats
+    assert stats is not None
+    return stats
+
+
+def assert_same_stats(a: CollapseStats, b: CollapseStats) -> None:
+    ca, cb = a.classes(), b.classes()
+    assert a.sample_count == b.sample_count
+    assert ca.class_ids.tolist() == cb.class_ids.tolist()
+    assert ca.counts.tolist() == cb.counts.tolist()
+    np.testing.assert_allclose(ca.sums.numpy(), cb.sums.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(ca.sq_norms.numpy(), cb.sq_norms.numpy(), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------ accepted
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_good_batch_lands_as_one_partial_with_exact_stats(
+    client: TestClient, runtime: Runtime, encoding: str
+) -> None:
+    x, y = arrays()
+    if encoding == "json":
+        response = client.post(URL, json=body(x, y, batch_id="b-1"))
+    else:
+        packed = msgpack.packb(body(x, y, binary=True, batch_id="b-1"))
+        response = client.post(URL, content=packed, headers={"content-type": "application/msgpack"})
+    assert response.status_code == 202, response.text
+    assert response.json() == {"batch_id": "b-1", "samples": 6, "queued": True}
+    assert runtime.store.pending_count("m") == 1
+    expected = CollapseStats(50, 8)
+    expected.update(x, y)
+    assert_same_stats(stored_stats(runtime), expected)
+
+
+def test_float16_features_and_nc4_counts_pass_through(client: TestClient, runtime: Runtime) -> None:
+    x, y = arrays()
+    document = body(x.astype(np.float16), y.astype(np.int64), nc4={"hits": 2, "total": 5})
+    response = client.post(URL, json=document)
+    assert response.status_code == 202, response.text
+    stats = stored_stats(runtime)
+    assert (stats.nc4_hits, stats.nc4_total) == (2, 5)
+    expected = CollapseStats(50, 8)
+    expected.update(x.astype(np.float16), y)
+    assert_same_stats(stats, expected)
+
+
+def test_repeated_batch_id_is_counted_once(client: TestClient, runtime: Runtime) -> None:
+    x, y = arrays()
+    for _ in range(2):
+        assert client.post(URL, json=body(x, y, batch_id="same")).status_code == 202
+    assert runtime.store.pending_count("m") == 1
+    assert runtime.store.counters("m")["batches_duplicate"] == 1
+
+
+def test_generated_batch_ids_differ(client: TestClient) -> None:
+    x, y = arrays()
+    ids = {client.post(URL, json=body(x, y)).json()["batch_id"] for _ in range(2)}
+    assert len(ids) == 2
+
+
+# ------------------------------------------------------------------------ refused
+def _nan() -> dict[str, Any]:
+    x, y = arrays()
+    x[2, 3] = np.nan
+    return body(x, y)
+
+
+def _with(**changes: Any) -> dict[str, Any]:
+    x, y = arrays()
+    document = body(x, y)
+    for key, value in changes.items():
+        document[key] = {**document[key], **value} if isinstance(value, dict) else value
+    return document
+
+
+_X, _Y = arrays()
+BAD_JSON: list[tuple[str, Any, int, str, int]] = [
+    # name, body, status, reason, samples counted
+    ("nan", _nan(), 400, "non_finite", 6),
+    ("wrong_dim", body(*arrays(dim=7)), 400, "wrong_dimension", 6),
+    ("label_high", body(_X, np.full(6, 50, np.int32)), 400, "label_out_of_range", 6),
+    ("label_negative", body(_X, np.full(6, -1, np.int32)), 400, "label_out_of_range", 6),
+    ("rows_vs_labels", body(_X, _Y[:5]), 400, "length_mismatch", 5),
+    ("bytes_vs_shape", _with(features={"shape": [5, 8]}), 400, "length_mismatch", 6),
+    ("huge_shape", _with(features={"shape": [2**32, 2**32]}), 400, "length_mismatch", 6),
+    ("overflow_shape", _with(features={"shape": [2**70, 1]}), 400, "length_mismatch", 6),
+    ("negative_shape", _with(features={"shape": [-6, -8]}), 400, "wrong_shape", 6),
+    ("empty", body(np.zeros((0, 8), np.float32), np.zeros(0, np.int32)), 400, "empty_batch", 1),
+    ("int_features", _with(features={"dtype": "int32"}), 400, "wrong_dtype", 6),
+    ("float_labels", _with(labels={"dtype": "float32"}), 400, "wrong_dtype", 6),
+    ("bad_base64", _with(features={"data": "***"}), 400, "malformed_payload", 6),
+    ("not_a_map", [1, 2], 400, "malformed_payload", 1),
+    ("two_kinds", _with(texts=["a"]), 400, "malformed_payload", 6),
+    ("no_kind", {"batch_id": "x"}, 400, "malformed_payload", 1),
+    ("infinite_ts", _with(ts=math.inf), 400, "malformed_payload", 6),
+    ("bad_batch_id", _with(batch_id="a b"), 400, "invalid_batch_id", 6),
+    ("other_model", _with(model="t"), 400, "model_mismatch", 1),
+    ("too_many", body(*arrays(n=65)), 413, "oversized_batch", 64),
+    ("texts_features_only", {"texts": ["hello"]}, 400, "no_checkpoint", 1),
+    ("empty_texts", {"texts": []}, 400, "empty_batch", 1),
+]
+
+
+@pytest.mark.parametrize(
+    ("document", "status", "reason", "samples"),
+    [case[1:] for case in BAD_JSON],
+    ids=[case[0] for case in BAD_JSON],
+)
+def test_bad_json_is_refused_counted_and_changes_nothing(
+    client: TestClient, runtime: Runtime, document: Any, status: int, reason: str, samples: int
+) -> None:
+    response = client.post(URL, content=json.dumps(document), headers=JSON)
+    assert response.status_code == status, response.text
+    assert error_of(response) == reason
+    assert runtime.store.pending_count("m") == 0
+    counters = runtime.store.counters("m")
+    assert counters[f"rejected:{reason}"] == samples  # counted once, not by API and ingestor
+    assert "samples_ingested" not in counters
+
+
+RAW: list[tuple[str, bytes, str, int, str]] = [
+    ("json", b'{"features": ', "application/json", 400, "malformed_json"),
+    ("json_deep", b"[" * 5_000 + b"]" * 5_000, "application/json", 400, "malformed_json"),
+    ("json_not_utf8", b'{"texts": ["\xff"]}', "application/json", 400, "malformed_json"),
+    ("msgpack", b"\xc1\x00", "application/msgpack", 400, "malformed_msgpack"),
+    ("msgpack_cut", msgpack.packb({"features": {"data": b"x" * 40}})[:20], "application/msgpack",
+     400, "malformed_msgpack"),
+    ("msgpack_int_keys", msgpack.packb({1: 2}), "application/msgpack", 400, "malformed_msgpack"),
+    ("form", b"a=1", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
+    ("no_type", b"{}", "", 415, "unsupported_media_type"),
+    ("too_big", b" " * (LIMIT + 1), "application/json", 413, "oversized_payload"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "ctype", "status", "reason"),
+    [case[1:] for case in RAW],
+    ids=[case[0] for case in RAW],
+)
+def test_bad_bytes_are_refused_and_counted(
+    client: TestClient, runtime: Runtime, content: bytes, ctype: str, status: int, reason: str
+) -> None:
+    response = client.post(URL, content=content, headers={"content-type": ctype})
+    assert response.status_code == status, response.text
+    assert error_of(response) == reason
+    assert runtime.store.pending_count("m") == 0
+    assert runtime.store.counters("m")[f"rejected:{reason}"] == 1
+
+
+def test_streamed_body_is_capped_without_content_length(
+    client: TestClient, runtime: Runtime
+) -> None:
+    def chunks() -> Iterator[bytes]:  # chunked transfer: no Content-Length to check
+        for _ in range(64):
+            yield b" " * 1024
+
+    response = client.post(URL, content=chunks(), headers=JSON)
+    assert response.status_code == 413
+    assert error_of(response) == "oversized_payload"
+    assert runtime.store.counters("m")["rejected:oversized_payload"] == 1
+
+
+def test_unknown_model_is_404_and_counted_without_a_model_key(
+    client: TestClient, runtime: Runtime
+) -> None:
+    x, y = arrays()
+    response = client.post("/v1/models/nope/samples", json=body(x, y))
+    assert response.status_code == 404
+    assert error_of(response) == "unknown_model"
+    assert runtime.store.counters("_unknown")["rejected:unknown_model"] == 1
+    assert "nope" not in runtime.store.models()
+
+
+def test_framework_errors_use_the_error_body(client: TestClient) -> None:
+    assert error_of(client.get("/v1/nothing")) == "not_found"
+    response = client.get(URL)
+    assert response.status_code == 405
+    assert error_of(response) == "method_not_allowed"
+
+
+# ---------------------------------------------------------------------- queue mode
+@pytest.fixture
+def remote() -> tuple[FastAPI, Runtime]:
+    """Not embedded: broker at an unreachable port, but the store an in-memory one."""
+    settings = make_settings(redis_url=UNREACHABLE, api_token=TOKEN)
+    rt = Runtime(settings)
+    rt.__dict__["store"] = MemoryStore()  # cached_property: inject before first use
+    return create_api(settings, rt, io_timeout=1.0), rt
+
+
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {TOKEN}"}],
+    ids=["missing", "wrong", "not_bearer"],
+)
+def test_missing_or_wrong_token_is_401(
+    remote: tuple[FastAPI, Runtime], headers: dict[str, str]
+) -> None:
+    api, rt = remote
+    x, y = arrays()
+    response = TestClient(api).post(URL, json=body(x, y), headers=headers)
+    assert response.status_code == 401
+    assert error_of(response) == "unauthorized"
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert rt.store.counters("m")["rejected:unauthorized"] == 1
+
+
+def test_unreachable_broker_answers_503_quickly(remote: tuple[FastAPI, Runtime]) -> None:
+    api, rt = remote
+    x, y = arrays()
+    started = time.monotonic()
+    response = TestClient(api).post(URL, json=body(x, y), headers=AUTH)
+    assert time.monotonic() - started < 5.0
+    assert response.status_code == 503
+    assert error_of(response) == "broker_unavailable"
+    assert rt.store.counters("m")["rejected:broker_unavailable"] == 1
+
+
+def test_queue_mode_enqueues_binary_payloads(remote: tuple[FastAPI, Runtime]) -> None:
+    api, rt = remote
+    sent: list[tuple[str, dict[str, Any]]] = []
+    api.state.ingress.celery.send_task = lambda name, args, **_: sent.append((name, args[0]))
+    client = TestClient(api)
+    x, y = arrays()
+    ok = client.post(URL, json=body(x, y, batch_id="q1", ts=1000.0), headers=AUTH)
+    assert ok.status_code == 202
+    ids = client.post("/v1/models/t/samples", json={"token_ids": [[1, 2, 3]]}, headers=AUTH)
+    assert ids.status_code == 202
+    assert ids.json()["samples"] == 1
+    high = client.post("/v1/models/t/samples", json={"token_ids": [[1, 50]]}, headers=AUTH)
+    assert high.status_code == 400
+    assert error_of(high) == "token_out_of_range"
+    (task, payload), (embed_task, embed) = sent
+    assert task == TASK_INGEST
+    assert isinstance(payload["features"]["data"], bytes)
+    batch = decode_batch(payload, max_samples=64, max_bytes=LIMIT)
+    assert (batch.batch_id, batch.ts) == ("q1", 1000.0)
+    np.testing.assert_array_equal(batch.features, x)
+    np.testing.assert_array_equal(batch.labels, y)
+    assert embed_task == TASK_EMBED
+    assert embed["token_ids"] == [[1, 2, 3]]
+    assert rt.store.pending_count("m") == 0  # the worker, not the API, writes partials
+
+
+def test_readyz_with_unreachable_store_is_503_quickly() -> None:
+    settings = make_settings(redis_url=UNREACHABLE, api_token=TOKEN)
+    client = TestClient(create_api(settings, Runtime(settings), io_timeout=1.0))
+    started = time.monotonic()
+    response = client.get("/readyz")
+    assert time.monotonic() - started < 5.0
+    assert response.status_code == 503
+    assert error_of(response) == "store_unavailable"
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readyz_ok_in_embedded_mode(client: TestClient) -> None:
+    assert client.get("/readyz").json() == {"ready": True}
+
+
+def test_refuses_to_start_open_outside_embedded_mode() -> None:
+    with pytest.raises(ApiConfigError, match="COLLAPSE_API_TOKEN"):
+        create_api(make_settings(redis_url=UNREACHABLE))
+    with pytest.raises(ApiConfigError, match="empty"):
+        create_api(make_settings(api_token="  "))
+    with pytest.raises(ApiConfigError, match=r"127\.0\.0\.1"):
+        serve(make_settings(), host="0.0.0.0")
+    assert is_loopback("127.0.0.1")
+    assert is_loopback("::1")
+    assert not is_loopback("0.0.0.0")
+
+
+def test_token_is_enforced_in_embedded_mode_when_set(runtime: Runtime) -> None:
+    client = TestClient(create_api(make_settings(api_token=TOKEN), runtime))
+    x, y = arrays()
+    assert client.post(URL, json=body(x, y)).status_code == 401
+    assert client.post(URL, json=body(x, y), headers=AUTH).status_code == 202
+
+
+def test_token_never_logged_or_echoed(
+    remote: tuple[FastAPI, Runtime], caplog: pytest.LogCaptureFixture
+) -> None:
+    api, _ = remote
+    caplog.set_level(logging.DEBUG)
+    x, y = arrays()
+    wrong = "Bearer wrong-token-that-must-not-be-logged"
+    with TestClient(api) as client:  # runs the lifespan (first readiness ping) too
+        responses = [
+            client.post(URL, json=body(x, y), headers=AUTH),
+            client.post(URL, json=body(x, y), headers={"authorization": wrong}),
+            client.post(URL, content=b"{", headers={**AUTH, "content-type": "application/json"}),
+            client.get("/readyz"),
+            client.get("/openapi.json"),
+        ]
+    seen = caplog.text + "".join(r.text + str(dict(r.headers)) for r in responses)
+    assert TOKEN not in seen
+    assert "must-not-be-logged" not in seen
+
+
+# ------------------------------------------------------------------------ document
+def test_openapi_documents_the_endpoint_and_its_schemas(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    post = document["paths"]["/v1/models/{model}/samples"]["post"]
+    assert set(post["requestBody"]["content"]) == {"application/json", "application/msgpack"}
+    assert {"202", "400", "401", "404", "413", "415", "503"} <= set(post["responses"])
+    schemas = document["components"]["schemas"]
+    for name in ("FeatureSamples", "TextSamples", "TokenSamples", "Accepted", "ErrorBody"):
+        assert name in schemas
+    assert "HTTPBearer" in document["components"]["securitySchemes"]
+    assert "422" not in json.dumps(document["paths"])
+    assert {"/healthz", "/readyz"} <= set(document["paths"])
+
+
+# ------------------------------------------------------------------------ property
+FUZZ = hsettings(  # bounded: ~0.5 s per test
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+KEYS = st.sampled_from(
+    ["features", "labels", "texts", "token_ids", "batch_id", "ts", "nc4", "v", "model",
+     "dtype", "shape", "data", "hits", "total"]
+)  # fmt: skip
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(KEYS | st.text(), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@FUZZ
+@given(document=JSON_VALUES)
+def test_random_json_bodies_never_give_5xx(client: TestClient, document: Any) -> None:
+    response = client.post(URL, content=json.dumps(document), headers=JSON)
+    assert response.status_code < 500
+    if response.status_code >= 400:
+        error_of(response)
+
+
+@FUZZ
+@given(content=st.binary(max_size=256))
+def test_random_msgpack_bodies_never_give_5xx(client: TestClient, content: bytes) -> None:
+    headers = {"content-type": "application/msgpack"}
+    assert client.post(URL, content=content, headers=headers).status_code < 500
+
+
+DIMS = st.integers(-2, 10) | st.sampled_from([2**31, 2**32, 2**63, 2**70])
+ARRAY_SPECS = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["float16", "float32", "float64", "int32", "int64", "int8", ""]),
+        "shape": st.lists(DIMS, max_size=3),
+        "data": st.binary(max_size=96).map(lambda b: base64.b64encode(b).decode()) | st.text(),
+    }
+)
+
+
+@FUZZ
+@given(
+    features=ARRAY_SPECS,
+    labels=ARRAY_SPECS,
+    nc4=st.none()
+    | st.fixed_dictionaries({"hits": st.integers(-1, 3), "total": st.integers(-1, 3)}),
+)
+def test_random_feature_payloads_never_give_5xx(
+    client: TestClient, runtime: Runtime, features: Any, labels: Any, nc4: Any
+) -> None:
+    document = {"features": features, "labels": labels, **({"nc4": nc4} if nc4 else {})}
+    before = runtime.store.pending_count("m")
+    response = client.post(URL, content=json.dumps(document), headers=JSON)
+    assert response.status_code in (202, 400, 413), response.text
+    if response.status_code != 202:
+        error_of(response)
+        assert runtime.store.pending_count("m") == before
+
+
+# ------------------------------------------------------------------------ command
+def _cli() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def root() -> None:
+        """Keeps `api` a subcommand."""
+
+    register(app)
+    return app
+
+
+def test_cli_api_refuses_bad_setups_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    assert runner.invoke(_cli(), ["api", "--help"]).exit_code == 0
+    monkeypatch.setenv("COLLAPSE_REDIS_URL", UNREACHABLE)
+    monkeypatch.delenv("COLLAPSE_API_TOKEN", raising=False)
+    result = runner.invoke(_cli(), ["api"])
+    assert result.exit_code == 2
+    assert "COLLAPSE_API_TOKEN" in result.output
+    monkeypatch.setenv("COLLAPSE_MAX_PAYLOAD_BYTES", "lots")
+    result = runner.invoke(_cli(), ["api"])
+    assert result.exit_code == 2
+    assert "max_payload_bytes" in result.output
