@@ -12,7 +12,7 @@ from monitor.metrics.geometry import anisotropy_mean_cos, effective_rank, trace_
 from monitor.metrics.pairwise import PairInputs, exact_pair_metrics, sampled_pair_metrics
 from monitor.metrics.report import Estimate, MetricReport
 from monitor.stats import CollapseStats
-from monitor.stats.validation import ArrayLike, as_tensor
+from monitor.stats.validation import ArrayLike, all_finite, as_tensor
 
 _F64 = torch.float64
 
@@ -108,7 +108,7 @@ def _nc4(
                 "wrong_dimension",
                 f"eval features must be (N, {stats.dim}), got {tuple(feats.shape)}",
             )
-        if not feats.is_floating_point() or not bool(torch.isfinite(feats).all()):
+        if not feats.is_floating_point() or not all_finite(feats):
             raise InvalidInput("non_finite", "eval features must be finite floating point values")
         return nc4_from_samples(
             feats.to(device), means, w_rows, b_rows, max_samples=max_samples, seed=seed
@@ -131,7 +131,7 @@ def _check_head(
         raise InvalidInput(
             "wrong_shape", f"classifier must have shape {expected}, got {tuple(w.shape)}"
         )
-    if not w.is_floating_point() or not bool(torch.isfinite(w).all()):
+    if not w.is_floating_point() or not all_finite(w):
         raise InvalidInput("non_finite", "classifier weights must be finite floating point values")
     b = None
     if bias is not None:
@@ -140,7 +140,7 @@ def _check_head(
             raise InvalidInput(
                 "wrong_shape", f"bias must have shape ({stats.num_classes},), got {tuple(b.shape)}"
             )
-        if not b.is_floating_point() or not bool(torch.isfinite(b).all()):
+        if not b.is_floating_point() or not all_finite(b):
             raise InvalidInput("non_finite", "bias must be finite floating point values")
     return w, b
 

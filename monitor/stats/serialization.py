@@ -17,6 +17,7 @@ from safetensors.torch import load, save
 
 from monitor.errors import IncompatibleStats
 from monitor.stats.collapse_stats import CollapseStats
+from monitor.stats.validation import all_finite
 
 FORMAT = "collapse-stats"
 VERSION = 1
@@ -123,7 +124,7 @@ def stats_from_bytes(blob: bytes, *, device: str | torch.device = "cpu") -> Coll
     if not (0 <= counters["unit_count"] <= counters["sample_count"]):
         raise IncompatibleStats("corrupt collapse-stats blob: invalid unit count")
     for name, value in arrays.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             raise IncompatibleStats(f"corrupt collapse-stats blob: non-finite values in {name}")
 
     stats = CollapseStats(num_classes, dim, second_moment=second_moment, device=device)

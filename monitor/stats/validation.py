@@ -37,6 +37,15 @@ def as_tensor(value: ArrayLike, what: str) -> torch.Tensor:
     )
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`: min and max propagate NaN and reach +-Inf, so one cheap
+    reduction replaces an elementwise mask (isfinite(x).all() was the slowest step of update)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    smallest, largest = torch.aminmax(t)
+    return bool(torch.isfinite(smallest)) and bool(torch.isfinite(largest))
+
+
 def check_batch(
     features: ArrayLike, labels: ArrayLike, *, dim: int, num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,9 +84,7 @@ def check_batch(
             "label_out_of_range",
             f"label {bad} is outside the vocabulary [0, {num_classes})",
         )
-    # min and max propagate NaN and reach +-Inf: one cheap reduction instead of an N x d mask.
-    smallest, largest = torch.aminmax(x)
-    if not (bool(torch.isfinite(smallest)) and bool(torch.isfinite(largest))):
+    if not all_finite(x):
         bad_rows = int((~torch.isfinite(x)).any(dim=1).sum())
         raise InvalidInput("non_finite", f"features contain NaN or Inf in {bad_rows} row(s)")
     return x, y
