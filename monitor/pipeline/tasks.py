@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from monitor.errors import InvalidInput
@@ -44,8 +45,6 @@ def embed_texts(payload: dict[str, Any]) -> dict[str, Any]:
 @app.task(name=TASK_COMPACT)  # type: ignore[untyped-decorator]
 def compact() -> dict[str, int]:
     """Merge pending partials into buckets and drop expired buckets, for every model."""
-    import time
-
     runtime = get_runtime()
     merged = 0
     with _compact_lock:

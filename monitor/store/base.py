@@ -85,7 +85,7 @@ class Store(Protocol):
 
     def oldest_pending(self, model: str) -> float | None: ...
 
-    def compact(self, model: str, merge: MergeFn, *, limit: int = 256) -> CompactionResult:
+    def compact(self, model: str, merge: MergeFn, *, limit: int = 64) -> CompactionResult:
         """Merge pending partials into their buckets atomically; safe to run concurrently."""
         ...
 

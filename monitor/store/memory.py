@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from monitor.store.base import (
     Baseline,
@@ -29,9 +30,11 @@ class _ModelState:
 class MemoryStore:
     """A dict per model behind one lock; TTLs are checked lazily against `clock`."""
 
-    def __init__(self, policy: BucketPolicy | None = None, clock: object = time.time) -> None:
+    def __init__(
+        self, policy: BucketPolicy | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.policy = policy or BucketPolicy()
-        self._clock = clock if callable(clock) else time.time
+        self._clock = clock
         self._lock = threading.Lock()
         self._models: dict[str, _ModelState] = defaultdict(_ModelState)
 
@@ -60,7 +63,7 @@ class MemoryStore:
             stamps = [ts for _, ts in self._models[model].partials.values()]
         return min(stamps) if stamps else None
 
-    def compact(self, model: str, merge: MergeFn, *, limit: int = 256) -> CompactionResult:
+    def compact(self, model: str, merge: MergeFn, *, limit: int = 64) -> CompactionResult:
         started = time.perf_counter()
         with self._lock:
             state = self._models[model]

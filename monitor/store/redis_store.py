@@ -72,7 +72,7 @@ class RedisStore:
         return float(first[0][1]) if first else None
 
     # ----------------------------------------------------------- compaction
-    def compact(self, model: str, merge: MergeFn, *, limit: int = 256) -> CompactionResult:
+    def compact(self, model: str, merge: MergeFn, *, limit: int = 64) -> CompactionResult:
         started = time.perf_counter()
         k = self.keys(model)
         entries = cast(list[Any], self.client.zrange(k.pending, 0, limit - 1, withscores=True))
