@@ -10,6 +10,7 @@ from monitor.capture.probe import CollapseProbe, Positions
 from monitor.capture.sampling import SamplingPolicy
 from monitor.capture.shipping import CaptureCounters
 from monitor.capture.sinks import CaptureBatch, CollectingSink, InProcessSink, NC4Reference, Sink
+from monitor.capture.tinymodel import TinyModelSpec, ensure_tiny_model
 
 __all__ = [
     "CaptureBatch",
@@ -21,6 +22,8 @@ __all__ = [
     "Positions",
     "SamplingPolicy",
     "Sink",
+    "TinyModelSpec",
     "embed_batches",
+    "ensure_tiny_model",
     "load_model",
 ]

@@ -11,7 +11,10 @@ mask 1). The last position of a forward call is held until its next token arrive
 decode step's input, or `generate()`'s returned sequences. A position is a *prompt* position when
 its label is a prompt token and a *completion* position when its label was generated (so the last
 prompt position, which predicts the first generated token, is a completion position). After an
-end-of-sequence token, a finished row's padding is never counted.
+end-of-sequence token, a finished row's padding is never counted. Beam search is skipped (and
+counted): beams reorder the cache, so a row's next input is not its own continuation. With
+`num_return_sequences > 1` each prompt is expanded into several rows, so its prompt positions
+are counted once per returned sequence.
 
 The request path never waits on the monitor and never synchronises the accelerator: sampling
 decisions come from shapes on the CPU, rows are gathered with index tensors, copied to the host
@@ -93,7 +96,7 @@ class CollapseProbe:
         self._reference: NC4Reference | None = None
         self._local = threading.local()
         self._logged: set[str] = set()
-        self._eos_cache: dict[torch.device, torch.Tensor] = {}
+        self._eos_cache: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._decoder = find_decoder(model)
         self._handles.append(model.register_forward_pre_hook(self._on_model_pre, with_kwargs=True))
@@ -115,12 +118,17 @@ class CollapseProbe:
         policy: SamplingPolicy | None = None,
         *,
         positions: Positions = "both",
-        capacity_rows: int = 65536,
-        batch_rows: int = 4096,
+        capacity_rows: int = 16384,
+        batch_rows: int = 2048,
         flush_interval: float = 1.0,
         clock: Clock = time.monotonic,
     ) -> CollapseProbe:
-        """Hook `model` and ship sampled rows to `sink` from a background thread."""
+        """Hook `model` and ship sampled rows to `sink` from a background thread.
+
+        Memory: at most `capacity_rows + batch_rows` rows of d values in the model's dtype are
+        held (16k rows of d = 4096 in bf16 are 128 MiB); beyond that, rows are dropped and
+        counted in `counters.dropped_full`. `flush_interval` bounds how long a row waits.
+        """
         output_head(model)  # fail before starting a thread
         counters = CaptureCounters()
         holder: list[CollapseProbe] = []
@@ -244,14 +252,16 @@ class CollapseProbe:
         values = [int(i) for i in (ids if isinstance(ids, list | tuple) else [ids])]
         if not values:
             return None
-        key = torch.device(device)
+        key = (torch.device(device), tuple(values))  # never read back from the device
         cached = self._eos_cache.get(key)
-        if cached is None or cached.tolist() != values:
-            cached = torch.tensor(values, dtype=torch.int64, device=key)
+        if cached is None:
+            cached = torch.tensor(values, dtype=torch.int64, device=key[0])
             self._eos_cache[key] = cached
         return cached
 
     def _process(self, call: CallInputs) -> None:
+        if getattr(self._local, "skip", False):
+            raise InvalidInput("beam_search", "beam search is not monitored (beams reorder)")
         ids = call.input_ids
         if ids is None:
             raise InvalidInput("no_input_ids", "forward called without input_ids (embeds only)")
@@ -340,18 +350,20 @@ class CollapseProbe:
             req.pending = None
 
     def _emit(self, feats: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> None:
+        """Copy rows to the host without waiting (CUDA: pinned, non-blocking, with an event)."""
+        feats, labels = feats.detach(), labels.to(torch.int64)  # convert before any copy
         event: torch.cuda.Event | None = None
         device = feats.device
         if device.type == "cuda":
-            feats = feats.detach().to("cpu", non_blocking=True)
+            feats = feats.to("cpu", non_blocking=True)
             labels = labels.to("cpu", non_blocking=True)
             valid = valid.to("cpu", non_blocking=True)
             event_type: Any = torch.cuda.Event  # untyped constructor
             event = event_type()
             event.record(torch.cuda.current_stream(device))
-        elif feats.device.type != "cpu":
-            feats, labels, valid = feats.detach().cpu(), labels.cpu(), valid.cpu()
-        self._target.offer(Chunk(feats.detach(), labels.to(torch.int64), valid, event))
+        elif device.type != "cpu":
+            feats, labels, valid = feats.cpu(), labels.cpu(), valid.cpu()
+        self._target.offer(Chunk(feats, labels, valid, event))
 
     # -------------------------------------------------------------- generate
     def _wrap_generate(self) -> None:
@@ -367,12 +379,18 @@ class CollapseProbe:
                 self._local.eos = kwargs["eos_token_id"]
             elif config is not None:
                 self._local.eos = getattr(config, "eos_token_id", None)
+            effective = config or getattr(self.model, "generation_config", None)
+            beams = kwargs.get("num_beams", getattr(effective, "num_beams", 1)) or 1
+            # Beam search reorders the cache between steps: a row's next input is not its own
+            # continuation, so labels cannot be paired; such calls are skipped and counted.
+            self._local.skip = int(beams) > 1
             self._local.in_generate = True
             try:
                 out = original(*args, **kwargs)
             finally:
                 self._local.eos = _UNSET
                 self._local.in_generate = False
+                self._local.skip = False
             try:
                 with torch.no_grad():
                     self._finish_generate(out)

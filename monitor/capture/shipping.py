@@ -139,8 +139,8 @@ class Shipper:
         counters: CaptureCounters,
         reference: Callable[[], NC4Reference | None],
         *,
-        capacity_rows: int = 65536,
-        batch_rows: int = 4096,
+        capacity_rows: int = 16384,
+        batch_rows: int = 2048,
         flush_interval: float = 1.0,
         source: str = "probe",
     ) -> None:

@@ -2,12 +2,13 @@
 
 Nothing can be downloaded from a model hub where this runs, and random weights have no class
 geometry worth measuring. So: train a byte-level BPE tokenizer with `tokenizers` on the bundled
-public-domain fables, train a small GPT-2 on them for a few minutes of CPU, and save a normal
-`from_pretrained` directory. The artefact is not committed; it is built on first use into a cache
-directory (`$COLLAPSE_CACHE_DIR`, else `~/.cache/collapse-monitor`) under a file lock, so two
-processes never build at once, and rebuilt when the corpus or the recipe changes.
+public-domain fables, train a small GPT-2 on them for a few minutes of CPU (keeping the
+checkpoint with the best validation loss), and save a normal `from_pretrained` directory. The
+artefact is not committed; it is built on first use into a cache directory
+(`$COLLAPSE_CACHE_DIR`, else `~/.cache/collapse-monitor`) under a file lock, so two processes
+never build at once, and rebuilt when the corpus or the recipe changes.
 
-    python -m monitor.capture.tinymodel --out DIR [--seconds 180] [--steps 3000]
+    python -m monitor.capture.tinymodel [--out DIR] [--seconds 240] [--steps 200]
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class TinyModelSpec:
     seq_len: int = 128
     batch_size: int = 8
     lr: float = 3e-3
-    max_steps: int = 400
+    max_steps: int = 200
     max_seconds: float = 240.0
     eval_every: int = 25
     seed: int = 0
