@@ -38,12 +38,8 @@ def store_partial(
     store: Store, model: str, batch_id: str, ts: float, stats: CollapseStats
 ) -> IngestResult:
     """Write the partial once under `batch_id`; a repeat (redelivery) only counts a duplicate."""
-    stored = store.put_partial(model, batch_id, stats.to_bytes(), ts)
     samples = stats.sample_count
-    if stored:
-        store.add_counters(model, {"samples_ingested": samples, "batches_ingested": 1})
-    else:
-        store.add_counters(model, {"batches_duplicate": 1})
+    stored = store.put_partial(model, batch_id, stats.to_bytes(), ts, samples)
     return IngestResult(model, batch_id, samples, stored)
 
 

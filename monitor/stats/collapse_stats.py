@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from monitor.errors import IncompatibleStats
+from monitor.stats.rff import RFFConfig, rff_features
 from monitor.stats.validation import ArrayLike, check_batch
 
 _F64 = torch.float64
@@ -58,7 +59,8 @@ class CollapseStats:
     """Sufficient statistics of METRICS.md: per class `n, sum h, sum ||h||^2`, plus global sums.
 
     Global: sample count `N`, `sum h/||h||` (for anisotropy), optionally the d x d
-    second moment `S = sum h h^T` (for the trace ratio and effective rank), and NC4 hit counts
+    second moment `S = sum h h^T` (for the trace ratio and effective rank), optionally random
+    Fourier feature sums `sum phi(h)`, `sum ||phi(h)||^2` (for drift MMD), and NC4 hit counts
     recorded by capture. Tensors live on `device` (CPU by default) in float64.
     """
 
@@ -68,6 +70,7 @@ class CollapseStats:
         dim: int,
         *,
         second_moment: bool = False,
+        rff: RFFConfig | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
         if num_classes < 1 or dim < 1:
@@ -91,6 +94,13 @@ class CollapseStats:
         )
         self.nc4_hits = 0
         self.nc4_total = 0
+        if rff is not None and rff.dim != self.dim:
+            raise ValueError(f"RFF config is for dimension {rff.dim}, not {self.dim}")
+        self.rff = rff
+        self.rff_sum: torch.Tensor | None = (
+            None if rff is None else torch.zeros(rff.features, dtype=_F64, device=self.device)
+        )
+        self.rff_sq = 0.0  # sum over samples of ||phi(h)||^2, for the unbiased MMD
 
     # ----------------------------------------------------------------- views
     @property
@@ -166,6 +176,10 @@ class CollapseStats:
         self.unit_count += int(nonzero.sum())
         if self.second is not None:
             self.second.addmm_(x.T, x)
+        if self.rff is not None and self.rff_sum is not None:
+            phi = rff_features(rows, self.rff).to(_F64)
+            self.rff_sum += phi.sum(dim=0)
+            self.rff_sq += float((phi * phi).sum())
 
     def record_nc4(self, hits: int, total: int) -> None:
         """Add NC4 agreement counts measured at ingestion (capture counts them per batch)."""
@@ -190,6 +204,9 @@ class CollapseStats:
         self.sample_count += other.sample_count
         self.nc4_hits += other.nc4_hits
         self.nc4_total += other.nc4_total
+        if self.rff_sum is not None and other.rff_sum is not None:
+            self.rff_sum += other.rff_sum.to(self.device)
+            self.rff_sq += other.rff_sq
         return self
 
     def __iadd__(self, other: CollapseStats) -> CollapseStats:
@@ -197,7 +214,11 @@ class CollapseStats:
 
     def copy(self) -> CollapseStats:
         out = CollapseStats(
-            self.num_classes, self.dim, second_moment=self.has_second_moment, device=self.device
+            self.num_classes,
+            self.dim,
+            second_moment=self.has_second_moment,
+            rff=self.rff,
+            device=self.device,
         )
         return out.merge(self)
 
@@ -212,11 +233,12 @@ class CollapseStats:
         return out
 
     def _check_compatible(self, other: CollapseStats) -> None:
-        mine = (self.num_classes, self.dim, self.has_second_moment)
-        theirs = (other.num_classes, other.dim, other.has_second_moment)
+        mine = (self.num_classes, self.dim, self.has_second_moment, self.rff)
+        theirs = (other.num_classes, other.dim, other.has_second_moment, other.rff)
         if mine != theirs:
             raise IncompatibleStats(
-                f"cannot merge statistics of (num_classes, dim, second_moment) {theirs} into {mine}"
+                "cannot merge statistics of (num_classes, dim, second_moment, rff) "
+                f"{theirs} into {mine}"
             )
 
     # -------------------------------------------------------------- storage

@@ -10,6 +10,7 @@ written in class-id order, so equal statistics give equal bytes.
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from safetensors import SafetensorError
@@ -17,6 +18,7 @@ from safetensors.torch import load, save
 
 from monitor.errors import IncompatibleStats
 from monitor.stats.collapse_stats import CollapseStats
+from monitor.stats.rff import RFFConfig
 from monitor.stats.validation import all_finite
 
 FORMAT = "collapse-stats"
@@ -36,6 +38,8 @@ def stats_to_bytes(stats: CollapseStats) -> bytes:
     }
     if stats.second is not None:
         tensors["second"] = stats.second.cpu().contiguous()
+    if stats.rff_sum is not None:
+        tensors["rff_sum"] = stats.rff_sum.cpu().contiguous()
     header: dict[str, object] = {
         "num_classes": stats.num_classes,
         "dim": stats.dim,
@@ -44,6 +48,8 @@ def stats_to_bytes(stats: CollapseStats) -> bytes:
         "unit_count": stats.unit_count,
         "nc4_hits": stats.nc4_hits,
         "nc4_total": stats.nc4_total,
+        "rff": None if stats.rff is None else stats.rff.to_json(),
+        "rff_sq": stats.rff_sq,
     }
     header = {"format": FORMAT, "version": VERSION, **header}
     # One metadata entry: safetensors keeps metadata in a hash map whose order varies between
@@ -85,6 +91,8 @@ def stats_from_bytes(blob: bytes, *, device: str | torch.device = "cpu") -> Coll
     try:
         num_classes, dim = int(header["num_classes"]), int(header["dim"])
         second_moment = bool(header["second_moment"])
+        rff = None if header.get("rff") is None else RFFConfig.from_json(header["rff"])
+        rff_sq = float(header.get("rff_sq", 0.0))
         counters = {
             k: int(header[k]) for k in ("sample_count", "unit_count", "nc4_hits", "nc4_total")
         }
@@ -106,6 +114,12 @@ def stats_from_bytes(blob: bytes, *, device: str | torch.device = "cpu") -> Coll
     }
     if second_moment:
         expected["second"] = (_F64, (dim, dim))
+    if rff is not None:
+        if rff.dim != dim:
+            raise IncompatibleStats("corrupt collapse-stats blob: RFF dimension differs")
+        expected["rff_sum"] = (_F64, (rff.features,))
+    if not (math.isfinite(rff_sq) and rff_sq >= 0):
+        raise IncompatibleStats("corrupt collapse-stats blob: invalid rff_sq")
     arrays = {name: _get(tensors, name, dt, shape) for name, (dt, shape) in expected.items()}
     extra = set(tensors) - set(expected) - {"class_ids"}
     if extra:
@@ -127,11 +141,14 @@ def stats_from_bytes(blob: bytes, *, device: str | torch.device = "cpu") -> Coll
         if not all_finite(value):
             raise IncompatibleStats(f"corrupt collapse-stats blob: non-finite values in {name}")
 
-    stats = CollapseStats(num_classes, dim, second_moment=second_moment, device=device)
+    stats = CollapseStats(num_classes, dim, second_moment=second_moment, rff=rff, device=device)
     stats._load_rows(ids, counts, arrays["sums"], arrays["sq_norms"])
     stats.unit_sum = arrays["unit_sum"].to(device)
     if second_moment:
         stats.second = arrays["second"].to(device)
+    if rff is not None:
+        stats.rff_sum = arrays["rff_sum"].to(device)
+        stats.rff_sq = rff_sq
     stats.sample_count = counters["sample_count"]
     stats.unit_count = counters["unit_count"]
     stats.nc4_hits = counters["nc4_hits"]

@@ -77,8 +77,11 @@ class Store(Protocol):
 
     def ping(self) -> bool: ...
 
-    def put_partial(self, model: str, batch_id: str, blob: bytes, ts: float) -> bool:
-        """Write a batch's statistics once; False (and no change) if the id was seen before."""
+    def put_partial(self, model: str, batch_id: str, blob: bytes, ts: float, samples: int) -> bool:
+        """Write a batch's statistics once and count its samples in the same atomic step.
+
+        False if the id was seen before: nothing changes but the `batches_duplicate` counter.
+        """
         ...
 
     def pending_count(self, model: str) -> int: ...

@@ -44,14 +44,17 @@ class MemoryStore:
     def ping(self) -> bool:
         return True
 
-    def put_partial(self, model: str, batch_id: str, blob: bytes, ts: float) -> bool:
+    def put_partial(self, model: str, batch_id: str, blob: bytes, ts: float, samples: int) -> bool:
         with self._lock:
             state = self._models[model]
             expiry = state.seen.get(batch_id)
             if expiry is not None and expiry > self._now():
+                state.counters["batches_duplicate"] += 1
                 return False
             state.seen[batch_id] = self._now() + self.policy.seen_ttl
             state.partials[batch_id] = (bytes(blob), float(ts))
+            state.counters["batches_ingested"] += 1
+            state.counters["samples_ingested"] += int(samples)
             return True
 
     def pending_count(self, model: str) -> int:

@@ -26,11 +26,17 @@ from monitor.store.base import (
 )
 from monitor.store.keys import LEVELS, ModelKeys, models_key
 
+# The ingestion counters move in the same script as the partial, so they stay exactly once too.
 _PUT_PARTIAL = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[4], 'batches_duplicate', 1)
+  return 0
+end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
+redis.call('HINCRBY', KEYS[4], 'batches_ingested', 1)
+redis.call('HINCRBY', KEYS[4], 'samples_ingested', ARGV[6])
 return 1
 """
 _MAX_RETRIES = 20
@@ -54,11 +60,11 @@ class RedisStore:
         return bool(self.client.ping())
 
     # ------------------------------------------------------------- partials
-    def put_partial(self, model: str, batch_id: str, blob: bytes, ts: float) -> bool:
+    def put_partial(self, model: str, batch_id: str, blob: bytes, ts: float, samples: int) -> bool:
         k = self.keys(model)
         written = self._put_partial(
-            keys=[k.seen(batch_id), k.partial(batch_id), k.pending],
-            args=[blob, ts, self.policy.seen_ttl, self.policy.partial_ttl, batch_id],
+            keys=[k.seen(batch_id), k.partial(batch_id), k.pending, k.counters],
+            args=[blob, ts, self.policy.seen_ttl, self.policy.partial_ttl, batch_id, samples],
         )
         if written:
             self.client.sadd(models_key(self.prefix), model)

@@ -39,17 +39,22 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def test_partials_are_written_once(store: Store) -> None:
-    assert store.put_partial("m", "a", b"x1", T0)
-    assert not store.put_partial("m", "a", b"x2", T0)
+    assert store.put_partial("m", "a", b"x1", T0, 1)
+    assert not store.put_partial("m", "a", b"x2", T0, 1)
     assert store.pending_count("m") == 1
     assert store.oldest_pending("m") == T0
     assert store.models() == ["m"]
+    assert store.counters("m") == {
+        "batches_ingested": 1,
+        "samples_ingested": 1,
+        "batches_duplicate": 1,
+    }
 
 
 def test_compaction_fills_fine_and_coarse_buckets(store: Store) -> None:
-    store.put_partial("m", "a", b"a", T0)
-    store.put_partial("m", "b", b"b", T0 + 61)  # next fine bucket, same coarse bucket
-    store.put_partial("m", "c", b"c", T0 - 700)  # an older coarse bucket
+    store.put_partial("m", "a", b"a", T0, 1)
+    store.put_partial("m", "b", b"b", T0 + 61, 1)  # next fine bucket, same coarse bucket
+    store.put_partial("m", "c", b"c", T0 - 700, 1)  # an older coarse bucket
     total = 0
     while (result := store.compact("m", concat, limit=2)).buckets:
         total += result.partials
@@ -61,20 +66,20 @@ def test_compaction_fills_fine_and_coarse_buckets(store: Store) -> None:
     coarse = store.window_blobs("m", "coarse", 0)
     assert sorted(",".join(b.decode() for b in coarse).split(",")) == ["a", "b", "c"]
     # A redelivery after compaction still counts once.
-    assert not store.put_partial("m", "a", b"a", T0)
+    assert not store.put_partial("m", "a", b"a", T0, 1)
 
 
 def test_late_partial_merges_into_existing_bucket(store: Store) -> None:
-    store.put_partial("m", "a", b"a", T0)
+    store.put_partial("m", "a", b"a", T0, 1)
     store.compact("m", concat)
-    store.put_partial("m", "b", b"b", T0 + 1)
+    store.put_partial("m", "b", b"b", T0 + 1, 1)
     store.compact("m", concat)
     assert store.window_blobs("m", "fine", 0) == [b"a,b"]
 
 
 def test_expiry_drops_only_old_buckets(store: Store) -> None:
-    store.put_partial("m", "old", b"o", T0 - 2 * 3600)
-    store.put_partial("m", "new", b"n", T0)
+    store.put_partial("m", "old", b"o", T0 - 2 * 3600, 1)
+    store.put_partial("m", "new", b"n", T0, 1)
     store.compact("m", concat)
     dropped = store.expire_buckets("m", T0)
     assert dropped == 2  # the old fine and the old coarse bucket
