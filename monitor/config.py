@@ -46,6 +46,19 @@ class ModelSpec(BaseModel):
     second_moment: bool = Field(
         False, description="Keep the d x d second moment (trace ratio, effective rank)."
     )
+    classifier_path: str | None = Field(
+        None, description="(V, d) head weights, .npy or .safetensors, for a features-only model."
+    )
+    bias_path: str | None = Field(None, description="(V,) head bias for a features-only model.")
+    baseline: str | None = Field(
+        None, description="Baseline that drift compares against (default: the newest pinned)."
+    )
+    rff_features: int = Field(
+        256, ge=0, description="Random Fourier features for drift MMD (0 turns MMD off)."
+    )
+    rff_bandwidth: float | None = Field(
+        None, gt=0, description="Kernel bandwidth; default: median heuristic on the first batch."
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> ModelSpec:
@@ -105,6 +118,20 @@ class Settings(BaseSettings):
     )
     compaction_interval: float = Field(
         30.0, gt=0, description="Seconds between compaction runs of beat."
+    )
+    evaluation_interval: float = Field(
+        60.0, gt=0, description="Seconds between evaluations of every model and window."
+    )
+    drift_quantile: float = Field(
+        0.99, gt=0.5, lt=1.0, description="Quantile of the null MMD that calibrates its threshold."
+    )
+    top_drift_classes: int = Field(
+        20, ge=0, le=100, description="Most drifted classes kept per snapshot (bounded labels)."
+    )
+    custom_metrics: list[str] = Field(
+        default_factory=list,
+        description="Extra metric functions as dotted paths 'package.module:function' (entry "
+        "points of group collapse_monitor.metrics are found without this).",
     )
     snapshot_history: int = Field(
         288, ge=1, description="Metric snapshots kept per model and window."

@@ -13,6 +13,7 @@ from typing import Any
 from monitor.errors import InvalidInput
 from monitor.pipeline.ingest import IngestResult, count_rejection, store_partial
 from monitor.pipeline.payload import SCHEMA_VERSION
+from monitor.pipeline.reference import nc4_reference
 from monitor.pipeline.runtime import Runtime
 from monitor.stats import CollapseStats
 from monitor.store.keys import check_batch_id, check_model_name
@@ -97,16 +98,18 @@ def embed_payload(runtime: Runtime, payload: object) -> IngestResult:
         model, batch_id, ts, items = parse_text_payload(
             payload, settings.max_batch_samples, settings.max_payload_bytes
         )
-        shape = runtime.registry.shape(model)
         lm, tokenizer = loaded_model(runtime, model)
-        stats = CollapseStats(shape.vocab_size, shape.dim, second_moment=shape.second_moment)
         from monitor.capture.mirror import embed_batches
 
-        for batch in embed_batches(lm, tokenizer, items, batch_size=8):
+        stats: CollapseStats | None = None
+        reference = nc4_reference(runtime.store, model, lm)
+        for batch in embed_batches(lm, tokenizer, items, batch_size=8, reference=reference):
+            if stats is None:
+                stats = runtime.registry.new_stats(model, runtime.store, batch.features)
             stats.update(batch.features, batch.labels)
             if batch.nc4_total:
                 stats.record_nc4(batch.nc4_hits, batch.nc4_total)
-        if stats.sample_count == 0:
+        if stats is None or stats.sample_count == 0:
             raise InvalidInput("empty_batch", "no labelled positions: every text is under 2 tokens")
     except InvalidInput as exc:
         known = isinstance(owner, str) and owner in runtime.registry.names

@@ -9,6 +9,7 @@ from monitor.errors import InvalidInput
 from monitor.pipeline.payload import FeatureBatch, decode_batch
 from monitor.pipeline.registry import ModelRegistry
 from monitor.stats import CollapseStats
+from monitor.stats.validation import as_tensor
 from monitor.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -24,11 +25,18 @@ class IngestResult:
     stored: bool  # False: the batch id was seen before (a redelivery), nothing was added
 
 
-def partial_stats(batch: FeatureBatch, registry: ModelRegistry) -> CollapseStats:
+def partial_stats(batch: FeatureBatch, registry: ModelRegistry, store: Store) -> CollapseStats:
     """Statistics of one batch; raises `InvalidInput` for a batch that does not fit the model."""
     shape = registry.shape(batch.model)
-    stats = CollapseStats(shape.vocab_size, shape.dim, second_moment=shape.second_moment)
-    stats.update(batch.features, batch.labels)
+    if batch.features.shape[1] != shape.dim:  # before the features are used for anything
+        raise InvalidInput(
+            "wrong_dimension",
+            f"features have dimension {batch.features.shape[1]}, model {batch.model!r} has "
+            f"{shape.dim}",
+        )
+    features = as_tensor(batch.features, "features")
+    stats = registry.new_stats(batch.model, store, features)
+    stats.update(features, batch.labels)
     if batch.nc4_total:
         stats.record_nc4(batch.nc4_hits, batch.nc4_total)
     return stats
@@ -66,7 +74,7 @@ class Ingestor:
             batch = decode_batch(payload, max_samples=self.max_samples, max_bytes=self.max_bytes)
             if batch.model not in self.registry.names:
                 model = None  # unknown names must not create per-model keys
-            stats = partial_stats(batch, self.registry)
+            stats = partial_stats(batch, self.registry, self.store)
         except InvalidInput as exc:
             samples = min(_claimed_samples(payload), self.max_samples)
             owner = model if isinstance(model, str) and model in self.registry.names else None

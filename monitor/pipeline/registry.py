@@ -6,8 +6,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from monitor.config import ModelSpec, Settings
 from monitor.errors import InvalidInput
+from monitor.stats import CollapseStats, RFFConfig, median_bandwidth
+from monitor.store.base import Store
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class ModelRegistry:
     def __init__(self, settings: Settings) -> None:
         self._specs = {m.name: m for m in settings.models}
         self._shapes: dict[str, ModelShape] = {}
+        self._rff: dict[str, RFFConfig | None] = {}
 
     @property
     def names(self) -> list[str]:
@@ -68,3 +73,44 @@ class ModelRegistry:
                 vocab, dim = _checkpoint_sizes(spec.checkpoint)
             self._shapes[name] = ModelShape(name, vocab, dim, spec.second_moment)
         return self._shapes[name]
+
+    def rff(self, name: str, store: Store, sample: torch.Tensor) -> RFFConfig | None:
+        """The model's random Fourier features, the same in every process.
+
+        Without a configured bandwidth, the first process to see data proposes one from the
+        median heuristic on its batch (half, once and twice the median distance) and the store
+        keeps the first proposal, so every worker and the baseline agree.
+        """
+        if name in self._rff:
+            return self._rff[name]
+        spec, shape = self.spec(name), self.shape(name)
+        config = None
+        if spec.rff_features > 0:
+            if spec.rff_bandwidth is not None:
+                median = spec.rff_bandwidth
+            else:
+                proposal = _median_or_norm(sample)
+                median = float(store.meta_setdefault(name, "rff_bandwidth", repr(proposal)))
+            bandwidths = (median,) if spec.rff_bandwidth else (median / 2, median, 2 * median)
+            config = RFFConfig(shape.dim, spec.rff_features, bandwidths, seed=0)
+        self._rff[name] = config
+        return config
+
+    def new_stats(self, name: str, store: Store, sample: torch.Tensor) -> CollapseStats:
+        """Empty statistics laid out for the model (vocabulary, width, options, features)."""
+        shape = self.shape(name)
+        return CollapseStats(
+            shape.vocab_size,
+            shape.dim,
+            second_moment=shape.second_moment,
+            rff=self.rff(name, store, sample),
+        )
+
+
+def _median_or_norm(sample: torch.Tensor) -> float:
+    rows = sample.detach().to(torch.float64)
+    try:
+        return median_bandwidth(rows)
+    except ValueError:  # one row or identical rows: fall back to the typical norm
+        norm = float(rows.norm(dim=1).mean()) if rows.numel() else 0.0
+        return norm if norm > 0 else 1.0

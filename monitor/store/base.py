@@ -68,6 +68,7 @@ class Baseline:
     name: str
     blob: bytes
     meta: dict[str, object]
+    calibration: bytes | None = None  # per-bucket sums that calibrate drift thresholds
 
 
 class Store(Protocol):
@@ -103,7 +104,14 @@ class Store(Protocol):
         ...
 
     def pin_baseline(
-        self, model: str, name: str, blob: bytes, meta: dict[str, object], *, replace: bool
+        self,
+        model: str,
+        name: str,
+        blob: bytes,
+        meta: dict[str, object],
+        *,
+        replace: bool,
+        calibration: bytes | None = None,
     ) -> None: ...
 
     def baseline(self, model: str, name: str) -> Baseline | None: ...
@@ -125,6 +133,18 @@ class Store(Protocol):
     def models(self) -> list[str]: ...
 
     def memory_bytes(self, model: str) -> int: ...
+
+    def meta_setdefault(self, model: str, field: str, value: str) -> str:
+        """The model's value of `field`, set to `value` first if it had none (atomic)."""
+        ...
+
+    def meta(self, model: str) -> dict[str, str]: ...
+
+    def put_reference(self, model: str, blob: bytes) -> None:
+        """Class means of the last evaluation, for NC4 counted at ingestion."""
+        ...
+
+    def reference(self, model: str) -> bytes | None: ...
 
 
 class BaselineExists(CollapseMonitorError):

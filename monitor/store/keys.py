@@ -66,6 +66,13 @@ class ModelKeys:
     def baseline(self, name: str) -> str:
         return f"{self.base}:baseline:{name}"
 
+    def calibration(self, name: str) -> str:
+        return f"{self.base}:baseline:{name}:calibration"
+
+    @property
+    def reference(self) -> str:
+        return f"{self.base}:reference"
+
     @property
     def baselines(self) -> str:
         return f"{self.base}:baselines"

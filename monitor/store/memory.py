@@ -25,6 +25,8 @@ class _ModelState:
         self.baselines: dict[str, Baseline] = {}
         self.snapshots: dict[str, list[str]] = defaultdict(list)
         self.counters: dict[str, int] = defaultdict(int)
+        self.meta: dict[str, str] = {}
+        self.reference: bytes | None = None
 
 
 class MemoryStore:
@@ -110,13 +112,20 @@ class MemoryStore:
         return dropped
 
     def pin_baseline(
-        self, model: str, name: str, blob: bytes, meta: dict[str, object], *, replace: bool
+        self,
+        model: str,
+        name: str,
+        blob: bytes,
+        meta: dict[str, object],
+        *,
+        replace: bool,
+        calibration: bytes | None = None,
     ) -> None:
         with self._lock:
             baselines = self._models[model].baselines
             if name in baselines and not replace:
                 raise BaselineExists(f"baseline {name!r} of model {model!r} is pinned already")
-            baselines[name] = Baseline(name, bytes(blob), dict(meta))
+            baselines[name] = Baseline(name, bytes(blob), dict(meta), calibration)
 
     def baseline(self, model: str, name: str) -> Baseline | None:
         with self._lock:
@@ -166,3 +175,19 @@ class MemoryStore:
             total += sum(len(b) for level in state.buckets.values() for b in level.values())
             total += sum(len(b.blob) for b in state.baselines.values())
             return total
+
+    def meta_setdefault(self, model: str, field: str, value: str) -> str:
+        with self._lock:
+            return self._models[model].meta.setdefault(field, value)
+
+    def meta(self, model: str) -> dict[str, str]:
+        with self._lock:
+            return dict(self._models[model].meta)
+
+    def put_reference(self, model: str, blob: bytes) -> None:
+        with self._lock:
+            self._models[model].reference = bytes(blob)
+
+    def reference(self, model: str) -> bytes | None:
+        with self._lock:
+            return self._models[model].reference

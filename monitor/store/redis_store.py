@@ -171,7 +171,14 @@ class RedisStore:
 
     # ------------------------------------------------------------ baselines
     def pin_baseline(
-        self, model: str, name: str, blob: bytes, meta: dict[str, object], *, replace: bool
+        self,
+        model: str,
+        name: str,
+        blob: bytes,
+        meta: dict[str, object],
+        *,
+        replace: bool,
+        calibration: bytes | None = None,
     ) -> None:
         k = self.keys(model)
         document = json.dumps(meta, sort_keys=True)
@@ -179,6 +186,10 @@ class RedisStore:
             raise BaselineExists(f"baseline {name!r} of model {model!r} is pinned already")
         pipe = self.client.pipeline(transaction=True)
         pipe.set(k.baseline(name), blob)
+        if calibration is None:
+            pipe.delete(k.calibration(name))
+        else:
+            pipe.set(k.calibration(name), calibration)
         pipe.hset(k.baselines, name, document)
         pipe.execute()
         self.client.sadd(models_key(self.prefix), model)
@@ -188,10 +199,11 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=True)
         pipe.get(k.baseline(name))
         pipe.hget(k.baselines, name)
-        blob, document = pipe.execute()
+        pipe.get(k.calibration(name))
+        blob, document, calibration = pipe.execute()
         if blob is None or document is None:
             return None
-        return Baseline(name, blob, json.loads(document))
+        return Baseline(name, blob, json.loads(document), calibration)
 
     def baselines(self, model: str) -> dict[str, dict[str, object]]:
         raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys(model).baselines))
@@ -201,7 +213,7 @@ class RedisStore:
         k = self.keys(model)
         pipe = self.client.pipeline(transaction=True)
         pipe.hdel(k.baselines, name)
-        pipe.delete(k.baseline(name))
+        pipe.delete(k.baseline(name), k.calibration(name))
         removed, _ = pipe.execute()
         return bool(removed)
 
@@ -247,3 +259,20 @@ class RedisStore:
         for key in self.client.scan_iter(match=pattern, count=500):
             total += int(self.client.memory_usage(key, samples=0) or 0)
         return total
+
+    # ----------------------------------------------------- meta, reference
+    def meta_setdefault(self, model: str, field: str, value: str) -> str:
+        key = self.keys(model).meta
+        self.client.hsetnx(key, field, value)
+        current = cast(bytes | None, self.client.hget(key, field))
+        return value if current is None else current.decode()
+
+    def meta(self, model: str) -> dict[str, str]:
+        raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys(model).meta))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def put_reference(self, model: str, blob: bytes) -> None:
+        self.client.set(self.keys(model).reference, blob)
+
+    def reference(self, model: str) -> bytes | None:
+        return cast(bytes | None, self.client.get(self.keys(model).reference))
