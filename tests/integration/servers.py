@@ -7,6 +7,7 @@ Each helper binds 127.0.0.1 on a free port, waits until the server answers, and 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -14,8 +15,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -141,3 +144,110 @@ def start_worker(
         stderr=log,
         start_new_session=True,
     )
+
+
+class PrometheusServer:
+    """prometheus on loopback scraping `targets` every second, with `rule_files` loaded."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        targets: list[str],
+        rule_files: list[Path],
+        alertmanager: str | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(p) for p in rule_files],
+            "scrape_configs": [{"job_name": "collapse", "static_configs": [{"targets": targets}]}],
+        }
+        if alertmanager:
+            config["alerting"] = {
+                "alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]
+            }
+        self.config = workdir / "prometheus.yml"
+        self.config.write_text(json.dumps(config))  # JSON is YAML
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.workdir / "prometheus.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={self.config}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                "--web.enable-lifecycle",
+            ],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        wait_for(lambda: _http_ok(f"{self.url}/-/ready"), 30, "prometheus")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+class AlertmanagerServer:
+    """prometheus-alertmanager on loopback, no clustering, a null receiver."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.config = workdir / "alertmanager.yml"
+        self.config.write_text(
+            json.dumps(
+                {
+                    "route": {
+                        "receiver": "null",
+                        "group_wait": "1s",
+                        "group_interval": "1s",
+                        "repeat_interval": "1h",
+                    },
+                    "receivers": [{"name": "null"}],
+                }
+            )
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.workdir / "alertmanager.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                "prometheus-alertmanager",
+                f"--config.file={self.config}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                f"--storage.path={self.workdir / 'am-data'}",
+                "--cluster.listen-address=",
+            ],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        wait_for(lambda: _http_ok(f"{self.url}/-/ready"), 30, "alertmanager")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return bool(response.status == 200)
+
+
+def http_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
