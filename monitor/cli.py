@@ -163,10 +163,11 @@ def _fmt(value: float | int | None) -> str:
 
 
 def _register_commands() -> None:
-    from monitor import cli_api, cli_pipeline
+    from monitor import cli_api, cli_exporter, cli_pipeline
 
     cli_pipeline.register(app)
     cli_api.register(app)
+    cli_exporter.register(app)
 
 
 _register_commands()

@@ -64,7 +64,7 @@ def worker(
 
 
 def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info") -> None:
-    """Run the scheduler of compaction (exactly one per deployment).
+    """Run the scheduler of compaction and evaluation (exactly one per deployment).
 
     Its schedule lives in memory: the tasks are idempotent intervals, so nothing needs to
     persist across restarts (and Celery's default shelve file would be pickle at rest).
@@ -224,7 +224,33 @@ def baseline_unpin(
     typer.echo(f"unpinned {name} of {model}")
 
 
+def evaluate(
+    model: Annotated[str | None, typer.Option(help="One model (default: all declared).")] = None,
+    output: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
+) -> None:
+    """Evaluate now: every metric of every window, written as snapshots (as beat does)."""
+    from monitor.evaluate.evaluator import Evaluator
+
+    runtime = _runtime()
+    evaluator = Evaluator(runtime)
+    names = [model] if model else runtime.registry.names
+    snapshots = [s for name in names for s in evaluator.evaluate_model(name)]
+    if output is OutputFormat.json:
+        typer.echo(json.dumps([json.loads(s.to_json()) for s in snapshots]))
+        return
+    for s in snapshots:
+        table = Table(title=f"{s.model} {s.window}: {s.status} ({s.duration_seconds:.2f} s)")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        if s.reason:
+            table.add_row("reason", s.reason)
+        for key, value in sorted(s.metrics.items()):
+            if value is not None and not key.endswith("_stderr"):
+                table.add_row(key, f"{value:.6g}")
+        Console().print(table)
+
+
 def register(app: typer.Typer) -> None:
-    for command in (worker, beat, status, replay):
+    for command in (worker, beat, status, replay, evaluate):
         app.command()(command)
     app.add_typer(baseline_app, name="baseline")

@@ -11,9 +11,12 @@ import hashlib
 import json
 import time
 
+import torch
+from safetensors.torch import load, save
+
 from monitor.errors import IncompatibleStats, InvalidInput
+from monitor.metrics.drift import BucketSums, bucket_sums
 from monitor.pipeline.registry import ModelRegistry, ModelShape
-from monitor.pipeline.windows import window_stats
 from monitor.stats import CollapseStats
 from monitor.store.base import Store
 from monitor.store.keys import check_model_name
@@ -38,6 +41,7 @@ def pin_stats(
     *,
     source: str,
     replace: bool = False,
+    calibration: bytes | None = None,
 ) -> dict[str, object]:
     """Pin `stats` as baseline `name` of `model`; returns its stamp."""
     check_model_name(name)
@@ -58,7 +62,9 @@ def pin_stats(
         "class_count": stats.touched_classes,
         "created": time.time(),
     }
-    store.pin_baseline(model, name, stats.to_bytes(), meta, replace=replace)
+    store.pin_baseline(
+        model, name, stats.to_bytes(), meta, replace=replace, calibration=calibration
+    )
     return meta
 
 
@@ -72,13 +78,45 @@ def pin_window(
     *,
     replace: bool = False,
 ) -> dict[str, object]:
-    """Pin the current statistics of a rolling window."""
-    current = window_stats(store, model, window, seconds)
-    if current.stats is None or current.stats.sample_count == 0:
+    """Pin the current statistics of a rolling window, with its buckets' calibration sums."""
+    level = store.policy.level_for(seconds)
+    blobs = store.window_blobs(model, level, store.policy.start(level, time.time() - seconds))
+    parts = [CollapseStats.from_bytes(blob) for blob in blobs]
+    if not parts or sum(p.sample_count for p in parts) == 0:
         raise InvalidInput("insufficient_data", f"window {window} of {model!r} holds no samples")
+    with_rff = all(p.rff_sum is not None for p in parts)
+    calibration = encode_calibration([bucket_sums(p) for p in parts]) if with_rff else None
     return pin_stats(
-        store, registry, model, name, current.stats, source=f"window:{window}", replace=replace
+        store,
+        registry,
+        model,
+        name,
+        CollapseStats.merged(parts),
+        source=f"window:{window}",
+        replace=replace,
+        calibration=calibration,
     )
+
+
+def encode_calibration(buckets: list[BucketSums]) -> bytes:
+    """Per-bucket RFF sums of a baseline, kept beside it to calibrate the MMD threshold."""
+    return save(
+        {
+            "counts": torch.tensor([b.count for b in buckets], dtype=torch.int64),
+            "sums": torch.stack([b.rff_sum.cpu().to(torch.float64) for b in buckets]),
+            "sq": torch.tensor([b.rff_sq for b in buckets], dtype=torch.float64),
+        }
+    )
+
+
+def decode_calibration(blob: bytes | None) -> list[BucketSums]:
+    if blob is None:
+        return []
+    arrays = load(blob)
+    return [
+        BucketSums(int(n), s, float(q))
+        for n, s, q in zip(arrays["counts"], arrays["sums"], arrays["sq"], strict=True)
+    ]
 
 
 def load_baseline(

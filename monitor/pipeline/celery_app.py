@@ -21,6 +21,7 @@ QUEUES = ("embed", "ingest", "maintenance")
 TASK_INGEST = "collapse.ingest_features"
 TASK_EMBED = "collapse.embed_texts"
 TASK_COMPACT = "collapse.compact"
+TASK_EVALUATE = "collapse.evaluate"
 
 
 def broker_url(settings: Settings) -> str:
@@ -70,9 +71,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             TASK_INGEST: {"queue": "ingest"},
             TASK_EMBED: {"queue": "embed"},
             TASK_COMPACT: {"queue": "maintenance"},
+            TASK_EVALUATE: {"queue": "maintenance"},
         },
         "beat_schedule": {
             "compact": {"task": TASK_COMPACT, "schedule": settings.compaction_interval},
+            "evaluate": {"task": TASK_EVALUATE, "schedule": settings.evaluation_interval},
         },
         "task_always_eager": settings.embedded,
         "task_eager_propagates": True,
@@ -84,7 +87,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings if settings is not None else Settings()
-    app = Celery("collapse_monitor", include=["monitor.pipeline.tasks"])
+    app = Celery("collapse_monitor", include=["monitor.pipeline.tasks", "monitor.evaluate.tasks"])
     app.conf.update(celery_config(settings))
     return app
 

@@ -1,0 +1,183 @@
+"""The evaluator: for each model and window, every metric, drift against the pinned baseline,
+and one snapshot written atomically. Runs as a beat task or once (`collapse-monitor evaluate`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+from monitor.evaluate.custom import discover, run_custom
+from monitor.evaluate.heads import Head, load_head
+from monitor.evaluate.snapshot import Snapshot, TopDrift
+from monitor.metrics import MetricReport, compute_metrics
+from monitor.metrics.drift import BucketSums, compute_drift
+from monitor.pipeline.baselines import decode_calibration, load_baseline
+from monitor.pipeline.reference import encode_reference
+from monitor.pipeline.runtime import Runtime
+from monitor.pipeline.windows import window_stats
+from monitor.stats import CollapseStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Baseline:
+    name: str
+    meta: dict[str, object]
+    stats: CollapseStats
+    metrics: dict[str, float | int | None]
+    buckets: list[BucketSums]
+
+
+class Evaluator:
+    """Holds what is expensive to rebuild (heads, custom metrics, baseline metrics)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.custom = discover(runtime.settings.custom_metrics)
+        self._baselines: dict[str, tuple[tuple[str, object], _Baseline]] = {}
+
+    def evaluate_model(self, model: str, *, now: float | None = None) -> list[Snapshot]:
+        """Evaluate every window of `model`, store the snapshots and the NC4 reference."""
+        now = time.time() if now is None else now
+        settings, store = self.runtime.settings, self.runtime.store
+        self.runtime.registry.spec(model)  # unknown models are refused here
+        head = load_head(self.runtime, model)
+        baseline = self._baseline(model, head)
+        snapshots: list[Snapshot] = []
+        reference_done = False
+        for window, seconds in sorted(settings.windows.items(), key=lambda kv: kv[1]):
+            snapshot, stats = self._evaluate_window(model, window, seconds, now, head, baseline)
+            store.put_snapshot(model, window, snapshot.to_json(), history=settings.snapshot_history)
+            snapshots.append(snapshot)
+            if snapshot.ok and stats is not None and not reference_done:
+                # The shortest window with data gives the means NC4 is counted against.
+                kept = stats.classes(min_count=settings.min_count)
+                store.put_reference(model, encode_reference(kept.class_ids, kept.means()))
+                reference_done = True
+        store.meta_setdefault(model, "first_evaluation", repr(now))
+        return snapshots
+
+    def _evaluate_window(
+        self,
+        model: str,
+        window: str,
+        seconds: int,
+        now: float,
+        head: Head | None,
+        baseline: _Baseline | None,
+    ) -> tuple[Snapshot, CollapseStats | None]:
+        settings = self.runtime.settings
+        started = time.perf_counter()
+        stats = window_stats(self.runtime.store, model, window, seconds, now=now).stats
+        base = Snapshot(
+            model=model,
+            window=window,
+            window_seconds=seconds,
+            timestamp=now,
+            status="insufficient_data",
+            reason="no samples in the window yet",
+            duration_seconds=0.0,
+            sample_count=stats.sample_count if stats else 0,
+            class_count=0,
+        )
+        if stats is None or stats.sample_count == 0:
+            return replace(base, duration_seconds=time.perf_counter() - started), None
+        report = self._metrics(stats, head)
+        metrics = dict(report.as_dict())
+        if report.class_count < 2:
+            reason = (
+                f"{report.class_count} class(es) with at least {settings.min_count} samples; "
+                "the collapse metrics need 2"
+            )
+            counts = {k: metrics[k] for k in ("sample_count", "class_count")}
+            elapsed = time.perf_counter() - started
+            return replace(base, reason=reason, metrics=counts, duration_seconds=elapsed), stats
+        metrics.update(run_custom(self.custom, stats, head.weight if head else None))
+        top: list[TopDrift] = []
+        base_doc = None
+        if baseline is not None:
+            drift = compute_drift(
+                stats,
+                baseline.stats,
+                window_metrics=metrics,
+                base_metrics=baseline.metrics,
+                base_buckets=baseline.buckets,
+                min_count=settings.min_count,
+                quantile=settings.drift_quantile,
+                top_k=settings.top_drift_classes,
+            )
+            metrics.update(drift.as_dict())
+            text = head.token_text if head else (lambda i: f"#{i}")
+            top = [
+                TopDrift(
+                    c.class_id,
+                    text(c.class_id),
+                    c.count,
+                    c.base_count,
+                    c.cosine_distance,
+                    c.contribution,
+                )
+                for c in drift.top_classes
+            ]
+            base_doc = {
+                "name": baseline.name,
+                "created": baseline.meta.get("created"),
+                "sample_count": baseline.stats.sample_count,
+                "source": baseline.meta.get("source"),
+            }
+        snapshot = replace(
+            base,
+            status="ok",
+            reason=None,
+            class_count=report.class_count,
+            metrics=metrics,
+            baseline=base_doc,
+            top_drift=top,
+            duration_seconds=time.perf_counter() - started,
+        )
+        return snapshot, stats
+
+    def _metrics(self, stats: CollapseStats, head: Head | None) -> MetricReport:
+        settings = self.runtime.settings
+        return compute_metrics(
+            stats,
+            head.weight if head else None,
+            head.bias if head else None,
+            min_count=settings.min_count,
+            max_exact_classes=settings.max_exact_classes,
+            pair_samples=settings.pair_samples,
+            seed=settings.seed,
+            device=settings.device,
+            tile_size=settings.tile_size,
+        )
+
+    def _baseline(self, model: str, head: Head | None) -> _Baseline | None:
+        """The model's configured (or newest) baseline with its metrics, computed once."""
+        store, registry = self.runtime.store, self.runtime.registry
+        pinned = store.baselines(model)
+        if not pinned:
+            return None
+        name = registry.spec(model).baseline
+        if name is None:
+            name = max(pinned, key=lambda n: _created(pinned[n]))
+        elif name not in pinned:
+            log.warning("baseline %r of %s is not pinned; drift is not computed", name, model)
+            return None
+        key = (name, pinned[name].get("created"))
+        cached = self._baselines.get(model)
+        if cached is None or cached[0] != key:
+            stats, meta = load_baseline(store, registry, model, name)
+            found = store.baseline(model, name)
+            buckets = decode_calibration(found.calibration if found else None)
+            metrics = dict(self._metrics(stats, head).as_dict())
+            cached = (key, _Baseline(name, meta, stats, metrics, buckets))
+            self._baselines[model] = cached
+        return cached[1]
+
+
+def _created(meta: dict[str, object]) -> float:
+    value = meta.get("created")
+    return float(value) if isinstance(value, int | float) else 0.0

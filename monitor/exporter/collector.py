@@ -1,0 +1,370 @@
+"""`CollapseCollector`: the store's snapshots and pipeline counters as Prometheus metric families.
+
+Why it is built this way:
+- Everything is read from the store at scrape time and nothing is cached, so two exporter
+  replicas scraped at the same moment answer the same numbers (the evaluator owns the state).
+- A scrape reads first and renders second: if Redis refuses or times out anywhere while reading,
+  the scrape still answers, with `collapse_store_up 0` and no other store series, instead of a
+  half-filled page that would look like a real drop of some metrics.
+- Reads are bounded: the dedicated client has 1 s socket timeouts and no retries, and a scrape
+  gives up after `budget_seconds` of store time, so a wedged Redis cannot pile up scrapes.
+- A metric that is missing, null or not finite in a snapshot has no sample (absent, never 0):
+  an alert on a gap must not see a false "perfect" value.
+- Label values that come from data (token text, custom metric keys, reasons) are sanitised and
+  bounded, so cardinality stays flat and the exposition stays parseable whatever the model emits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from monitor.config import Settings
+from monitor.exporter import COUNTERS, FAMILY_HELP, METRIC_HELP, PREFIX, RESERVED_NAMES, custom_help
+from monitor.pipeline.celery_app import QUEUES
+from monitor.pipeline.ingest import UNKNOWN_MODEL
+from monitor.store.base import Store
+from monitor.store.keys import LEVELS, MODEL_NAME
+from monitor.store.redis_store import RedisStore
+
+__all__ = ["CollapseCollector", "label_text", "metric_suffix"]
+
+log = logging.getLogger(__name__)
+
+TOP_DRIFT_LIMIT = 20  # series per model and window: the `token` label's cardinality bound
+TOKEN_MAX_CHARS = 32
+LABEL_MAX_CHARS = 64
+MAX_PARTIALS_MEASURED = 10_000  # pending partials whose memory a scrape adds up
+STORE_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OSError)
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_]")
+
+
+class ScrapeTimeout(Exception):
+    """The store answered too slowly for this scrape's budget."""
+
+
+SCRAPE_ERRORS: tuple[type[Exception], ...] = (*STORE_ERRORS, ScrapeTimeout)
+
+
+def metric_suffix(key: str) -> str | None:
+    """A snapshot key as a metric-name suffix ([A-Za-z0-9_]), or None when nothing is left."""
+    name = _UNSAFE_NAME.sub("_", str(key))[:100].strip("_")
+    return name or None
+
+
+def label_text(text: object, limit: int) -> str:
+    """Printable, bounded label text: control characters become `\\xNN`-style escapes."""
+    out = []
+    for ch in str(text):
+        out.append(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii"))
+        if sum(len(p) for p in out) >= limit:
+            break
+    return "".join(out)[:limit]
+
+
+def finite(value: object) -> float | None:
+    """The value as a float when it is a finite number (bools count as 0/1), else None."""
+    if not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer beyond float range
+        return None
+    return number if math.isfinite(number) else None
+
+
+@dataclass
+class _ModelView:
+    model: str
+    snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    pending: int = 0
+    oldest_pending: float | None = None
+    memory_bytes: int | None = None
+
+
+@dataclass
+class _StoreView:
+    now: float
+    models: list[_ModelView]
+    unknown_counters: dict[str, int]
+    queues: dict[str, int]
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.end
+
+    def check(self) -> None:
+        if self.expired():
+            raise ScrapeTimeout("store reads exceeded the scrape budget")
+
+
+class CollapseCollector(Collector):
+    """Custom collector over a `Store`; register it in a private `CollectorRegistry`."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        budget_seconds: float = 1.5,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.budget_seconds = budget_seconds
+        self._was_up: bool | None = None  # only to log transitions once, never read by output
+        self._secrets = [
+            s.get_secret_value()
+            for s in (settings.redis_password, settings.api_token)
+            if s is not None and s.get_secret_value()
+        ]
+
+    # ------------------------------------------------------------------ collect
+    def collect(self) -> Iterator[Metric]:
+        try:
+            view = self._read(_Deadline(self.budget_seconds))
+        except SCRAPE_ERRORS as exc:
+            self._note(False, exc)
+            yield _store_up(0)
+            return
+        self._note(True, None)
+        yield _store_up(1)
+        yield from _render(view)
+
+    def _note(self, up: bool, exc: BaseException | None) -> None:
+        """Log a change of store state once (every failed scrape again only at DEBUG)."""
+        changed, self._was_up = up != self._was_up, up
+        if exc is None:
+            if changed:
+                log.info("store readable: exporting snapshots")
+            return
+        message = str(exc)[:200]
+        for secret in self._secrets:  # redis error texts should not carry them; make sure
+            message = message.replace(secret, "***")
+        level = logging.WARNING if changed else logging.DEBUG
+        log.log(level, "store unreadable, collapse_store_up 0: %s: %s", type(exc).__name__, message)
+
+    # --------------------------------------------------------------------- read
+    def _read(self, deadline: _Deadline) -> _StoreView:
+        store = self.store
+        if not store.ping():
+            raise redis.ConnectionError("ping failed")
+        names = set(store.models()) | {m.name for m in self.settings.models}
+        models = []
+        for name in sorted(n for n in names if MODEL_NAME.match(n)):
+            deadline.check()
+            view = _ModelView(name)
+            for window in self.settings.windows:
+                doc = _parse_snapshot(store.snapshot(name, window), name, window)
+                if doc is not None:
+                    view.snapshots[window] = doc
+            view.counters = store.counters(name)
+            view.pending = store.pending_count(name)
+            view.oldest_pending = store.oldest_pending(name)
+            models.append(view)
+        deadline.check()
+        unknown = store.counters(UNKNOWN_MODEL)
+        queues: dict[str, int] = {}
+        if isinstance(store, RedisStore):
+            pipe = store.client.pipeline(transaction=False)
+            for queue in QUEUES:
+                pipe.llen(queue)
+            depths = pipe.execute(raise_on_error=False)  # a WRONGTYPE key hides one queue only
+            queues = {q: int(n) for q, n in zip(QUEUES, depths, strict=True) if isinstance(n, int)}
+        for view in models:  # best effort: past the budget, or refused, memory is left out
+            if deadline.expired():
+                break
+            try:
+                view.memory_bytes = self._memory(view.model, view.pending)
+            except redis.ResponseError as exc:  # e.g. MEMORY disabled on a managed Redis
+                log.debug("memory of %s not measured: %s", view.model, exc)
+        return _StoreView(self.clock(), models, unknown, queues)
+
+    def _memory(self, model: str, pending: int) -> int:
+        """Bytes Redis accounts to the model's keys, found from its indexes (no SCAN).
+
+        SCAN would walk the whole keyspace, millions of dedup markers included, on every
+        scrape; the indexes name every key that holds statistics or snapshots in two round
+        trips. The per-batch `seen` markers (a few bytes each) are left out.
+        """
+        store = self.store
+        if not isinstance(store, RedisStore):
+            return store.memory_bytes(model)
+        k = store.keys(model)
+        pipe = store.client.pipeline(transaction=False)
+        for level in LEVELS:
+            pipe.zrange(k.bucket_index(level), 0, -1)
+        pipe.hkeys(k.baselines)
+        if pending:  # ZRANGE 0 -1 would list every id if more arrived since the count
+            pipe.zrange(k.pending, 0, min(pending, MAX_PARTIALS_MEASURED) - 1)
+        found = pipe.execute()
+        levels, baselines = found[: len(LEVELS)], found[len(LEVELS)]
+        partials = found[len(LEVELS) + 1] if pending else []
+        keys = [k.pending, k.baselines, k.counters, k.meta, k.reference]
+        for level, starts in zip(LEVELS, levels, strict=True):
+            keys.append(k.bucket_index(level))
+            keys += [k.bucket(level, int(s)) for s in starts]
+        for raw in baselines:
+            keys += [k.baseline(raw.decode()), k.calibration(raw.decode())]
+        for window in self.settings.windows:
+            keys += [k.snapshot(window), k.history(window)]
+        keys += [k.partial(raw.decode()) for raw in partials]
+        pipe = store.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.memory_usage(key, samples=0)
+        return sum(int(n or 0) for n in pipe.execute())
+
+
+def _parse_snapshot(raw: str | None, model: str, window: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        log.warning("snapshot of %s/%s is not JSON; skipped", model, window)
+        return None
+    if not isinstance(doc, dict) or doc.get("v") != 1:
+        log.warning("snapshot of %s/%s has an unknown schema; skipped", model, window)
+        return None
+    return doc
+
+
+def _store_up(value: int) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}store_up", FAMILY_HELP["store_up"], value=value)
+
+
+def _gauge(name: str, labels: list[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, FAMILY_HELP[name], labels=labels)
+
+
+def _counter(name: str, labels: list[str]) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, FAMILY_HELP[name], labels=labels)
+
+
+# ----------------------------------------------------------------------- render
+def _render(view: _StoreView) -> Iterator[Metric]:
+    yield from _snapshot_families(view.models)
+    yield from _health_families(view)
+
+
+def _snapshot_families(models: list[_ModelView]) -> Iterator[Metric]:
+    values: dict[str, dict[tuple[str, str], float]] = {}
+    timestamp = _gauge("snapshot_timestamp_seconds", ["model", "window"])
+    duration = _gauge("evaluation_duration_seconds", ["model", "window"])
+    ok = _gauge("snapshot_ok", ["model", "window"])
+    top = _gauge("top_drift_cosine_distance", ["model", "window", "token", "class_id"])
+    info = _gauge("baseline_info", ["model", "baseline_id", "source"])
+    created = _gauge("baseline_created_timestamp_seconds", ["model", "baseline_id"])
+    for view in models:
+        baselines: dict[tuple[str, str], list[float]] = {}
+        for window, doc in view.snapshots.items():
+            labels = [view.model, window]
+            for family, key in ((timestamp, "timestamp"), (duration, "duration_seconds")):
+                number = finite(doc.get(key))
+                if number is not None:
+                    family.add_metric(labels, number)
+            ok.add_metric(labels, 1.0 if doc.get("status") == "ok" else 0.0)
+            metrics = doc.get("metrics")
+            metrics = dict(metrics) if isinstance(metrics, dict) else {}
+            for key in ("sample_count", "class_count"):  # counts are known even when too few
+                metrics.setdefault(key, doc.get(key))
+            for key, raw in metrics.items():
+                suffix, number = metric_suffix(key), finite(raw)
+                if suffix is None or number is None or PREFIX + suffix in RESERVED_NAMES:
+                    continue
+                values.setdefault(suffix, {}).setdefault((view.model, window), number)
+            _add_top_drift(top, labels, doc.get("top_drift"))
+            base = doc.get("baseline")
+            if isinstance(base, dict) and base.get("name") is not None:
+                name = label_text(base["name"], LABEL_MAX_CHARS)
+                source = label_text(base.get("source") or "", LABEL_MAX_CHARS)
+                stamp = finite(base.get("created"))
+                baselines.setdefault((name, source), []).extend([] if stamp is None else [stamp])
+        stamps: dict[str, list[float]] = {}
+        for (name, source), found in sorted(baselines.items()):
+            info.add_metric([view.model, name, source], 1.0)
+            stamps.setdefault(name, []).extend(found)
+        for name, found in sorted(stamps.items()):
+            if found:  # windows evaluated across a re-pin may disagree: the newest wins
+                created.add_metric([view.model, name], max(found))
+    ordered = [k for k in METRIC_HELP if k in values] + sorted(set(values) - set(METRIC_HELP))
+    for suffix in ordered:
+        family = GaugeMetricFamily(
+            PREFIX + suffix,
+            METRIC_HELP.get(suffix) or custom_help(suffix),
+            labels=["model", "window"],
+        )
+        for (model, window), number in values[suffix].items():
+            family.add_metric([model, window], number)
+        yield family
+    for family in (ok, timestamp, duration, info, created, top):
+        if family.samples:
+            yield family
+
+
+def _add_top_drift(family: GaugeMetricFamily, labels: list[str], entries: object) -> None:
+    if not isinstance(entries, list):
+        return
+    seen: set[int] = set()
+    for entry in entries:
+        if len(seen) >= TOP_DRIFT_LIMIT:
+            break
+        if not isinstance(entry, dict):
+            continue
+        class_id, distance = entry.get("class_id"), finite(entry.get("cosine_distance"))
+        if not isinstance(class_id, int) or isinstance(class_id, bool) or distance is None:
+            continue
+        if class_id in seen:  # a duplicate label set would make Prometheus reject the scrape
+            continue
+        seen.add(class_id)
+        token = label_text(entry.get("token", ""), TOKEN_MAX_CHARS)
+        family.add_metric([*labels, token, str(class_id)], distance)
+
+
+def _health_families(view: _StoreView) -> Iterator[Metric]:
+    counters = {name: _counter(name, ["model"]) for name in COUNTERS if name != "samples_rejected"}
+    rejected = _counter("samples_rejected", ["model", "reason"])
+    pending = _gauge("pending_partials", ["model"])
+    lag = _gauge("compaction_lag_seconds", ["model"])
+    memory = _gauge("store_memory_bytes", ["model"])
+    for model in view.models:
+        for name, family in counters.items():
+            family.add_metric([model.model], float(model.counters.get(name, 0)))
+        _add_rejected(rejected, model.model, model.counters)
+        pending.add_metric([model.model], float(model.pending))
+        oldest = model.oldest_pending
+        lag.add_metric([model.model], 0.0 if oldest is None else max(view.now - oldest, 0.0))
+        if model.memory_bytes is not None:
+            memory.add_metric([model.model], float(model.memory_bytes))
+    _add_rejected(rejected, UNKNOWN_MODEL, view.unknown_counters)
+    queues = _gauge("queue_depth", ["queue"])
+    for queue, depth in view.queues.items():
+        queues.add_metric([queue], float(depth))
+    families: list[Metric] = [*counters.values(), rejected, pending, lag, memory, queues]
+    yield from (f for f in families if f.samples)
+
+
+def _add_rejected(family: CounterMetricFamily, model: str, counters: dict[str, int]) -> None:
+    by_reason: dict[str, float] = {}
+    for name, value in sorted(counters.items()):
+        if name.startswith("rejected:"):
+            reason = label_text(name.removeprefix("rejected:"), LABEL_MAX_CHARS)
+            by_reason[reason] = by_reason.get(reason, 0.0) + float(value)
+    for reason, total in by_reason.items():
+        family.add_metric([model, reason], total)
