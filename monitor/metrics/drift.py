@@ -1,0 +1,397 @@
+"""Drift of a window's statistics against a pinned baseline (METRICS.md, "Drift").
+
+Every drift metric is a function of the additive sufficient statistics alone, so it works on
+merged windows and on a baseline pinned months ago, without raw samples.
+
+Keys (which way is bad):
+
+- `drift_mmd`: unbiased squared MMD between window and baseline in the model's fixed
+  random-Fourier-feature space (~ Gaussian kernel). Bad: above `drift_mmd_threshold`.
+- `drift_mmd_threshold`: the calibrated null quantile of `drift_mmd` at this window's and the
+  baseline's sample counts (a reference line, not a health signal).
+- `drift_mean_shift`: distance between the sample-weighted global means, in baseline standard
+  deviations (sqrt of the total variance). Bad: rising.
+- `drift_class_mean_cos`: sample-weighted mean cosine distance `1 - cos(mu_c, mu_c_base)` of
+  the class means. Bad: rising.
+- `drift_label_js`: Jensen-Shannon divergence (bits, in [0, 1]) of next-token frequencies: the
+  traffic changed. Bad: rising.
+- `drift_nc1_cdnv_ratio`: window `nc1_cdnv` / baseline's. Bad: above 1 (classes blur).
+- `drift_nc2_equiangularity_std_ratio`: window / baseline. Bad: above 1.
+- `drift_nc4_ncc_agreement_ratio`: window / baseline. Bad: below 1.
+- `drift_effective_rank_ratio`: window / baseline. Bad: far from 1; below 1 = the space
+  collapses onto fewer directions.
+
+Formulas (n = counts, S = sum of phi(h), Q = sum of ||phi(h)||^2, s_c/q_c = class sums):
+
+- `drift_mmd = (||S_w||^2 - Q_w)/(n_w(n_w-1)) + (||S_b||^2 - Q_b)/(n_b(n_b-1))
+  - 2 S_w.S_b/(n_w n_b)`: the U-statistic, which is unbiased for the squared MMD of the
+  feature-space kernel `phi(x).phi(y)` (itself ~ the Gaussian kernel). Its null mean is 0, so
+  it is slightly negative about half the time when nothing drifted; that is not an error.
+  Absent when either side lacks RFF sums, their RFF configs differ, or a count is below 2.
+- `drift_mmd_threshold`: see `mmd_threshold`. Each baseline bucket (a time slice of the
+  baseline) is compared with the rest of the baseline; each MMD^2_u is divided by
+  `1/n_bucket + 1/n_rest`; the `quantile` (default 0.99, numpy linear interpolation) of those
+  values is multiplied by `1/n_window + 1/n_base`. Absent without calibration buckets, with
+  fewer than 2 usable ones, or when `drift_mmd` is absent.
+- `drift_mean_shift = ||s_w/N_w - s_b/N_b|| / sqrt(Tr Sigma_T(base))` with the global means
+  over ALL samples (sample-weighted, not over C'), and `Tr Sigma_T(base) = sum_c q_c/N -
+  ||s/N||^2`, evaluated as `(sum_c (q_c - ||s_c||^2/n_c) + sum_c n_c ||mu_c - mu||^2) / N`
+  (within + between, which avoids cancelling `||mu||^2` when `||mu|| >> sigma`). Absent when
+  the trace is 0.
+- `drift_class_mean_cos = sum_c n_c (1 - cos(mu_c, mu_c_base)) / sum_c n_c` over the classes
+  with `n_c >= min_count` in both (weights = window counts). Raw (uncentred) class means, as in
+  METRICS.md; classes whose mean is the zero vector on either side are skipped. Absent when no
+  class qualifies.
+- `drift_label_js = H(m) - (H(p) + H(q))/2` in bits, `p, q` = `n_c/N` over all classes seen
+  in either (no `min_count`), `m = (p+q)/2`, `0 log 0 = 0`.
+- `drift_<key>_ratio = window[key] / base[key]`; absent when either is missing or base is 0.
+- `top_classes`: the classes of `drift_class_mean_cos` ordered by contribution
+  `n_c / sum n (1 - cos)`, at most `top_k` (the contributions of all classes sum to
+  `drift_class_mean_cos`); ties by class id.
+
+Assumptions and limits of the threshold:
+
+- The null it calibrates is "the window is another draw from the baseline's distribution, at
+  the granularity of the buckets". Buckets that are themselves unlike each other (daily cycles,
+  traffic mix changing within the baseline period) widen the null and make the test
+  conservative, which is intended: drift smaller than the baseline's own variation is not
+  flagged. Windows taken where the traffic is systematically different (e.g. a time of day the
+  baseline never saw) are flagged.
+- Tokens of one sequence are correlated; the buckets carry the same correlation, so the
+  calibration accounts for it to the extent buckets are comparable in size and make-up to the
+  window. The `1/n_x + 1/n_y` scaling is exact only for independent samples.
+- With B buckets, the empirical quantile cannot resolve tail probabilities below ~1/(B+1):
+  with fewer than ~20 buckets a 0.99 quantile is essentially the largest bucket value, so the
+  realised false-positive rate is about 1/(B+1) or a little above (6% in a simulation
+  with 24 buckets), not 1 - quantile.
+  The bucket-vs-rest values also share data, so they are not independent draws.
+- The kernel is the one of the fixed features: MMD only sees differences the chosen bandwidth
+  resolves. A mean shift far below the bandwidth yields a tiny MMD; `drift_mean_shift` covers
+  that case directly.
+- `drift_class_mean_cos` uses raw means; in strongly anisotropic spaces (a large common mean)
+  all raw cosines are near 1 and the metric is insensitive; `drift_mean_shift` and MMD are not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from monitor.errors import IncompatibleStats
+from monitor.metrics.report import finite_or_none
+from monitor.stats import CollapseStats
+
+_F64 = torch.float64
+
+RATIO_KEYS: tuple[str, ...] = (
+    "nc1_cdnv",
+    "nc2_equiangularity_std",
+    "nc4_ncc_agreement",
+    "effective_rank",
+)
+DRIFT_KEYS: tuple[str, ...] = (
+    "drift_mmd",
+    "drift_mmd_threshold",
+    "drift_mean_shift",
+    "drift_class_mean_cos",
+    "drift_label_js",
+    *(f"drift_{k}_ratio" for k in RATIO_KEYS),
+)
+
+MetricValues = Mapping[str, float | int | None]
+
+
+@dataclass(frozen=True)
+class BucketSums:
+    """The random-Fourier-feature sums of one time bucket of a baseline (for calibration)."""
+
+    count: int
+    rff_sum: torch.Tensor  # (D,) float64, sum of phi(h)
+    rff_sq: float  # sum of ||phi(h)||^2
+
+
+def bucket_sums(stats: CollapseStats) -> BucketSums:
+    """The RFF sums of `stats`; raises ValueError when it has none."""
+    if stats.rff_sum is None:
+        raise ValueError("these statistics carry no random Fourier feature sums")
+    return BucketSums(stats.sample_count, stats.rff_sum.detach().clone().to(_F64), stats.rff_sq)
+
+
+def mmd_unbiased(a: BucketSums, b: BucketSums) -> float:
+    """Unbiased (U-statistic) squared MMD in feature space, from sums only.
+
+    `(||S_a||^2 - Q_a)/(n_a(n_a-1)) + (||S_b||^2 - Q_b)/(n_b(n_b-1)) - 2 S_a.S_b/(n_a n_b)`:
+    the within-sample terms drop the i == j pairs, whose sum is Q. Raises ValueError when a
+    count is below 2 or the feature dimensions differ.
+    """
+    if a.count < 2 or b.count < 2:
+        raise ValueError(f"the unbiased MMD needs 2 samples on each side, got {a.count}, {b.count}")
+    sa = a.rff_sum.to(_F64)
+    sb = b.rff_sum.to(device=sa.device, dtype=_F64)
+    if sa.shape != sb.shape:
+        raise ValueError(f"feature sums of shapes {tuple(sa.shape)} and {tuple(sb.shape)}")
+    na, nb = float(a.count), float(b.count)
+    within_a = (float(sa @ sa) - a.rff_sq) / (na * (na - 1.0))
+    within_b = (float(sb @ sb) - b.rff_sq) / (nb * (nb - 1.0))
+    cross = float(sa @ sb) / (na * nb)
+    return within_a + within_b - 2.0 * cross
+
+
+def mmd_threshold(
+    buckets: Sequence[BucketSums], n_window: int, n_base: int, quantile: float = 0.99
+) -> float | None:
+    """The `quantile` of the null distribution of `drift_mmd` at sizes n_window, n_base.
+
+    For each bucket b (with at least 2 samples, and at least 2 in the rest), the unbiased
+    MMD^2 of b against the sum of the other buckets, times `1 / (1/n_b + 1/n_rest)`; the
+    `quantile` of those scaled values (numpy's linear interpolation), times
+    `1/n_window + 1/n_base`.
+
+    Why this scaling: under the null (both samples from one distribution) MMD^2_u is a
+    degenerate U-statistic. Writing the kernel as `sum_k lambda_k e_k(x) e_k(y)` (here, in
+    feature space, literally the finite sum over the D features after centring), its limit is
+    `(1/n_x + 1/n_y) * sum_k lambda_k (z_k^2 - 1)`, z_k iid N(0, 1): the whole null
+    distribution, not only its spread, scales with `1/n_x + 1/n_y` and has a shape that does
+    not depend on the sizes. So dividing bucket-vs-rest values by their own `1/n_b + 1/n_rest`
+    puts them on one scale whatever the bucket sizes, and multiplying the quantile by the
+    window's `1/n_window + 1/n_base` gives the threshold at the window's size.
+
+    With B usable buckets the quantile cannot resolve tails below ~1/(B+1): with fewer than
+    ~20 buckets the top quantiles (0.95, 0.99) are essentially the largest value. Returns None
+    with fewer than 2 usable buckets or n_window, n_base below 2.
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    if n_window < 2 or n_base < 2 or len(buckets) < 2:
+        return None
+    dims = {tuple(b.rff_sum.shape) for b in buckets}
+    if len(dims) != 1:
+        raise ValueError(f"calibration buckets of different feature dimensions: {sorted(dims)}")
+    device = buckets[0].rff_sum.device
+    total_n = sum(b.count for b in buckets)
+    total_s = torch.stack([b.rff_sum.to(device=device, dtype=_F64) for b in buckets]).sum(dim=0)
+    total_q = sum(b.rff_sq for b in buckets)
+    scaled: list[float] = []
+    for b in buckets:
+        n_rest = total_n - b.count
+        if b.count < 2 or n_rest < 2:
+            continue
+        rest = BucketSums(
+            n_rest, total_s - b.rff_sum.to(device=device, dtype=_F64), total_q - b.rff_sq
+        )
+        value = mmd_unbiased(b, rest) / (1.0 / b.count + 1.0 / n_rest)
+        if math.isfinite(value):
+            scaled.append(value)
+    if len(scaled) < 2:
+        return None
+    q = float(np.quantile(np.asarray(scaled, dtype=np.float64), quantile))
+    return q * (1.0 / n_window + 1.0 / n_base)
+
+
+@dataclass(frozen=True)
+class ClassDrift:
+    """One class's drift: `contribution` = its share of the window's weight x cosine distance."""
+
+    class_id: int
+    count: int
+    base_count: int
+    cosine_distance: float
+    contribution: float
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """Every METRICS.md drift metric of one window against one baseline (None = absent)."""
+
+    drift_mmd: float | None = None
+    drift_mmd_threshold: float | None = None
+    drift_mean_shift: float | None = None
+    drift_class_mean_cos: float | None = None
+    drift_label_js: float | None = None
+    drift_nc1_cdnv_ratio: float | None = None
+    drift_nc2_equiangularity_std_ratio: float | None = None
+    drift_nc4_ncc_agreement_ratio: float | None = None
+    drift_effective_rank_ratio: float | None = None
+    top_classes: list[ClassDrift] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, float | None]:
+        """Flat METRICS.md drift keys -> finite float or None, in catalogue order."""
+        return {key: finite_or_none(getattr(self, key)) for key in DRIFT_KEYS}
+
+
+# --------------------------------------------------------------------------- pieces
+def _common_classes(
+    window: CollapseStats, base: CollapseStats, min_count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(class ids, window counts, cosine distances, base counts) of classes in both.
+
+    Classes with `n >= min_count` in each and a nonzero mean on both sides, sorted by id.
+    """
+    dev = window.device
+    win = window.classes(min_count)
+    bas = base.classes(min_count)
+    base_ids = bas.class_ids.to(dev)
+    empty = torch.empty(0, dtype=torch.int64, device=dev)
+    if win.num_classes == 0 or bas.num_classes == 0:
+        return empty, empty, torch.empty(0, dtype=_F64, device=dev), empty
+    pos = torch.searchsorted(base_ids, win.class_ids).clamp_max(base_ids.numel() - 1)
+    found = base_ids[pos] == win.class_ids
+    pos = pos[found]
+    mu_w = win.means()[found]
+    mu_b = bas.means().to(dev)[pos]
+    norms = mu_w.norm(dim=1) * mu_b.norm(dim=1)
+    ok = norms > 0
+    cos = ((mu_w * mu_b).sum(dim=1)[ok] / norms[ok]).clamp(-1.0, 1.0)
+    return (
+        win.class_ids[found][ok],
+        win.counts[found][ok],
+        1.0 - cos,
+        bas.counts.to(dev)[pos][ok],
+    )
+
+
+def top_drift_classes(
+    window: CollapseStats, base: CollapseStats, *, k: int = 20, min_count: int = 2
+) -> list[ClassDrift]:
+    """The `k` classes contributing most to `drift_class_mean_cos`, most first (ties by id)."""
+    _check(window, base)
+    ids, counts, dist, base_counts = _common_classes(window, base, min_count)
+    if k <= 0 or ids.numel() == 0:
+        return []
+    contrib = counts.to(_F64) * dist / float(counts.sum())
+    # Stable sort on -contribution of id-sorted rows: equal contributions keep id order.
+    order = torch.sort(-contrib, stable=True).indices[:k]
+    return [
+        ClassDrift(
+            class_id=int(ids[i]),
+            count=int(counts[i]),
+            base_count=int(base_counts[i]),
+            cosine_distance=float(dist[i]),
+            contribution=float(contrib[i]),
+        )
+        for i in order.tolist()
+    ]
+
+
+def _class_mean_cos(window: CollapseStats, base: CollapseStats, min_count: int) -> float | None:
+    _, counts, dist, _ = _common_classes(window, base, min_count)
+    if counts.numel() == 0:
+        return None
+    w = counts.to(_F64)
+    return float((w * dist).sum() / w.sum())
+
+
+def _total_trace(stats: CollapseStats) -> float:
+    """Tr Sigma_T over all samples (within + between, to avoid cancelling ||mu||^2)."""
+    counts = stats.counts.to(_F64)
+    n = float(counts.sum())
+    sums = stats.sums
+    within = (stats.sq_norms - (sums * sums).sum(dim=1) / counts).clamp_min(0.0).sum()
+    mu = sums.sum(dim=0) / n
+    between = (counts * ((sums / counts.unsqueeze(1) - mu) ** 2).sum(dim=1)).sum()
+    return float((within + between) / n)
+
+
+def _mean_shift(window: CollapseStats, base: CollapseStats) -> float | None:
+    n_w = int(window.counts.sum()) if window.touched_classes else 0
+    n_b = int(base.counts.sum()) if base.touched_classes else 0
+    if n_w == 0 or n_b == 0:
+        return None
+    trace = _total_trace(base)
+    if not trace > 0:
+        return None
+    mu_w = window.total_sum / n_w
+    mu_b = base.total_sum.to(window.device) / n_b
+    return float((mu_w - mu_b).norm()) / math.sqrt(trace)
+
+
+def _label_js(window: CollapseStats, base: CollapseStats) -> float | None:
+    """Jensen-Shannon divergence in bits between n_c/N of window and base, over the union."""
+    dev = window.device
+    n_w = float(window.counts.sum()) if window.touched_classes else 0.0
+    n_b = float(base.counts.sum()) if base.touched_classes else 0.0
+    if n_w == 0 or n_b == 0:
+        return None
+    p = torch.zeros(window.num_classes, dtype=_F64, device=dev)
+    q = torch.zeros(window.num_classes, dtype=_F64, device=dev)
+    p[window.class_ids] = window.counts.to(_F64) / n_w
+    q[base.class_ids.to(dev)] = base.counts.to(device=dev, dtype=_F64) / n_b
+    m = 0.5 * (p + q)
+
+    def kl_to_m(x: torch.Tensor) -> torch.Tensor:
+        pos = x > 0
+        return (x[pos] * torch.log2(x[pos] / m[pos])).sum()
+
+    js = 0.5 * float(kl_to_m(p)) + 0.5 * float(kl_to_m(q))
+    return min(max(js, 0.0), 1.0)
+
+
+def _ratio(window: MetricValues | None, base: MetricValues | None, key: str) -> float | None:
+    if window is None or base is None:
+        return None
+    num, den = window.get(key), base.get(key)
+    if num is None or den is None or den == 0:
+        return None
+    return finite_or_none(float(num) / float(den))
+
+
+def _check(window: CollapseStats, base: CollapseStats) -> None:
+    if window.num_classes != base.num_classes or window.dim != base.dim:
+        raise IncompatibleStats(
+            f"cannot compare statistics of (num_classes, dim) ({window.num_classes}, "
+            f"{window.dim}) with a baseline of ({base.num_classes}, {base.dim})"
+        )
+
+
+def _mmd(window: CollapseStats, base: CollapseStats) -> float | None:
+    if window.rff_sum is None or base.rff_sum is None or window.rff != base.rff:
+        return None
+    if window.sample_count < 2 or base.sample_count < 2:
+        return None
+    return finite_or_none(mmd_unbiased(bucket_sums(window), bucket_sums(base)))
+
+
+# --------------------------------------------------------------------------- entry point
+def compute_drift(
+    window: CollapseStats,
+    base: CollapseStats,
+    *,
+    window_metrics: MetricValues | None = None,
+    base_metrics: MetricValues | None = None,
+    base_buckets: Sequence[BucketSums] | None = None,
+    min_count: int = 2,
+    quantile: float = 0.99,
+    top_k: int = 20,
+) -> DriftReport:
+    """Every drift metric of `window` against `base` (see the module docstring).
+
+    `window_metrics`/`base_metrics` are `MetricReport.as_dict()` of each, for the ratios;
+    `base_buckets` are the baseline's per-bucket RFF sums, for the MMD threshold. Raises
+    IncompatibleStats when vocabulary size or dimension differ.
+    """
+    _check(window, base)
+    if min_count < 1:
+        raise ValueError(f"min_count must be at least 1, got {min_count}")
+    mmd = _mmd(window, base)
+    threshold = None
+    if mmd is not None and base_buckets and base.rff is not None:
+        usable = [b for b in base_buckets if b.rff_sum.numel() == base.rff.features]
+        if len(usable) == len(base_buckets):
+            threshold = mmd_threshold(usable, window.sample_count, base.sample_count, quantile)
+    ratios = {f"drift_{k}_ratio": _ratio(window_metrics, base_metrics, k) for k in RATIO_KEYS}
+    return DriftReport(
+        drift_mmd=mmd,
+        drift_mmd_threshold=finite_or_none(threshold),
+        drift_mean_shift=finite_or_none(_mean_shift(window, base)),
+        drift_class_mean_cos=finite_or_none(_class_mean_cos(window, base, min_count)),
+        drift_label_js=finite_or_none(_label_js(window, base)),
+        drift_nc1_cdnv_ratio=ratios["drift_nc1_cdnv_ratio"],
+        drift_nc2_equiangularity_std_ratio=ratios["drift_nc2_equiangularity_std_ratio"],
+        drift_nc4_ncc_agreement_ratio=ratios["drift_nc4_ncc_agreement_ratio"],
+        drift_effective_rank_ratio=ratios["drift_effective_rank_ratio"],
+        top_classes=top_drift_classes(window, base, k=top_k, min_count=min_count),
+    )
