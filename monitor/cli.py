@@ -163,11 +163,12 @@ def _fmt(value: float | int | None) -> str:
 
 
 def _register_commands() -> None:
-    from monitor import cli_api, cli_exporter, cli_pipeline
+    from monitor import cli_alerts, cli_api, cli_exporter, cli_pipeline
 
     cli_pipeline.register(app)
     cli_api.register(app)
     cli_exporter.register(app)
+    cli_alerts.register(app)
 
 
 _register_commands()

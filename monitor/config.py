@@ -19,6 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from monitor.alerts.thresholds import AlertingSettings, default_alerting
 from monitor.metrics.engine import (
     DEFAULT_MAX_EXACT_CLASSES,
     DEFAULT_MIN_COUNT,
@@ -136,6 +137,17 @@ class Settings(BaseSettings):
     snapshot_history: int = Field(
         288, ge=1, description="Metric snapshots kept per model and window."
     )
+    alerting: AlertingSettings = Field(
+        default_factory=default_alerting,
+        description="Alert thresholds (absolute, relative to baseline, predictive, drift, "
+        "pipeline); rendered by `rules render`; see docs/operations.md.",
+    )
+    alertmanager_url: str | None = Field(
+        None, description="Alertmanager for the evaluator's direct alerts (no rule engine)."
+    )
+    alertmanager_username: str | None = Field(None, description="Basic-auth user.")
+    alertmanager_password: SecretStr | None = Field(None, description="Basic-auth password.")
+    alertmanager_token: SecretStr | None = Field(None, description="Bearer token instead.")
     api_token: SecretStr | None = Field(
         None, description="Bearer token the HTTP API requires (required outside embedded mode)."
     )
@@ -199,6 +211,12 @@ class Settings(BaseSettings):
         """No Redis configured: one process, in-memory store, tasks run eagerly."""
         return self.redis_url is None
 
+    def alert_thresholds(self) -> AlertingSettings:
+        """The thresholds with the evaluation interval the staleness alert must assume."""
+        return self.alerting.model_copy(
+            update={"evaluation_interval_seconds": self.evaluation_interval}
+        )
+
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
 
@@ -218,9 +236,8 @@ def settings_markdown() -> str:
     ]
     for name, info in Settings.model_fields.items():
         default = info.get_default(call_default_factory=True)
-        lines.append(
-            f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | `{default!r}` | {info.description} |"
-        )
+        shown = "see docs/operations.md" if isinstance(default, BaseModel) else f"`{default!r}`"
+        lines.append(f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | {shown} | {info.description} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 
+from monitor.alerts.alertmanager import AlertmanagerClient
+from monitor.alerts.verdicts import VerdictTracker
 from monitor.errors import CollapseMonitorError
 from monitor.evaluate.evaluator import Evaluator
+from monitor.evaluate.snapshot import Snapshot
 from monitor.pipeline.celery_app import TASK_EVALUATE, app
 from monitor.pipeline.runtime import get_runtime
 
@@ -26,13 +29,38 @@ def process_evaluator() -> Evaluator:
 
 @app.task(name=TASK_EVALUATE)  # type: ignore[untyped-decorator]
 def evaluate() -> dict[str, int]:
-    """Evaluate every declared model; one model's failure does not stop the others."""
+    """Evaluate every declared model (one model's failure does not stop the others), then
+    send the verdicts to Alertmanager when a direct URL is configured."""
     evaluator = process_evaluator()
-    done = 0
+    snapshots: list[Snapshot] = []
     for model in evaluator.runtime.registry.names:
         try:
-            evaluator.evaluate_model(model)
-            done += 1
+            snapshots += evaluator.evaluate_model(model)
         except CollapseMonitorError as exc:
             log.warning("evaluation of %s failed: %s", model, exc)
-    return {"models": done}
+    alerts = process_alerts()
+    if alerts is not None:
+        tracker, client = alerts
+        client.update(tracker.firing(snapshots))
+    return {"snapshots": len(snapshots)}
+
+
+_alerts: tuple[VerdictTracker, AlertmanagerClient] | None = None
+
+
+def process_alerts() -> tuple[VerdictTracker, AlertmanagerClient] | None:
+    """The direct Alertmanager path of this process, when `alertmanager_url` is set."""
+    global _alerts
+    settings = get_runtime().settings
+    if settings.alertmanager_url is None:
+        return None
+    with _lock:
+        if _alerts is None:
+            client = AlertmanagerClient(
+                settings.alertmanager_url,
+                username=settings.alertmanager_username,
+                password=settings.alertmanager_password,
+                bearer_token=settings.alertmanager_token,
+            )
+            _alerts = (VerdictTracker(settings.alert_thresholds()), client)
+        return _alerts

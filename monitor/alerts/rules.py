@@ -1,0 +1,372 @@
+"""Prometheus alerting rules from `AlertingSettings`: a rules file or a PrometheusRule manifest.
+
+Why the expressions look the way they do:
+- Every expression aggregates `by (model, window)` (pipeline: `by (model)`), so an alert's labels
+  are exactly `alertname, severity, model, window`: no `instance`, `pod` or `job`. Two exporter
+  replicas (stateless, same numbers) then give one alert, not two, and the direct Alertmanager
+  client, which builds the same set with `alert_labels`, deduplicates against the rule engine.
+- Upper bounds take `max`, lower bounds `min` over replicas: the pessimistic reading.
+- A metric that cannot be computed has no sample, so its rules stay quiet rather than firing on
+  a fake 0; the pipeline rules (stale snapshots, stopped ingestion, store down, exporter absent)
+  are what catches a monitor that went blind.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from monitor.alerts.thresholds import (
+    ALERT_NAME,
+    AbsoluteBound,
+    AlertingSettings,
+    DriftBound,
+    PredictiveBound,
+    RelativeBound,
+    duration_seconds,
+)
+from monitor.errors import InvalidInput
+
+__all__ = ["alert_labels", "alert_names", "render_prometheus_rule", "render_rules", "to_yaml"]
+
+PREFIX = "collapse_"
+SEVERITIES = ("warning", "critical")
+BY_SERIES = "model, window"
+VALUE = '{{ $value | printf "%.3g" }}'
+WHERE = "{{ $labels.model }} ({{ $labels.window }})"
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+
+# What a metric means to the person paged, and why its bad direction is bad.
+METRIC_TEXT: dict[str, tuple[str, str]] = {
+    "drift_nc1_cdnv_ratio": (
+        "CDNV relative to the baseline",
+        "Classes blur together (within-class spread grows against class distances): the "
+        "model separates next tokens worse than at the baseline, which tracks a higher loss.",
+    ),
+    "drift_nc4_ncc_agreement_ratio": (
+        "NC4 agreement relative to the baseline",
+        "The LM head agrees less often with the nearest class mean than at the baseline: "
+        "the representation lost the collapse structure it had.",
+    ),
+    "drift_nc2_equiangularity_std_ratio": (
+        "class-mean interference relative to the baseline",
+        "Class means are less evenly spread (more interference) than at the baseline.",
+    ),
+    "drift_effective_rank_ratio": (
+        "effective rank relative to the baseline",
+        "The hidden states use fewer directions than at the baseline: over-collapse of the "
+        "space itself, nuance is being lost.",
+    ),
+    "anisotropy_mean_cos": (
+        "anisotropy (mean cosine of hidden states)",
+        "Hidden states crowd into a narrow cone: over-collapse of the space itself.",
+    ),
+    "effective_rank": (
+        "effective rank of the hidden states",
+        "The hidden states span almost a single direction: a degenerate representation.",
+    ),
+}
+
+
+def _cap(text: str) -> str:
+    """Sentence case that keeps acronyms (`CDNV`, `NC4`) intact, unlike str.capitalize."""
+    return text[:1].upper() + text[1:]
+
+
+def _number(value: float) -> str:
+    """A bound as PromQL text: shortest exact float form (`1.5`, `1e-05`)."""
+    return repr(float(value))
+
+
+def _selector(metric: str, matchers: Mapping[str, str]) -> str:
+    if not matchers:
+        return PREFIX + metric
+    parts = []
+    for name, value in sorted(matchers.items()):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        parts.append(f'{name}="{escaped}"')
+    return f"{PREFIX}{metric}{{{','.join(parts)}}}"
+
+
+def _bounded_expr(inner: str, low: float | None, high: float | None) -> str:
+    checks = []
+    if low is not None:
+        checks.append(f"min by ({BY_SERIES}) ({inner}) < {_number(low)}")
+    if high is not None:
+        checks.append(f"max by ({BY_SERIES}) ({inner}) > {_number(high)}")
+    return checks[0] if len(checks) == 1 else " or ".join(f"({c})" for c in checks)
+
+
+def _bound_text(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f"outside [{low:g}, {high:g}]"
+    return f"below {low:g}" if low is not None else f"above {high:g}"
+
+
+def _rule(
+    alerting: AlertingSettings,
+    alert: str,
+    expr: str,
+    for_: str,
+    severity: str,
+    summary: str,
+    description: str,
+) -> dict[str, Any]:
+    return {
+        "alert": alert,
+        "expr": expr,
+        "for": for_,
+        "labels": {"severity": severity},
+        "annotations": {
+            "summary": summary,
+            "description": description,
+            "runbook_url": f"{alerting.runbook_base_url}#{alert.lower()}",
+        },
+    }
+
+
+def _bounded_rule(
+    alerting: AlertingSettings, bound: AbsoluteBound | RelativeBound | PredictiveBound
+) -> dict[str, Any]:
+    selector = _selector(bound.metric, bound.matchers)
+    what, meaning = METRIC_TEXT.get(bound.metric, (f"{PREFIX}{bound.metric}", ""))
+    limit = _bound_text(bound.min, bound.max)
+    if isinstance(bound, PredictiveBound):
+        horizon = duration_seconds(bound.horizon)
+        inner = f"predict_linear({selector}[{bound.range}], {_number(horizon)})"
+        summary = f"{_cap(what)} heading {limit} within {bound.horizon} on {WHERE}"
+        detail = (
+            f"On the trend of the last {bound.range}, {what} of model {{{{ $labels.model }}}} "
+            f"(window {{{{ $labels.window }}}}) reaches {VALUE} within {bound.horizon}, "
+            f"{limit}. Early warning: the bound is not crossed yet."
+        )
+    else:
+        inner = selector
+        summary = f"{_cap(what)} {limit} on {WHERE}"
+        detail = (
+            f"{_cap(what)} of model {{{{ $labels.model }}}} (window "
+            f"{{{{ $labels.window }}}}) is {VALUE}, {limit} for {bound.for_}."
+        )
+    if meaning:
+        detail = f"{detail} {meaning}"
+    return _rule(
+        alerting,
+        bound.alert,
+        _bounded_expr(inner, bound.min, bound.max),
+        bound.for_,
+        bound.severity,
+        bound.summary or summary,
+        bound.description or detail,
+    )
+
+
+def _drift_rule(alerting: AlertingSettings, bound: DriftBound) -> dict[str, Any]:
+    mmd = f"max by ({BY_SERIES}) ({_selector('drift_mmd', bound.matchers)})"
+    threshold = f"max by ({BY_SERIES}) ({_selector('drift_mmd_threshold', bound.matchers)})"
+    scaled = threshold if bound.factor == 1.0 else f"{_number(bound.factor)} * {threshold}"
+    times = "" if bound.factor == 1.0 else f"{bound.factor:g} times "
+    detail = (
+        f"Drift MMD of model {{{{ $labels.model }}}} (window {{{{ $labels.window }}}}) against "
+        f"its pinned baseline is {VALUE}, above {times}its calibrated null threshold for "
+        f"{bound.for_}: the hidden-state distribution moved (traffic shift, new checkpoint, "
+        "tokenizer or quantisation change)."
+    )
+    return _rule(
+        alerting,
+        bound.alert,
+        f"{mmd} > {scaled}",
+        bound.for_,
+        bound.severity,
+        bound.summary or f"Hidden-state drift above its calibrated threshold on {WHERE}",
+        bound.description or detail,
+    )
+
+
+def _pipeline_rules(alerting: AlertingSettings) -> list[dict[str, Any]]:
+    p = alerting.pipeline
+    rules: list[dict[str, Any]] = []
+    if p.snapshot_stale.enabled:
+        seconds = p.snapshot_stale.intervals * alerting.evaluation_interval_seconds
+        rules.append(
+            _rule(
+                alerting,
+                "CollapseSnapshotStale",
+                f"time() - max by ({BY_SERIES}) ({PREFIX}snapshot_timestamp_seconds)"
+                f" > {_number(seconds)}",
+                p.snapshot_stale.for_,
+                p.snapshot_stale.severity,
+                f"No fresh metric snapshot for {WHERE}",
+                "The latest snapshot of model {{ $labels.model }} (window {{ $labels.window }}) is "
+                '{{ $value | printf "%.0f" }} s old, more than '
+                f"{p.snapshot_stale.intervals:g} evaluation intervals ({seconds:g} s): the "
+                "evaluator (beat or its worker) stopped, and every collapse gauge is frozen.",
+            )
+        )
+    if p.ingestion_stopped.enabled:
+        r = p.ingestion_stopped
+        counter = f"{PREFIX}samples_ingested_total"
+        rules.append(
+            _rule(
+                alerting,
+                "CollapseIngestionStopped",
+                f"(max by (model) (rate({counter}[{r.rate_window}])) == 0)"
+                f" and (max by (model) (increase({counter}[{r.lookback}])) > 0)"
+                f" unless on () (max({PREFIX}store_up) == 0)",
+                r.for_,
+                r.severity,
+                "No samples ingested for {{ $labels.model }}",
+                "Model {{ $labels.model }} ingested samples within the last "
+                f"{r.lookback} but none in the last {r.rate_window} (for {r.for_}): traffic, "
+                "capture, the queue or the ingest workers stopped. Windows now age out.",
+            )
+        )
+    if p.rejection_rate.enabled:
+        r2 = p.rejection_rate
+        rej = (
+            f"sum by (model) (max by (model, reason) "
+            f"(rate({PREFIX}samples_rejected_total[{r2.rate_window}])))"
+        )
+        ing = f"max by (model) (rate({PREFIX}samples_ingested_total[{r2.rate_window}]))"
+        expr = f"({rej} / ({rej} + ({ing} or {rej} * 0))) > {_number(r2.ratio)}"
+        if r2.min_rate > 0:
+            expr = f"({expr}) and ({rej} > {_number(r2.min_rate)})"
+        rules.append(
+            _rule(
+                alerting,
+                "CollapseRejectionRateHigh",
+                expr,
+                r2.for_,
+                r2.severity,
+                "Many samples rejected for {{ $labels.model }}",
+                f"A fraction {VALUE} of the samples for model {{{{ $labels.model }}}} were "
+                f"rejected over {r2.rate_window} (bound {r2.ratio:g}); see "
+                "collapse_samples_rejected_total by reason. A client sends bad or mis-shaped "
+                "data, or samples for a model that is not configured.",
+            )
+        )
+    if p.store_down.enabled:
+        rules.append(
+            _rule(
+                alerting,
+                "CollapseStoreDown",
+                f"max({PREFIX}store_up) == 0",
+                p.store_down.for_,
+                p.store_down.severity,
+                "collapse-monitor cannot read its Redis store",
+                f"No exporter replica could read the store for {p.store_down.for_}: no snapshot "
+                "or pipeline gauge is exported and collapse alerts cannot fire.",
+            )
+        )
+    if p.exporter_absent.enabled:
+        rules.append(
+            _rule(
+                alerting,
+                "CollapseExporterAbsent",
+                f"absent({PREFIX}store_up)",
+                p.exporter_absent.for_,
+                p.exporter_absent.severity,
+                "collapse-monitor exporter is not scraped",
+                f"Prometheus has had no collapse_store_up series for {p.exporter_absent.for_}: "
+                "the exporter is down or not scraped, so every collapse alert is blind.",
+            )
+        )
+    return rules
+
+
+def render_rules(alerting: AlertingSettings) -> dict[str, Any]:
+    """A Prometheus rules file (`groups:`): collapse, drift and pipeline groups."""
+    bounds: list[AbsoluteBound | RelativeBound | PredictiveBound] = [
+        *alerting.absolute,
+        *alerting.relative,
+        *alerting.predictive,
+    ]
+    collapse = [_bounded_rule(alerting, b) for b in bounds if b.enabled]
+    drift = [_drift_rule(alerting, b) for b in alerting.drift if b.enabled]
+    groups = [
+        {"name": f"{alerting.group_prefix}.{suffix}", "rules": rules}
+        for suffix, rules in (
+            ("collapse", collapse),
+            ("drift", drift),
+            ("pipeline", _pipeline_rules(alerting)),
+        )
+        if rules
+    ]
+    return {"groups": groups}
+
+
+def alert_names(alerting: AlertingSettings) -> list[str]:
+    """Distinct alert names the settings render, in rule order (runbooks need one each)."""
+    names = [r["alert"] for g in render_rules(alerting)["groups"] for r in g["rules"]]
+    return list(dict.fromkeys(names))
+
+
+def render_prometheus_rule(
+    alerting: AlertingSettings,
+    name: str = "collapse-monitor",
+    namespace: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    *,
+    release: str = "collapse-monitor",
+) -> dict[str, Any]:
+    """A monitoring.coreos.com/v1 PrometheusRule holding the rules file's groups.
+
+    `release` is the label kube-prometheus-stack's default `ruleSelector` matches on; other
+    `labels` are added (and win on conflict).
+    """
+    if not _DNS_NAME.match(name):
+        raise InvalidInput("bad_name", f"name {name!r} is not a Kubernetes resource name")
+    if namespace is not None and not _DNS_LABEL.match(namespace):
+        raise InvalidInput("bad_name", f"namespace {namespace!r} is not a Kubernetes namespace")
+    merged = {
+        "app.kubernetes.io/name": "collapse-monitor",
+        "app.kubernetes.io/component": "alerting",
+        "release": release,
+        **(labels or {}),
+    }
+    for key, value in merged.items():
+        if not _LABEL_VALUE.match(value):
+            raise InvalidInput("bad_label", f"label {key}={value!r} is not a valid label value")
+    metadata: dict[str, Any] = {"name": name}
+    if namespace is not None:
+        metadata["namespace"] = namespace
+    metadata["labels"] = merged
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": metadata,
+        "spec": render_rules(alerting),
+    }
+
+
+def alert_labels(
+    alert_name: str, model: str | None, window: str | None, severity: str
+) -> dict[str, str]:
+    """The label set a rendered rule's alert carries, for the direct Alertmanager client.
+
+    Alertmanager identifies an alert by its labels, so the client must send exactly these to
+    merge with the rule engine's alert. Empty or missing model/window are left out, as
+    Prometheus drops empty labels (pipeline alerts have no window; store alerts no model).
+    """
+    if not ALERT_NAME.match(alert_name):
+        raise InvalidInput("bad_alert", f"alert name {alert_name!r} is not a Collapse* name")
+    if severity not in SEVERITIES:
+        raise InvalidInput("bad_alert", f"severity {severity!r} is not one of {SEVERITIES}")
+    labels = {"alertname": alert_name, "severity": severity}
+    if model:
+        labels["model"] = model
+    if window:
+        labels["window"] = window
+    return labels
+
+
+def to_yaml(doc: Mapping[str, Any]) -> str:
+    """YAML text of a rules file or manifest: keys in rule order, one line per expression."""
+    import yaml  # type: ignore[import-untyped]
+
+    text: str = yaml.safe_dump(
+        dict(doc), sort_keys=False, default_flow_style=False, allow_unicode=True, width=100_000
+    )
+    return text

@@ -1,0 +1,79 @@
+"""The `rules` commands: `collapse-monitor rules render [--format rules|prometheusrule] ...`.
+
+Kept apart from monitor/cli.py so rendering rules needs neither torch nor Redis: a Helm hook or
+a CI job renders them from thresholds alone. Bad input raises `InvalidInput`, which the main CLI
+prints as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+class RulesFormat(StrEnum):
+    """`rules`: a Prometheus rules file; `prometheusrule`: the prometheus-operator CRD."""
+
+    rules = "rules"
+    prometheusrule = "prometheusrule"
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `rules` sub-app (with `render`) to the main typer app."""
+    rules_app = typer.Typer(
+        name="rules", help="Prometheus alerting rules from the configured thresholds."
+    )
+
+    @rules_app.command(
+        "render",
+        epilog=(
+            "Example: collapse-monitor rules render --format prometheusrule "
+            "--namespace monitoring --release kube-prometheus-stack --out rules.yaml"
+        ),
+    )
+    def render(
+        output_format: Annotated[
+            RulesFormat, typer.Option("--format", help="rules or prometheusrule.")
+        ] = RulesFormat.rules,
+        out: Annotated[
+            Path | None, typer.Option("--out", help="Write here instead of standard output.")
+        ] = None,
+        namespace: Annotated[
+            str | None, typer.Option(help="metadata.namespace of the PrometheusRule.")
+        ] = None,
+        release: Annotated[
+            str, typer.Option(help="`release` label the Prometheus ruleSelector matches.")
+        ] = "collapse-monitor",
+        name: Annotated[
+            str, typer.Option(help="metadata.name of the PrometheusRule.")
+        ] = "collapse-monitor",
+        config: Annotated[
+            Path | None,
+            typer.Option(help="Thresholds as JSON or YAML (default: the built-in defaults)."),
+        ] = None,
+    ) -> None:
+        """Render alerting rules (with runbook links) for Prometheus or prometheus-operator."""
+        from monitor.alerts.rules import render_prometheus_rule, render_rules, to_yaml
+        from monitor.alerts.thresholds import load_alerting
+        from monitor.config import Settings
+
+        alerting = Settings().alert_thresholds() if config is None else load_alerting(config)
+        if output_format is RulesFormat.rules:
+            doc = render_rules(alerting)
+        else:
+            doc = render_prometheus_rule(alerting, name, namespace, release=release)
+        text = to_yaml(doc)
+        if out is None:
+            typer.echo(text, nl=False)
+            return
+        try:
+            out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            from monitor.errors import InvalidInput
+
+            raise InvalidInput("bad_output", f"{out}: {exc.strerror or exc}") from None
+
+    app.add_typer(rules_app, name="rules")
