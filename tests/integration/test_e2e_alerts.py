@@ -1,0 +1,205 @@
+"""End to end: traffic -> Redis -> evaluator -> exporter -> Prometheus rules -> Alertmanager.
+
+A collapse is injected (class means pulled together, as a corrupted layer would), the alert
+reaches Alertmanager's API, and after recovery it resolves. The direct Alertmanager path is
+checked the same way, and shown to merge with the rule engine's alert.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from servers import (
+    ROOT,
+    AlertmanagerServer,
+    PrometheusServer,
+    RedisServer,
+    free_port,
+    http_json,
+    service_env,
+    stop_process,
+    wait_for,
+)
+
+from monitor.alerts.alertmanager import AlertmanagerClient
+from monitor.alerts.rules import render_rules, to_yaml
+from monitor.alerts.thresholds import load_alerting
+from monitor.alerts.verdicts import VerdictTracker
+from monitor.config import Settings
+from monitor.evaluate.evaluator import Evaluator
+from monitor.evaluate.snapshot import Snapshot
+from monitor.pipeline.baselines import pin_window
+from monitor.pipeline.payload import encode_batch
+from monitor.pipeline.runtime import Runtime
+from monitor.pipeline.windows import compact_model
+
+pytestmark = pytest.mark.slow
+
+VOCAB, DIM = 40, 8
+ALERT = "CollapseCDNVRisingVsBaseline"
+ALERTING = load_alerting(
+    {
+        "absolute": [],
+        "predictive": [],
+        "drift": [],
+        "relative": [
+            {"alert": ALERT, "metric": "drift_nc1_cdnv_ratio", "max": 1.5, "for": "1s"},
+        ],
+    }
+)
+SERVICE = {
+    "COLLAPSE_WINDOWS": json.dumps({"1m": 60}),
+    "COLLAPSE_BUCKET_SECONDS": "10",
+    "COLLAPSE_COARSE_BUCKET_SECONDS": "60",
+    "COLLAPSE_FINE_RETENTION_SECONDS": "60",
+}
+
+
+def traffic(seed: int, n: int, spread: float) -> tuple[np.ndarray, np.ndarray]:
+    """`spread` scales the distance between class means: 0.3 blurs the classes together."""
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(0).normal(size=(VOCAB, DIM)) * 3 * spread
+    y = rng.integers(0, VOCAB, n)
+    return (means[y] + rng.normal(size=(n, DIM))).astype(np.float32), y
+
+
+class Stack:
+    """The monitor's side: Redis-backed runtime, evaluator and a clock we can move."""
+
+    def __init__(self, redis_url: str, tmp: Path) -> None:
+        np.save(tmp / "head.npy", np.random.default_rng(1).normal(size=(VOCAB, DIM)))
+        self.models = [
+            {"name": "m", "vocab_size": VOCAB, "dim": DIM, "classifier_path": str(tmp / "head.npy")}
+        ]
+        self.env = service_env(redis_url, json.dumps(self.models), **SERVICE)
+        self.settings = Settings(
+            redis_url=redis_url,
+            models=self.models,  # type: ignore[arg-type]
+            windows={"1m": 60},
+            bucket_seconds=10,
+            coarse_bucket_seconds=60,
+            fine_retention_seconds=60,
+        )
+        self.runtime = Runtime(self.settings)
+        self.evaluator = Evaluator(self.runtime)
+        self.t0 = time.time()
+
+    def feed(self, spread: float, at: float, tag: str, batches: int = 5) -> None:
+        for i in range(batches):
+            x, y = traffic(zlib.crc32(f"{tag}{i}".encode()), 300, spread)
+            ts = at - 5 - 10 * i  # one batch per 10-second bucket
+            self.runtime.ingestor.ingest(encode_batch("m", x, y, batch_id=f"{tag}{i}", ts=ts))
+        compact_model(self.runtime.store, "m")
+
+    def evaluate(self, at: float) -> Snapshot:
+        return self.evaluator.evaluate_model("m", now=at)[0]
+
+
+def active(alertmanager: AlertmanagerServer) -> list[dict[str, object]]:
+    alerts = http_json(f"{alertmanager.url}/api/v2/alerts?active=true")
+    return [a for a in alerts if a["labels"].get("alertname") == ALERT]
+
+
+def test_rule_alert_fires_on_collapse_and_resolves(tmp_path: Path) -> None:
+    redis_server = RedisServer(tmp_path)
+    alertmanager = AlertmanagerServer(tmp_path)
+    rules = tmp_path / "rules.yml"
+    rules.write_text(to_yaml(render_rules(ALERTING)))
+    exporter_port = free_port()
+    redis_server.start()
+    alertmanager.start()
+    stack = Stack(redis_server.url, tmp_path)
+    prometheus = PrometheusServer(
+        tmp_path,
+        [f"127.0.0.1:{exporter_port}"],
+        [rules],
+        alertmanager=f"127.0.0.1:{alertmanager.port}",
+    )
+    log = open(tmp_path / "exporter.log", "ab")  # noqa: SIM115 - closed with the process
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "monitor.cli", "exporter", "--port", str(exporter_port)],
+        env=stack.env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    try:
+        prometheus.start()
+        t0 = stack.t0
+        stack.feed(spread=1.0, at=t0, tag="base")
+        pin_window(stack.runtime.store, stack.runtime.registry, "m", "ref", "1m", 60)
+        healthy = stack.evaluate(t0)
+        assert healthy.ok
+        ratio = healthy.metrics["drift_nc1_cdnv_ratio"]
+        assert ratio == pytest.approx(1.0, rel=1e-9)
+
+        query = f"{prometheus.url}/api/v1/query?query=collapse_drift_nc1_cdnv_ratio"
+
+        def scraped_ratio() -> float | None:
+            result = http_json(query)["data"]["result"]
+            return float(result[0]["value"][1]) if result else None
+
+        wait_for(lambda: scraped_ratio() is not None, 30, "prometheus scraping the exporter")
+        time.sleep(3)  # a few rule evaluations on healthy values
+        assert active(alertmanager) == []
+
+        stack.feed(spread=0.3, at=t0 + 100, tag="collapsed")
+        collapsed = stack.evaluate(t0 + 100)
+        assert collapsed.metrics["drift_nc1_cdnv_ratio"] > 1.5
+        wait_for(lambda: len(active(alertmanager)) == 1, 60, "the alert in Alertmanager")
+        labels = active(alertmanager)[0]["labels"]
+        assert labels == {"alertname": ALERT, "severity": "warning", "model": "m", "window": "1m"}
+
+        # The evaluator's direct verdict carries the same labels: Alertmanager keeps one alert.
+        client = AlertmanagerClient(alertmanager.url)
+        assert client.update(VerdictTracker(ALERTING).firing([collapsed]))
+        time.sleep(1)
+        assert len(active(alertmanager)) == 1
+        client.update([])  # the direct path stands down; the rule path still holds it
+        time.sleep(2)
+
+        stack.feed(spread=1.0, at=t0 + 200, tag="recovered")
+        recovered = stack.evaluate(t0 + 200)
+        assert recovered.metrics["drift_nc1_cdnv_ratio"] < 1.5
+        recovered_ratio = recovered.metrics["drift_nc1_cdnv_ratio"]
+        wait_for(lambda: scraped_ratio() == pytest.approx(recovered_ratio), 30, "new value scraped")
+        wait_for(lambda: active(alertmanager) == [], 60, "the alert resolved")
+    finally:
+        stop_process(exporter)
+        prometheus.stop()
+        alertmanager.stop()
+        redis_server.stop()
+
+
+def test_direct_alerts_fire_and_resolve_without_prometheus(tmp_path: Path) -> None:
+    redis_server = RedisServer(tmp_path)
+    alertmanager = AlertmanagerServer(tmp_path)
+    redis_server.start()
+    alertmanager.start()
+    try:
+        stack = Stack(redis_server.url, tmp_path)
+        tracker = VerdictTracker(ALERTING)
+        client = AlertmanagerClient(alertmanager.url)
+        t0 = stack.t0
+        stack.feed(spread=1.0, at=t0, tag="base")
+        pin_window(stack.runtime.store, stack.runtime.registry, "m", "ref", "1m", 60)
+        client.update(tracker.firing([stack.evaluate(t0)]))
+        stack.feed(spread=0.3, at=t0 + 100, tag="collapsed")
+        client.update(tracker.firing([stack.evaluate(t0 + 100)]))  # condition starts to hold
+        stack.feed(spread=0.3, at=t0 + 105, tag="still")
+        client.update(tracker.firing([stack.evaluate(t0 + 105)]))  # held for 5 s > for: 1s
+        wait_for(lambda: len(active(alertmanager)) == 1, 15, "the direct alert")
+        stack.feed(spread=1.0, at=t0 + 200, tag="recovered")
+        client.update(tracker.firing([stack.evaluate(t0 + 200)]))
+        wait_for(lambda: active(alertmanager) == [], 15, "the direct alert resolved")
+    finally:
+        alertmanager.stop()
+        redis_server.stop()
