@@ -82,7 +82,7 @@ def analyze(
     second_moment: Annotated[
         bool, typer.Option(help="Keep the d x d second moment (trace ratio, effective rank).")
     ] = True,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N]. [env: cpu]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N]. [env: auto]")] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed of sampled pairs and NC4. [env: 0]")
     ] = None,

@@ -178,7 +178,10 @@ class Settings(BaseSettings):
         description="Rows per Gram tile in exact pairwise metrics: memory O(tile^2).",
     )
     seed: int = Field(0, description="Seed of sampled pairs and NC4 subsamples.")
-    device: str = Field("cpu", description="Torch device of the metric engine: cpu or cuda[:N].")
+    device: str = Field(
+        "auto",
+        description="Torch device of the metric engine: auto (CUDA when present), cpu, cuda[:N].",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -47,7 +47,7 @@ def compute_metrics(
     started = time.perf_counter()
     if min_count < 1:
         raise ValueError(f"min_count must be at least 1, got {min_count}")
-    dev = torch.device(device) if device is not None else stats.device
+    dev = resolve_device(device) if device is not None else stats.device
     weight, head_bias = _check_head(stats, classifier, bias)
     kept = stats.classes(min_count=min_count)
     k = kept.num_classes
@@ -89,6 +89,13 @@ def compute_metrics(
         seconds=time.perf_counter() - started,
         **fields,
     )
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if isinstance(name, str) and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _nc4(

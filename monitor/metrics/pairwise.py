@@ -141,7 +141,7 @@ def exact_pair_metrics(inputs: PairInputs, *, tile: int = 1024) -> dict[str, Est
 
 
 def sampled_pair_metrics(
-    inputs: PairInputs, *, samples: int, seed: int, chunk: int = 8192
+    inputs: PairInputs, *, samples: int, seed: int, chunk: int = 1024
 ) -> dict[str, Estimate]:
     """Unbiased estimates of the pair means from `samples` uniform pairs, with standard errors.
 

@@ -9,6 +9,7 @@ import torch
 from monitor.config import Settings
 from monitor.errors import InvalidInput
 from monitor.metrics import MetricReport, compute_metrics
+from monitor.metrics.engine import resolve_device
 from monitor.stats import CollapseStats
 
 _CHUNK = 65_536
@@ -73,7 +74,7 @@ def analyze_arrays(
         max(num_classes, 1),
         int(features.shape[1]),
         second_moment=second_moment,
-        device=options.device,
+        device=resolve_device(options.device),
     )
     total = int(features.shape[0])
     if labels.shape[0] != total:

@@ -12,6 +12,9 @@ import threading
 import time
 from typing import Any
 
+import torch
+from celery.signals import worker_process_init
+
 from monitor.errors import InvalidInput
 from monitor.pipeline.celery_app import TASK_COMPACT, TASK_EMBED, TASK_INGEST, app
 from monitor.pipeline.embed import embed_payload
@@ -20,6 +23,13 @@ from monitor.pipeline.windows import compact_model
 
 log = logging.getLogger(__name__)
 _compact_lock = threading.Lock()
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _one_thread_per_process(**_: object) -> None:
+    """Each pool process computes with one thread: `--concurrency` processes already fill the
+    cores, and torch's thread pools stall badly when oversubscribed (docs/benchmarks.md)."""
+    torch.set_num_threads(1)
 
 
 @app.task(name=TASK_INGEST)  # type: ignore[untyped-decorator]

