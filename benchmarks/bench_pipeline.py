@@ -97,6 +97,46 @@ def run(batches: int, rows: int, dim: int, workers: int) -> dict[str, float]:
     }
 
 
+def run_texts(texts: list[str], per_task: int) -> dict[str, float]:
+    """The text path: one `embed` worker (solo pool) running the bundled tiny GPT-2."""
+    from monitor.capture.tinymodel import ensure_tiny_model
+
+    checkpoint = ensure_tiny_model()
+    models = [{"name": "tiny", "checkpoint": str(checkpoint)}]
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp))
+        server.start()
+        proc = None
+        try:
+            env = service_env(server.url, json.dumps(models))
+            log = Path(tmp) / "embed.log"
+            proc = start_worker(env, log, queues="embed")
+            wait_for(lambda: "ready." in log.read_text(errors="replace"), 90, "embed worker")
+            settings = Settings(redis_url=server.url, models=models)  # type: ignore[arg-type]
+            runtime = Runtime(settings)
+            client = MonitorClient(settings)
+            client.submit_texts("tiny", texts[:per_task], batch_id="warm")  # loads the model
+            wait_for(
+                lambda: runtime.store.counters("tiny").get("batches_ingested", 0) == 1, 90, "warm"
+            )
+            base = runtime.store.counters("tiny")["samples_ingested"]
+            started = time.perf_counter()
+            ids = client.submit_texts("tiny", texts, texts_per_task=per_task, batch_id="t")
+            wait_for(
+                lambda: runtime.store.counters("tiny").get("batches_ingested", 0) == len(ids) + 1,
+                600,
+                "texts embedded",
+                interval=0.05,
+            )
+            elapsed = time.perf_counter() - started
+            samples = runtime.store.counters("tiny")["samples_ingested"] - base
+        finally:
+            if proc is not None:
+                stop_process(proc)
+            server.stop()
+    return {"texts": len(texts), "samples": samples, "seconds": elapsed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few seconds of smoke")
@@ -115,6 +155,18 @@ def main() -> None:
     print(f"| Redis memory of the model (fine + coarse bucket) | {r['model_memory_mb']:.0f} MB |")
     print(f"| per million samples | {r['memory_mb_per_million_samples']:.0f} MB |")
     print(f"| redis used_memory | {r['redis_used_memory_mb']:.0f} MB |")
+
+    from monitor.data import read_corpus
+
+    sentences = [s for doc in read_corpus("train") for s in doc.split(". ") if len(s) > 20]
+    texts = sentences[:64] if args.quick else (sentences * 4)[:1024]
+    t = run_texts(texts, per_task=32)
+    print("\n## Text path (1 embed worker, tiny GPT-2 on CPU, 32 texts per task)\n")
+    print("| measure | value |")
+    print("| --- | --- |")
+    print(f"| texts | {t['texts']:,} ({t['samples']:,} labelled positions) |")
+    print(f"| throughput | {t['samples'] / t['seconds']:,.0f} samples/s, "
+          f"{t['texts'] / t['seconds']:,.1f} texts/s |")  # fmt: skip
 
 
 if __name__ == "__main__":
