@@ -17,8 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from monitor import __version__
-from monitor.cli_common import EXIT_BAD_INPUT, OutputFormat, stderr
-from monitor.errors import CollapseMonitorError
+from monitor.cli_common import OutputFormat, debug_mode, one_line_errors, stderr
 from monitor.metrics import MetricReport
 from monitor.metrics.report import COLLAPSE_KEYS, ESTIMATED_KEYS, GEOMETRY_KEYS
 
@@ -29,7 +28,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-_state = {"debug": False}
 
 
 def _version(value: bool) -> None:
@@ -46,7 +44,7 @@ def root(
     ] = False,
 ) -> None:
     """collapse-monitor: neural-collapse metrics of language-model hidden states."""
-    _state["debug"] = debug
+    debug_mode["on"] = debug
 
 
 @app.command(
@@ -180,17 +178,15 @@ def main() -> None:
     Usage errors are typer's own (exit 2); our refusals of bad input come through here.
     """
     try:
-        app()
-    except CollapseMonitorError as exc:
-        if _state["debug"]:
-            raise
-        stderr.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(EXIT_BAD_INPUT)
+        with one_line_errors():
+            app()
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         stderr.print("interrupted", markup=False)
         sys.exit(130)
     except Exception as exc:
-        if _state["debug"]:
+        if debug_mode["on"]:
             raise
         stderr.print(f"error: {type(exc).__name__}: {exc}", markup=False, soft_wrap=True)
         sys.exit(1)

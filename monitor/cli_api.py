@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
-from monitor.cli_common import EXIT_BAD_INPUT, stderr
-from monitor.errors import CollapseMonitorError
+from monitor.cli_common import one_line_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -31,17 +29,5 @@ def register(app: typer.Typer) -> None:
         from monitor.api.server import serve
         from monitor.config import Settings
 
-        try:
-            settings = Settings()
-            serve(settings, host, port)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "settings"
-            _fail(f"invalid settings: {where}: {first['msg']}")
-        except CollapseMonitorError as exc:
-            _fail(str(exc))
-
-
-def _fail(message: str) -> None:
-    stderr.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
-    raise typer.Exit(EXIT_BAD_INPUT)
+        with one_line_errors():
+            serve(Settings(), host, port)

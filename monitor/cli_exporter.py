@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
-from monitor.cli_common import EXIT_BAD_INPUT, stderr
-from monitor.errors import CollapseMonitorError, InvalidInput
+from monitor.cli_common import one_line_errors
+from monitor.errors import InvalidInput
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +33,7 @@ def register(app: typer.Typer) -> None:
         from monitor.config import Settings
         from monitor.exporter.server import serve
 
-        try:
+        with one_line_errors():
             settings = Settings()
             if settings.embedded:
                 raise InvalidInput(
@@ -43,14 +42,3 @@ def register(app: typer.Typer) -> None:
                     "mode keeps its data in one process, so there is nothing to export)",
                 )
             serve(settings, host, port)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "settings"
-            _fail(f"invalid settings: {where}: {first['msg']}")
-        except CollapseMonitorError as exc:
-            _fail(str(exc))
-
-
-def _fail(message: str) -> None:
-    stderr.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
-    raise typer.Exit(EXIT_BAD_INPUT)
