@@ -38,13 +38,16 @@ class Evaluator:
         self.runtime = runtime
         self.custom = discover(runtime.settings.custom_metrics)
         self._baselines: dict[str, tuple[tuple[str, object], _Baseline]] = {}
+        self._heads: dict[str, Head | None] = {}
 
     def evaluate_model(self, model: str, *, now: float | None = None) -> list[Snapshot]:
         """Evaluate every window of `model`, store the snapshots and the NC4 reference."""
         now = time.time() if now is None else now
         settings, store = self.runtime.settings, self.runtime.store
         self.runtime.registry.spec(model)  # unknown models are refused here
-        head = load_head(self.runtime, model)
+        if model not in self._heads:
+            self._heads[model] = load_head(self.runtime, model)
+        head = self._heads[model]
         baseline = self._baseline(model, head)
         snapshots: list[Snapshot] = []
         reference_done = False

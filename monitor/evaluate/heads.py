@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,19 +18,16 @@ class Head:
     token_text: Callable[[int], str]
 
 
-_heads: dict[str, Head | None] = {}
-_lock = threading.Lock()
-
-
 def _plain(class_id: int) -> str:
     return f"#{class_id}"
 
 
 def load_head(runtime: Runtime, model: str) -> Head | None:
-    """The head of a checkpoint, or the classifier files of a features-only model, or None."""
-    with _lock:
-        if model in _heads:
-            return _heads[model]
+    """The head of a checkpoint, or the classifier files of a features-only model, or None.
+
+    Not cached here: the evaluator keeps what it loaded (the checkpoint itself is cached per
+    process by `loaded_model`), so two runtimes never share a head by model name alone.
+    """
     spec = runtime.registry.spec(model)
     head: Head | None = None
     if spec.checkpoint is not None:
@@ -55,6 +51,4 @@ def load_head(runtime: Runtime, model: str) -> Head | None:
         weight = load_array(spec.classifier_path, "classifier")
         bias = load_array(spec.bias_path, "bias") if spec.bias_path else None
         head = Head(weight, bias, _plain)
-    with _lock:
-        _heads[model] = head
     return head

@@ -18,25 +18,26 @@ from monitor.pipeline.runtime import Runtime
 from monitor.stats import CollapseStats
 from monitor.store.keys import check_batch_id, check_model_name
 
-_models: dict[str, tuple[Any, Any]] = {}
+_models: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 _models_lock = threading.Lock()
 
 
 def loaded_model(runtime: Runtime, name: str) -> tuple[Any, Any]:
-    """(model, tokenizer) of a declared checkpoint, loaded on first use in this process."""
+    """(model, tokenizer) of a declared checkpoint, loaded once per process and checkpoint."""
+    spec = runtime.registry.spec(name)
+    if spec.checkpoint is None:
+        raise InvalidInput(
+            "no_checkpoint", f"model {name!r} is features-only: it has no checkpoint"
+        )
+    key = (spec.checkpoint, spec.device, spec.dtype)
     with _models_lock:
-        if name not in _models:
+        if key not in _models:
             from monitor.capture.mirror import load_model
 
-            spec = runtime.registry.spec(name)
-            if spec.checkpoint is None:
-                raise InvalidInput(
-                    "no_checkpoint", f"model {name!r} is features-only: it has no checkpoint"
-                )
-            _models[name] = load_model(
+            _models[key] = load_model(
                 spec.checkpoint, device=spec.device, dtype=_torch_dtype(spec.dtype)
             )
-        return _models[name]
+        return _models[key]
 
 
 def _torch_dtype(name: str) -> Any:

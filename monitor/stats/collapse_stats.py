@@ -167,10 +167,12 @@ class CollapseStats:
 
     def _add_rows(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         x = rows.to(device=self.device, dtype=_F64)
-        norms = torch.linalg.vector_norm(x, dim=1)  # 3x faster than (x * x).sum(1) on CPU
-        sq = norms * norms
+        # (x * x).sum(1), not vector_norm(x)**2: the square root and back would round, and
+        # identical samples must give a within-class scatter of exactly 0.
+        sq = (x * x).sum(dim=1)
         _scatter_add(self._sums, slots, x)
         _scatter_add(self._sq_norms, slots, sq)
+        norms = sq.sqrt()
         nonzero = norms > 0
         inv = torch.where(nonzero, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
         self.unit_sum += inv @ x
