@@ -148,18 +148,41 @@ def baseline_pin(
     window: Annotated[str | None, typer.Option(help="Pin this rolling window, e.g. 1h.")] = None,
     features: Annotated[Path | None, typer.Option(help="Pin saved features instead.")] = None,
     labels: Annotated[Path | None, typer.Option(help="Labels of --features.")] = None,
+    corpus: Annotated[
+        Path | None, typer.Option(help="Pin a corpus run: one text per line, through the model.")
+    ] = None,
     replace: Annotated[bool, typer.Option(help="Overwrite a baseline of that name.")] = False,
 ) -> None:
-    """Freeze a window's (or saved features') statistics as a baseline."""
+    """Freeze a window's, saved features' or a corpus run's statistics as a baseline.
+
+    Example: collapse-monitor baseline pin --model gpt2-prod --name launch --corpus val.txt
+    """
     from monitor.offline.arrays import load_array
-    from monitor.pipeline.baselines import pin_stats, pin_window
-    from monitor.stats import CollapseStats
+    from monitor.pipeline.baselines import pin_batches, pin_window
 
     runtime = _runtime()
     runtime.registry.spec(model)
-    if (window is None) == (features is None):
-        raise InvalidInput("invalid_option", "give --window or --features/--labels")
-    if window is not None:
+    if sum(x is not None for x in (window, features, corpus)) != 1:
+        raise InvalidInput("invalid_option", "give one of --window, --features/--labels, --corpus")
+    if corpus is not None:
+        from monitor.capture.mirror import embed_batches
+        from monitor.pipeline.embed import loaded_model
+
+        lm, tokenizer = loaded_model(runtime, model)
+        lines = [ln for ln in corpus.read_text().splitlines() if ln.strip()]
+        batches = (
+            (b.features, b.labels) for b in embed_batches(lm, tokenizer, lines, batch_size=8)
+        )
+        meta = pin_batches(
+            runtime.store,
+            runtime.registry,
+            model,
+            name,
+            batches,
+            source=f"corpus:{corpus.name}",
+            replace=replace,
+        )
+    elif window is not None:
         seconds = runtime.settings.windows.get(window)
         if seconds is None:
             raise InvalidInput(
@@ -171,15 +194,16 @@ def baseline_pin(
     else:
         if features is None or labels is None:
             raise InvalidInput("invalid_option", "--features needs --labels")
-        shape = runtime.registry.shape(model)
-        stats = CollapseStats(shape.vocab_size, shape.dim, second_moment=shape.second_moment)
-        stats.update(load_array(features, "features"), load_array(labels, "labels"))
-        meta = pin_stats(
+        x, y = load_array(features, "features"), load_array(labels, "labels")
+        if x.ndim != 2 or y.shape[0] != x.shape[0]:
+            raise InvalidInput("length_mismatch", "features must be (N, d) with N labels")
+        step = max(1, -(-int(x.shape[0]) // 16))
+        meta = pin_batches(
             runtime.store,
             runtime.registry,
             model,
             name,
-            stats,
+            ((x[i : i + step], y[i : i + step]) for i in range(0, int(x.shape[0]), step)),
             source=f"features:{features.name}",
             replace=replace,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterable
 
 import torch
 from safetensors.torch import load, save
@@ -93,6 +94,43 @@ def pin_window(
         name,
         CollapseStats.merged(parts),
         source=f"window:{window}",
+        replace=replace,
+        calibration=calibration,
+    )
+
+
+def pin_batches(
+    store: Store,
+    registry: ModelRegistry,
+    model: str,
+    name: str,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    source: str,
+    replace: bool = False,
+    parts: int = 16,
+) -> dict[str, object]:
+    """Pin the statistics of saved features or a corpus run, streamed as (features, labels).
+
+    Batches are dealt round-robin into `parts` statistics that stand in for time buckets when
+    the MMD threshold is calibrated, so a corpus baseline gets a threshold like a window's.
+    """
+    slices: list[CollapseStats] = []
+    for i, (features, labels) in enumerate(batches):
+        if len(slices) < parts:
+            slices.append(registry.new_stats(model, store, features))
+        slices[i % parts].update(features, labels)
+    if not slices:
+        raise InvalidInput("insufficient_data", f"no samples to pin as baseline {name!r}")
+    with_rff = all(s.rff_sum is not None and s.sample_count >= 2 for s in slices)
+    calibration = encode_calibration([bucket_sums(s) for s in slices]) if with_rff else None
+    return pin_stats(
+        store,
+        registry,
+        model,
+        name,
+        CollapseStats.merged(slices),
+        source=source,
         replace=replace,
         calibration=calibration,
     )

@@ -69,3 +69,38 @@ def test_embed_worker_matches_in_process_mirror(
     assert torch.equal(a.class_ids, b.class_ids)
     assert torch.equal(a.counts, b.counts)
     torch.testing.assert_close(a.sums, b.sums, rtol=1e-5, atol=1e-5)
+
+
+def test_baseline_pinned_from_a_corpus_run(
+    redis_server: RedisServer, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from servers import ROOT
+
+    from monitor.pipeline.baselines import decode_calibration, load_baseline
+
+    models = [{"name": "tiny", "checkpoint": str(tiny_checkpoint)}]
+    corpus = tmp_path / "val.txt"
+    lines = [s for doc in read_corpus("heldout") for s in doc.split(". ") if len(s) > 20][:40]
+    corpus.write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "monitor.cli", "baseline", "pin", "--model", "tiny",
+         "--name", "val", "--corpus", str(corpus)],
+        env=service_env(redis_server.url, json.dumps(models)),
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    runtime = Runtime(Settings(redis_url=redis_server.url, models=models))  # type: ignore[arg-type]
+    stats, meta = load_baseline(runtime.store, runtime.registry, "tiny", "val")
+    assert meta["source"] == "corpus:val.txt"
+    model, tokenizer = load_model(tiny_checkpoint)
+    expected = sum(len(b) for b in embed_batches(model, tokenizer, lines, batch_size=8))
+    assert stats.sample_count == expected
+    assert stats.rff_sum is not None  # the model's features: drift MMD works against it
+    found = runtime.store.baseline("tiny", "val")
+    assert found is not None
+    buckets = decode_calibration(found.calibration)
+    assert len(buckets) == 5  # 40 lines in batches of 8, dealt into parts
+    assert sum(b.count for b in buckets) == expected
