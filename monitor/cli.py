@@ -161,12 +161,13 @@ def _fmt(value: float | int | None) -> str:
 
 
 def _register_commands() -> None:
-    from monitor import cli_alerts, cli_api, cli_exporter, cli_pipeline
+    from monitor import cli_alerts, cli_api, cli_dashboards, cli_exporter, cli_pipeline
 
     cli_pipeline.register(app)
     cli_api.register(app)
     cli_exporter.register(app)
     cli_alerts.register(app)
+    cli_dashboards.register(app)
 
 
 _register_commands()
