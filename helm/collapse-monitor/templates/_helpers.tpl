@@ -1,0 +1,221 @@
+{{/* Chart name. */}}
+{{- define "cm.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name: <release>-<chart> unless the release already contains it. */}}
+{{- define "cm.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cm.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Selector labels of one component: dict "root" $ "component" "api". */}}
+{{- define "cm.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "cm.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Standard labels of one component. */}}
+{{- define "cm.labels" -}}
+helm.sh/chart: {{ include "cm.chart" .root }}
+{{ include "cm.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: collapse-monitor
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "cm.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "cm.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cm.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "cm.gpuImage" -}}
+{{- if .Values.gpuWorker.image.repository -}}
+{{- printf "%s:%s" .Values.gpuWorker.image.repository (default (default .Chart.AppVersion .Values.image.tag) .Values.gpuWorker.image.tag) -}}
+{{- else -}}
+{{- include "cm.image" . -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cm.secretName" -}}
+{{- default (printf "%s-auth" (include "cm.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "cm.redisHost" -}}
+{{- printf "%s-redis" (include "cm.fullname" .) -}}
+{{- end -}}
+
+{{/* The Redis URL, without password. */}}
+{{- define "cm.redisUrl" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "redis://%s:%d/%d" (include "cm.redisHost" .) (int .Values.redis.port) (int .Values.redis.database) -}}
+{{- else -}}
+{{- required "redis.external.url is required when redis.enabled is false" .Values.redis.external.url -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Secret and key of the Redis password; empty secret name: no password. */}}
+{{- define "cm.redisPasswordSecret" -}}
+{{- if .Values.redis.enabled -}}
+{{- include "cm.secretName" . -}}
+{{- else if .Values.redis.external.existingSecret -}}
+{{- .Values.redis.external.existingSecret -}}
+{{- else if or .Values.auth.existingSecret .Values.auth.redisPassword -}}
+{{- include "cm.secretName" . -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cm.redisPasswordKey" -}}
+{{- if and (not .Values.redis.enabled) .Values.redis.external.existingSecret -}}
+{{- .Values.redis.external.passwordKey -}}
+{{- else -}}
+redis-password
+{{- end -}}
+{{- end -}}
+
+{{/* A setting value as env text: maps and lists as JSON. */}}
+{{- define "cm.settingValue" -}}
+{{- if or (kindIs "map" .) (kindIs "slice" .) -}}
+{{- toJson . -}}
+{{- else if kindIs "float64" . -}}
+{{- if eq (floor .) . -}}{{- int64 . -}}{{- else -}}{{- . -}}{{- end -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod checksum annotations: restart pods when settings or secrets change. */}}
+{{- define "cm.podAnnotations" -}}
+checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+{{- with .Values.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Environment of every collapse-monitor container. */}}
+{{- define "cm.env" -}}
+- name: COLLAPSE_REDIS_URL
+  value: {{ include "cm.redisUrl" . | quote }}
+{{- $pw := include "cm.redisPasswordSecret" . }}
+{{- if $pw }}
+- name: COLLAPSE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $pw }}
+      key: {{ include "cm.redisPasswordKey" . }}
+{{- end }}
+- name: COLLAPSE_API_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cm.secretName" . }}
+      key: api-token
+- name: COLLAPSE_ALERTMANAGER_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cm.secretName" . }}
+      key: alertmanager-password
+      optional: true
+- name: COLLAPSE_ALERTMANAGER_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cm.secretName" . }}
+      key: alertmanager-token
+      optional: true
+- name: HOME
+  value: /home/app
+- name: HF_HOME
+  value: /home/app/.cache/huggingface
+- name: PYTHONDONTWRITEBYTECODE
+  value: "1"
+- name: PYTHONUNBUFFERED
+  value: "1"
+{{- end -}}
+
+{{/* Volumes of every collapse-monitor pod: dict "root" $ "models" bool. */}}
+{{- define "cm.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .root.Values.scratch.tmpSizeLimit }}
+- name: home
+  emptyDir:
+    sizeLimit: {{ .root.Values.scratch.homeSizeLimit }}
+{{- $mv := .root.Values.modelVolume }}
+{{- if and .models (ne $mv.type "none") }}
+- name: models
+{{- if eq $mv.type "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ required "modelVolume.claimName is required for type pvc" $mv.claimName }}
+    readOnly: true
+{{- else if eq $mv.type "hostPath" }}
+  hostPath:
+    path: {{ required "modelVolume.hostPath is required for type hostPath" $mv.hostPath }}
+    type: Directory
+{{- else if eq $mv.type "emptyDir" }}
+  emptyDir:
+    sizeLimit: {{ $mv.sizeLimit }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "cm.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/app
+{{- if and .models (ne .root.Values.modelVolume.type "none") }}
+- name: models
+  mountPath: {{ .root.Values.modelVolume.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Common pod spec fields. */}}
+{{- define "cm.podCommon" -}}
+serviceAccountName: {{ include "cm.serviceAccountName" . }}
+automountServiceAccountToken: false
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end -}}
+
+{{/* Scheduling fields of a component's values. */}}
+{{- define "cm.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
