@@ -7,7 +7,7 @@ never 0 or NaN, so an exporter can omit the sample instead of drawing a false li
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 # Keys in METRICS.md order: analyze's JSON, the exporter's gauges and the docs follow it.
 COLLAPSE_KEYS: tuple[str, ...] = (
@@ -101,7 +101,3 @@ class MetricReport:
     def as_dict(self) -> dict[str, float | int | None]:
         """Flat METRICS.md keys -> value (None where not computable), in catalogue order."""
         return {key: self.value(key) for key in REPORT_KEYS}
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
