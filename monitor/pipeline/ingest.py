@@ -9,7 +9,7 @@ from monitor.errors import InvalidInput
 from monitor.pipeline.payload import FeatureBatch, decode_batch
 from monitor.pipeline.registry import ModelRegistry
 from monitor.stats import CollapseStats
-from monitor.stats.validation import as_tensor
+from monitor.stats.validation import check_batch
 from monitor.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,11 @@ def partial_stats(batch: FeatureBatch, registry: ModelRegistry, store: Store) ->
             f"features have dimension {batch.features.shape[1]}, model {batch.model!r} has "
             f"{shape.dim}",
         )
-    features = as_tensor(batch.features, "features")
+    # Every check before new_stats: the first batch a store sees proposes the model's RFF
+    # bandwidth (kept forever), so a refused batch must never get that far.
+    features, _ = check_batch(
+        batch.features, batch.labels, dim=shape.dim, num_classes=shape.vocab_size
+    )
     stats = registry.new_stats(batch.model, store, features)
     stats.update(features, batch.labels)
     if batch.nc4_total:

@@ -98,7 +98,7 @@ def decode_batch(payload: object, *, max_samples: int, max_bytes: int) -> Featur
     check_model_name(model)
     check_batch_id(batch_id)
     ts = payload.get("ts", time.time())
-    if not isinstance(ts, int | float) or isinstance(ts, bool) or not np.isfinite(ts):
+    if not isinstance(ts, int | float) or isinstance(ts, bool) or not _finite(ts):
         raise InvalidInput("malformed_payload", "'ts' must be a finite number of seconds")
     features = _array(payload.get("features"), "features", FEATURE_DTYPES, 2, max_bytes)
     labels = _array(payload.get("labels"), "labels", LABEL_DTYPES, 1, max_bytes)
@@ -121,7 +121,7 @@ def _array(
     if not isinstance(spec, dict):
         raise InvalidInput("malformed_payload", f"'{what}' must be a map of dtype, shape, data")
     dtype, shape, data = spec.get("dtype"), spec.get("shape"), spec.get("data")
-    if dtype not in dtypes:
+    if not isinstance(dtype, str) or dtype not in dtypes:
         raise InvalidInput("wrong_dtype", f"{what} dtype {dtype!r} is not one of {sorted(dtypes)}")
     if (
         not isinstance(shape, list)
@@ -129,6 +129,8 @@ def _array(
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
     ):
         raise InvalidInput("wrong_shape", f"{what} shape must be {ndim} non-negative integers")
+    if any(s > max_bytes for s in shape):  # numpy refuses absurd sizes even when one is 0
+        raise InvalidInput("wrong_shape", f"{what} shape {shape} has a size over {max_bytes}")
     if isinstance(data, str):
         if len(data) > max_bytes * 4 // 3 + 4:
             raise InvalidInput("oversized_payload", f"{what} exceed {max_bytes} bytes")
@@ -148,6 +150,14 @@ def _array(
             "length_mismatch", f"{what}: {len(data)} bytes do not match shape {shape} of {dtype}"
         )
     return np.frombuffer(bytes(data), dtype=np_dtype).reshape(shape)
+
+
+def _finite(value: int | float) -> bool:
+    """A finite float (a huge Python integer overflows instead of passing as inf)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _nc4(spec: object) -> tuple[int, int]:
