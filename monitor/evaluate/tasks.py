@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
+import uuid
 
 from monitor.alerts.alertmanager import AlertmanagerClient
 from monitor.alerts.verdicts import VerdictTracker
@@ -11,7 +14,8 @@ from monitor.errors import CollapseMonitorError
 from monitor.evaluate.evaluator import Evaluator
 from monitor.evaluate.snapshot import Snapshot
 from monitor.pipeline.celery_app import TASK_EVALUATE, app
-from monitor.pipeline.runtime import get_runtime
+from monitor.pipeline.runtime import Runtime, get_runtime
+from monitor.store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -34,6 +38,9 @@ def evaluate() -> dict[str, int]:
     evaluator = process_evaluator()
     snapshots: list[Snapshot] = []
     for model in evaluator.runtime.registry.names:
+        if not claim_evaluation(evaluator.runtime, model):
+            log.info("evaluation of %s skipped: already done in this interval", model)
+            continue
         try:
             snapshots += evaluator.evaluate_model(model)
         except CollapseMonitorError as exc:
@@ -43,6 +50,26 @@ def evaluate() -> dict[str, int]:
         tracker, client = alerts
         client.update(tracker.firing(snapshots))
     return {"snapshots": len(snapshots)}
+
+
+def claim_evaluation(runtime: Runtime, model: str, now: float | None = None) -> bool:
+    """True for the first evaluation of `model` in the current evaluation-interval slot.
+
+    Two beats running at once (a misconfigured deployment, or two during a rollout) each send
+    `collapse.evaluate` every interval; the first task of a slot takes a per-model lock with
+    SET NX EX and the others skip, so snapshots, history and alert updates are not doubled.
+    The slot is wall-clock time divided by the interval, so beats out of phase still share
+    it. The embedded MemoryStore has one process and no second beat: always run.
+    """
+    store = runtime.store
+    if not isinstance(store, RedisStore):
+        return True
+    interval = runtime.settings.evaluation_interval
+    now = time.time() if now is None else now
+    slot = math.floor(now / interval)
+    key = store.keys(model).evaluation_lock(slot)
+    ttl = max(1, math.ceil(2 * interval))
+    return bool(store.client.set(key, uuid.uuid4().hex, nx=True, ex=ttl))
 
 
 _alerts: tuple[VerdictTracker, AlertmanagerClient] | None = None

@@ -91,6 +91,10 @@ class ModelKeys:
     def meta(self) -> str:
         return f"{self.base}:meta"
 
+    def evaluation_lock(self, slot: int) -> str:
+        """Taken (SET NX, expiring) by the first evaluation of evaluation-interval `slot`."""
+        return f"{self.base}:lock:evaluate:{slot}"
+
 
 def models_key(prefix: str) -> str:
     """The set of model names that have stored anything (not hash-tagged: global)."""
