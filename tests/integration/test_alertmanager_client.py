@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 from servers import AlertmanagerServer, free_port, http_json, wait_for
 
 from monitor.alerts.alertmanager import Alert, AlertmanagerClient
@@ -51,3 +53,21 @@ def test_alerts_are_retried_until_alertmanager_is_back(tmp_path: Path) -> None:
         wait_for(lambda: len(_active(server)) == 1, 15, "alert delivered after the outage")
     finally:
         server.stop()
+
+
+def test_credentials_never_reach_the_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pydantic import SecretStr
+
+    token, password = "tok-9f8e7d6c5b4a", "pw-1a2b3c4d5e6f"
+    port = free_port()  # nothing listens: every post fails and is logged
+    for client in (
+        AlertmanagerClient(f"http://127.0.0.1:{port}", bearer_token=SecretStr(token)),
+        AlertmanagerClient(
+            f"http://127.0.0.1:{port}", username="ops", password=SecretStr(password)
+        ),
+    ):
+        with caplog.at_level(logging.DEBUG):
+            assert not client.update([Alert(LABELS)])
+    assert "alertmanager unreachable" in caplog.text
+    assert token not in caplog.text
+    assert password not in caplog.text
