@@ -101,7 +101,11 @@ def test_sigterm_drains_then_a_new_worker_finishes_the_queue(
         "the rest of the queue",
         interval=0.5,
     )
-    assert runtime.store.counters("m").get("batches_duplicate", 0) == 0
+    # The task running at SIGTERM finishes; if its late ack is not flushed before the worker
+    # exits, Celery restores it ("Restoring 1 unacknowledged message") and the next worker's
+    # attempt is refused by the seen marker: at most one duplicate, and nothing counted twice.
+    assert runtime.store.counters("m").get("batches_duplicate", 0) <= 1
+    assert runtime.store.counters("m")["samples_ingested"] == sum(len(y) for _, y in data)
     compact_model(runtime.store, "m")
     current = window_stats(runtime.store, "m", "1h", 3600).stats
     assert current is not None
