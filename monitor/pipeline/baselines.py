@@ -18,6 +18,7 @@ from safetensors.torch import load, save
 from monitor.errors import IncompatibleStats, InvalidInput
 from monitor.metrics.drift import BucketSums, bucket_sums
 from monitor.pipeline.registry import ModelRegistry, ModelShape
+from monitor.pipeline.windows import window_buckets
 from monitor.stats import CollapseStats
 from monitor.store.base import Store
 from monitor.store.keys import check_model_name
@@ -80,9 +81,7 @@ def pin_window(
     replace: bool = False,
 ) -> dict[str, object]:
     """Pin the current statistics of a rolling window, with its buckets' calibration sums."""
-    level = store.policy.level_for(seconds)
-    blobs = store.window_blobs(model, level, store.policy.start(level, time.time() - seconds))
-    parts = [CollapseStats.from_bytes(blob) for blob in blobs]
+    parts = window_buckets(store, model, seconds)
     if not parts or sum(p.sample_count for p in parts) == 0:
         raise InvalidInput("insufficient_data", f"window {window} of {model!r} holds no samples")
     with_rff = all(p.rff_sum is not None for p in parts)

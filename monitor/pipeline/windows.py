@@ -40,10 +40,10 @@ class WindowStats:
     buckets: int
 
 
-def window_stats(
-    store: Store, model: str, window: str, seconds: int, *, now: float | None = None
-) -> WindowStats:
-    """Sum of the buckets that overlap `(now - seconds, now]`.
+def window_buckets(
+    store: Store, model: str, seconds: int, *, now: float | None = None
+) -> list[CollapseStats]:
+    """The statistics of each bucket that overlaps `(now - seconds, now]`.
 
     Windows up to the fine retention read fine buckets, longer ones coarse buckets; a window
     therefore reaches back by up to one bucket length more than its nominal span. Partials not
@@ -52,9 +52,15 @@ def window_stats(
     now = time.time() if now is None else now
     level = store.policy.level_for(seconds)
     since = store.policy.start(level, now - seconds)
-    blobs = store.window_blobs(model, level, since)
+    return [CollapseStats.from_bytes(blob) for blob in store.window_blobs(model, level, since)]
+
+
+def window_stats(
+    store: Store, model: str, window: str, seconds: int, *, now: float | None = None
+) -> WindowStats:
+    """Sum of the window's buckets (`window_buckets`); `stats` is None with no bucket yet."""
+    parts = window_buckets(store, model, seconds, now=now)
     stats = None
-    for blob in blobs:
-        part = CollapseStats.from_bytes(blob)
+    for part in parts:
         stats = part if stats is None else stats.merge(part)
-    return WindowStats(window, seconds, stats, len(blobs))
+    return WindowStats(window, seconds, stats, len(parts))

@@ -50,6 +50,10 @@ class BucketPolicy:
         """Fine buckets while they are still kept for the whole window, else coarse ones."""
         return "fine" if window_seconds <= self.fine_retention else "coarse"
 
+    def expired_before(self, level: str, now: float) -> float:
+        """Buckets of `level` starting before this are past retention and may be dropped."""
+        return now - self.retention(level) - self.length(level)
+
     def key_ttl(self, level: str) -> int:
         # A bucket must outlive the longest window that reads it, plus its own length.
         return self.retention(level) + 2 * self.length(level)

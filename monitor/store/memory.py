@@ -104,7 +104,7 @@ class MemoryStore:
         with self._lock:
             state = self._models[model]
             for level in LEVELS:
-                horizon = now - self.policy.retention(level) - self.policy.length(level)
+                horizon = self.policy.expired_before(level, now)
                 for start in [s for s in state.buckets[level] if s < horizon]:
                     del state.buckets[level][start]
                     dropped += 1

@@ -157,7 +157,7 @@ class RedisStore:
         k = self.keys(model)
         dropped = 0
         for level in LEVELS:
-            horizon = now - self.policy.retention(level) - self.policy.length(level)
+            horizon = self.policy.expired_before(level, now)
             old = cast(
                 list[bytes], self.client.zrangebyscore(k.bucket_index(level), "-inf", f"({horizon}")
             )
