@@ -161,13 +161,27 @@ def _fmt(value: float | int | None) -> str:
 
 
 def _register_commands() -> None:
-    from monitor import cli_alerts, cli_api, cli_dashboards, cli_exporter, cli_pipeline
+    from monitor import (
+        cli_alerts,
+        cli_api,
+        cli_compare,
+        cli_dashboards,
+        cli_demo,
+        cli_exporter,
+        cli_pipeline,
+        cli_report,
+        cli_study,
+    )
 
+    cli_demo.register(app)
     cli_pipeline.register(app)
     cli_api.register(app)
     cli_exporter.register(app)
     cli_alerts.register(app)
     cli_dashboards.register(app)
+    cli_report.register(app)
+    cli_compare.register(app)
+    cli_study.register(app)
 
 
 _register_commands()

@@ -1,0 +1,9 @@
+"""The `study` command (being written)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to `app`."""
