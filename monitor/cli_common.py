@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 import typer
 from pydantic import ValidationError
@@ -12,7 +12,18 @@ from rich.console import Console
 
 from monitor.errors import CollapseMonitorError
 
-EXIT_BAD_INPUT = 2
+
+class ExitCode(IntEnum):
+    """Every command's exit status (documented in docs/cli.md; scripts and CI rely on them)."""
+
+    OK = 0
+    FAILURE = 1  # unexpected error: a bug, or a service that stayed down
+    BAD_INPUT = 2  # bad input, settings or usage: one line on stderr
+    REGRESSION = 3  # `compare`: the candidate regressed beyond the tolerances
+    INTERRUPTED = 130  # Ctrl-C
+
+
+EXIT_BAD_INPUT = ExitCode.BAD_INPUT
 stderr = Console(stderr=True)
 
 
