@@ -26,6 +26,7 @@ from monitor.metrics.engine import (
     DEFAULT_NC4_MAX_SAMPLES,
     DEFAULT_PAIR_SAMPLES,
     DEFAULT_TILE_SIZE,
+    MetricOptions,
 )
 from monitor.store.keys import MODEL_NAME
 
@@ -222,6 +223,18 @@ class Settings(BaseSettings):
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def metric_options(self) -> MetricOptions:
+        """The `compute_metrics` options these settings choose (one mapping for every caller)."""
+        return MetricOptions(
+            min_count=self.min_count,
+            max_exact_classes=self.max_exact_classes,
+            pair_samples=self.pair_samples,
+            nc4_max_samples=self.nc4_max_samples,
+            seed=self.seed,
+            device=self.device,
+            tile_size=self.tile_size,
+        )
 
 
 def settings_markdown() -> str:

@@ -144,17 +144,11 @@ class Evaluator:
         return snapshot, stats
 
     def _metrics(self, stats: CollapseStats, head: Head | None) -> MetricReport:
-        settings = self.runtime.settings
         return compute_metrics(
             stats,
             head.weight if head else None,
             head.bias if head else None,
-            min_count=settings.min_count,
-            max_exact_classes=settings.max_exact_classes,
-            pair_samples=settings.pair_samples,
-            seed=settings.seed,
-            device=settings.device,
-            tile_size=settings.tile_size,
+            **self.runtime.settings.metric_options(),
         )
 
     def _baseline(self, model: str, head: Head | None) -> _Baseline | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TypedDict
 
 import torch
 
@@ -21,6 +22,18 @@ DEFAULT_MAX_EXACT_CLASSES = 30_000
 DEFAULT_PAIR_SAMPLES = 500_000
 DEFAULT_NC4_MAX_SAMPLES = 20_000
 DEFAULT_TILE_SIZE = 512
+
+
+class MetricOptions(TypedDict, total=False):
+    """`compute_metrics` options that come from settings (see `Settings.metric_options`)."""
+
+    min_count: int
+    max_exact_classes: int
+    pair_samples: int
+    nc4_max_samples: int
+    seed: int
+    device: str
+    tile_size: int
 
 
 def compute_metrics(

@@ -88,12 +88,6 @@ def analyze_arrays(
         stats,
         classifier,
         bias,
-        min_count=options.min_count,
-        max_exact_classes=options.max_exact_classes,
-        pair_samples=options.pair_samples,
         eval_features=eval_features if eval_features is not None else features,
-        nc4_max_samples=options.nc4_max_samples,
-        seed=options.seed,
-        device=options.device,
-        tile_size=options.tile_size,
+        **options.metric_options(),
     )
