@@ -37,6 +37,10 @@ class ReportData:
     baseline: CollapseStats | None = None
     current: CollapseStats | None = None
     token_names: dict[int, str] | None = None
+    # One label per snapshot (e.g. checkpoints of a `study`): x becomes the snapshot's position
+    # with these tick labels instead of its timestamp.
+    x_labels: list[str] | None = None
+    min_count: int = 2  # classes need this many samples to enter the PCA panel
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,117 @@
-"""Write a report's PNGs and HTML page (being written: a first, rough version)."""
+"""`write_report`: every figure of a `ReportData` as PNG, and the HTML page that embeds them."""
 
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import replace
 from pathlib import Path
 
 from monitor.report.data import ReportData, ReportFiles
+from monitor.report.figures import GROUPS, draw_group, draw_pca
+from monitor.report.html import Figure, render_html
+from monitor.report.pca import drift_ranking, project_means, top_drift_ids
+
+__all__ = ["HTML_NAME", "PCA_STEM", "write_report"]
+
+HTML_NAME = "report.html"
+PCA_STEM = "class_means_pca"
+CUSTOM_STEM = "custom"
+_KNOWN = {k for _, _, keys in GROUPS for k in keys} | {"drift_mmd_threshold"}
+LABELLED = 10  # drifted tokens named on the PCA panel
+
+
+def _custom_keys(data: ReportData) -> tuple[str, ...]:
+    """Metrics outside the catalogue (custom metric plugins), in first-seen order."""
+    seen: dict[str, None] = {}
+    for snap in data.snapshots:
+        for key in snap.metrics:
+            if key not in _KNOWN and not key.endswith("_stderr"):
+                seen.setdefault(key, None)
+    return tuple(seen)
+
+
+def _replace(tmp: Path, final: Path) -> Path:
+    os.replace(tmp, final)  # a reader (a browser refreshing the demo's page) never sees half
+    return final
 
 
 def write_report(data: ReportData, out_dir: Path) -> ReportFiles:
-    """Write `report.html` (and PNG figures) for `data` into `out_dir`; returns the paths."""
+    """Write `report.html` and one PNG per figure with data into `out_dir`; returns the paths.
+
+    Never fails on thin data: no snapshots, a single one, no baseline or no window statistics
+    give a page with a note in place of the missing figures.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    html = out_dir / "report.html"
-    html.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{data.model}</title></head>"
-        f"<body><h1>{data.model} ({data.window})</h1><p>{len(data.snapshots)} snapshots</p>"
-        "</body></html>",
-        encoding="utf-8",
+    if data.x_labels is not None and len(data.x_labels) != len(data.snapshots):
+        raise ValueError(f"{len(data.x_labels)} x labels for {len(data.snapshots)} snapshots")
+    if data.x_labels is None:  # oldest first, without touching the caller's object
+        data = replace(data, snapshots=sorted(data.snapshots, key=lambda s: s.timestamp))
+    notes: list[str] = []
+    figures: list[Figure] = []
+    groups = [*GROUPS]
+    custom = _custom_keys(data)
+    if custom:
+        groups.append((CUSTOM_STEM, "Custom metrics", custom))
+    written: set[str] = set()
+    if not data.snapshots:
+        notes.append(f"No snapshots of {data.model} ({data.window}) yet: nothing to plot.")
+    else:
+        missing: list[str] = []
+        for stem, title, keys in groups:
+            tmp = out_dir / f".{stem}.png.tmp"
+            panel = draw_group(data, stem, title, keys, tmp)
+            if panel is None:
+                missing.append(title)
+                continue
+            path = _replace(tmp, out_dir / f"{stem}.png")
+            written.add(stem)
+            figures.append(Figure(title, path, "Metrics: " + ", ".join(panel.metrics)))
+        if missing:
+            notes.append("No values in any snapshot for: " + "; ".join(missing) + ".")
+    pca = _pca(data, out_dir, notes)
+    if pca is not None:
+        figures.append(pca)
+        written.add(PCA_STEM)
+    for stem in {s for s, _, _ in groups} | {PCA_STEM, CUSTOM_STEM}:
+        if stem not in written:  # a figure from an earlier report would no longer be true
+            (out_dir / f"{stem}.png").unlink(missing_ok=True)
+    order = [k for _, _, keys in groups for k in keys] + ["drift_mmd_threshold"]
+    page = render_html(data, figures, notes, order, time.time())
+    tmp_html = out_dir / f".{HTML_NAME}.tmp"
+    tmp_html.write_text(page, encoding="utf-8")
+    html = _replace(tmp_html, out_dir / HTML_NAME)
+    return ReportFiles(html=html, pngs=[f.path for f in figures])
+
+
+def _pca(data: ReportData, out_dir: Path, notes: list[str]) -> Figure | None:
+    if data.baseline is None or data.current is None:
+        what = "baseline" if data.baseline is None else "current window statistics"
+        notes.append(f"No {what}: the class-means projection (PCA) is skipped.")
+        return None
+    projection = project_means(data.baseline, data.current, min_count=data.min_count)
+    if projection is None:
+        notes.append(
+            f"Fewer than 3 class means with at least {data.min_count} samples: "
+            "the class-means projection (PCA) is skipped."
+        )
+        return None
+    latest = data.snapshots[-1] if data.snapshots else None
+    if latest is not None and latest.top_drift:
+        labelled = top_drift_ids(latest.top_drift, LABELLED)
+        names = {t.class_id: t.token for t in latest.top_drift}
+    else:
+        labelled = drift_ranking(
+            data.baseline, data.current, min_count=data.min_count, top=LABELLED
+        )
+        names = {}
+    names.update(data.token_names or {})
+    tmp = out_dir / f".{PCA_STEM}.png.tmp"
+    title = f"Class means, current window against the baseline - {data.model} ({data.window})"
+    draw_pca(projection, labelled, names, title, tmp)
+    path = _replace(tmp, out_dir / f"{PCA_STEM}.png")
+    caption = (
+        f"Both sets projected on the two principal axes of their union; arrows: the {LABELLED} "
+        "most drifted tokens, from the baseline mean to the current one."
     )
-    return ReportFiles(html=html, pngs=[])
+    return Figure("Class means (PCA)", path, caption)
