@@ -41,6 +41,7 @@ class ReportData:
     # with these tick labels instead of its timestamp.
     x_labels: list[str] | None = None
     min_count: int = 2  # classes need this many samples to enter the PCA panel
+    notes: list[str] = field(default_factory=list)  # shown at the top of the page
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,8 +67,9 @@ def _e(text: object) -> str:
 def _summary(data: ReportData, latest: Snapshot, order: Sequence[str]) -> list[str]:
     status_class = "ok" if latest.ok else "firing"
     base = latest.baseline or {}
+    when = ("checkpoint", data.x_labels[-1]) if data.x_labels else ("time", _time(latest.timestamp))
     rows = [
-        ("snapshot time", _e(_time(latest.timestamp))),
+        (when[0], _e(when[1])),
         ("status", f"<span class='{status_class}'>{_e(latest.status)}</span>"),
         ("reason", _e(latest.reason or "-")),
         ("samples", _num(latest.sample_count)),
@@ -91,7 +92,21 @@ def _summary(data: ReportData, latest: Snapshot, order: Sequence[str]) -> list[s
     return out
 
 
-def _alerts(periods: Sequence[AlertPeriod], has_thresholds: bool) -> list[str]:
+def _when(data: ReportData) -> Callable[[float | None], str]:
+    """How a moment is shown: its time, or the checkpoint label of a `study` history."""
+    if data.x_labels is None:
+        return _time
+    at = {s.timestamp: label for s, label in zip(data.snapshots, data.x_labels, strict=True)}
+
+    def label(ts: float | None) -> str:
+        return "-" if ts is None else at.get(ts, f"#{ts:g}")
+
+    return label
+
+
+def _alerts(
+    periods: Sequence[AlertPeriod], has_thresholds: bool, when: Callable[[float | None], str]
+) -> list[str]:
     out = ["<h2>Alerts</h2>"]
     if not has_thresholds:
         return [*out, "<p class='note'>No alert thresholds given: no alert periods.</p>"]
@@ -102,13 +117,11 @@ def _alerts(periods: Sequence[AlertPeriod], has_thresholds: bool) -> list[str]:
     else:
         out.append("<p class='ok'>Nothing firing at the last snapshot.</p>")
     if periods:
-        out.append("<table><tr><th>alert</th><th>from</th><th>until</th><th>duration</th></tr>")
+        out.append("<table><tr><th>alert</th><th>from</th><th>until</th></tr>")
         for p in periods:
-            until = "still firing" if p.end is None else _time(p.end)
-            span = "-" if p.end is None else f"{(p.end - p.start) / 60:.1f} min"
+            until = "still firing" if p.end is None else when(p.end)
             out.append(
-                f"<tr><td>{_e(p.alert)}</td><td>{_e(_time(p.start))}</td>"
-                f"<td>{_e(until)}</td><td class='num'>{_e(span)}</td></tr>"
+                f"<tr><td>{_e(p.alert)}</td><td>{_e(when(p.start))}</td><td>{_e(until)}</td></tr>"
             )
         out.append("</table>")
     return out
@@ -166,7 +179,7 @@ def render_html(
     parts += [f"<p class='note'>{_e(n)}</p>" for n in notes]
     if snaps:
         parts += _summary(data, snaps[-1], metric_order)
-    parts += _alerts(data.alert_periods, data.alerting is not None)
+    parts += _alerts(data.alert_periods, data.alerting is not None, _when(data))
     if snaps:
         parts += _top_drift(snaps[-1], names)
     if figures:

@@ -47,7 +47,7 @@ def write_report(data: ReportData, out_dir: Path) -> ReportFiles:
         raise ValueError(f"{len(data.x_labels)} x labels for {len(data.snapshots)} snapshots")
     if data.x_labels is None:  # oldest first, without touching the caller's object
         data = replace(data, snapshots=sorted(data.snapshots, key=lambda s: s.timestamp))
-    notes: list[str] = []
+    notes: list[str] = list(data.notes)
     figures: list[Figure] = []
     groups = [*GROUPS]
     custom = _custom_keys(data)
