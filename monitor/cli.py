@@ -1,29 +1,44 @@
 """The `collapse-monitor` command line.
 
-Exit codes: 0 success; 1 unexpected failure; 2 bad input or usage (one line on stderr, a
-traceback only with --debug).
+Exit codes are `monitor.cli_common.ExitCode` (docs/cli.md): 0 success, 1 unexpected failure,
+2 bad input or usage (one line on stderr, a traceback only with --debug), 3 regression
+(`compare`), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from monitor import __version__
-from monitor.cli_common import OutputFormat, debug_mode, one_line_errors, stderr
+from monitor.cli_common import (
+    ExitCode,
+    FormatOption,
+    OutputFormat,
+    debug_mode,
+    one_line_errors,
+    print_error,
+    progress_bar,
+    stderr,
+)
 from monitor.metrics import MetricReport
 from monitor.metrics.report import COLLAPSE_KEYS, ESTIMATED_KEYS, GEOMETRY_KEYS
 
 app = typer.Typer(
     name="collapse-monitor",
     help="Watch the neural-collapse geometry of LLM hidden states; export gauges and alerts.",
+    epilog=(
+        "Example: collapse-monitor analyze --features h.npy --labels y.npy --format json. "
+        "Every command: collapse-monitor COMMAND --help; all of them: docs/cli.md."
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -84,9 +99,7 @@ def analyze(
     seed: Annotated[
         int | None, typer.Option(help="Seed of sampled pairs and NC4. [env: 0]")
     ] = None,
-    output: Annotated[OutputFormat, typer.Option("--format", help="json or table.")] = (
-        OutputFormat.table
-    ),
+    output: FormatOption = OutputFormat.table,
 ) -> None:
     """Metrics of saved features: every collapse and geometry key of METRICS.md.
 
@@ -112,15 +125,7 @@ def analyze(
         "seed": seed,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    with Progress(
-        TextColumn("accumulating"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} samples"),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=True,
-        disable=not stderr.is_terminal,
-    ) as bar:
+    with progress_bar("accumulating", "samples") as bar:
         task = bar.add_task("accumulate", total=int(feats.shape[0]))
         report = analyze_arrays(
             feats,
@@ -187,24 +192,45 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def main() -> None:
-    """Console entry point: one-line errors with exit code 2 unless --debug.
+def _click_kind(exc: BaseException) -> str | None:
+    """Which click error `exc` is, by class name: typer 0.2x vendors click as `typer._click`,
+    so matching names (as typer itself does) works whichever copy raised it."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    kinds = ("NoArgsIsHelpError", "UsageError", "ClickException", "Abort")
+    return next((kind for kind in kinds if kind in names), None)
 
-    Usage errors are typer's own (exit 2); our refusals of bad input come through here.
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: every error is one line on stderr (a traceback only with --debug).
+
+    Typer runs in non-standalone mode so that its usage errors (a missing or invalid option)
+    come here and get the same one-line form and exit code 2 as our own refusals of bad input.
     """
     try:
         with one_line_errors():
-            app()
+            code = app(args=argv, prog_name="collapse-monitor", standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         stderr.print("interrupted", markup=False)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except Exception as exc:
+        kind = _click_kind(exc)
+        if kind == "NoArgsIsHelpError":
+            sys.exit(ExitCode.BAD_INPUT)  # typer has printed the help already
+        if kind == "Abort":  # Ctrl-C or end of input at a prompt
+            stderr.print("interrupted", markup=False)
+            sys.exit(ExitCode.INTERRUPTED)
+        if kind is not None:  # a missing or invalid option, a file option that does not exist
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if kind == "UsageError" and ctx else ""
+            print_error(f"{exc.format_message()}{hint}")  # type: ignore[attr-defined]
+            sys.exit(ExitCode.BAD_INPUT)
         if debug_mode["on"]:
-            raise
-        stderr.print(f"error: {type(exc).__name__}: {exc}", markup=False, soft_wrap=True)
-        sys.exit(1)
+            traceback.print_exc(file=sys.stderr)
+        print_error(f"{type(exc).__name__}: {exc}")
+        sys.exit(ExitCode.FAILURE)
+    sys.exit(code if isinstance(code, int) else ExitCode.OK)
 
 
 if __name__ == "__main__":

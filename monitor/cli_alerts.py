@@ -24,7 +24,10 @@ class RulesFormat(StrEnum):
 def register(app: typer.Typer) -> None:
     """Add the `rules` sub-app (with `render`) to the main typer app."""
     rules_app = typer.Typer(
-        name="rules", help="Prometheus alerting rules from the configured thresholds."
+        name="rules",
+        help="Prometheus alerting rules from the configured thresholds.",
+        epilog="Example: collapse-monitor rules render --out rules.yaml",
+        no_args_is_help=True,
     )
 
     @rules_app.command(
@@ -55,7 +58,11 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Thresholds as JSON or YAML (default: the built-in defaults)."),
         ] = None,
     ) -> None:
-        """Render alerting rules (with runbook links) for Prometheus or prometheus-operator."""
+        """Render alerting rules (with runbook links) for Prometheus or prometheus-operator.
+
+        The output is a YAML file for Prometheus (`--format rules`) or a PrometheusRule
+        manifest (`--format prometheusrule`), so it has no json or table form.
+        """
         from monitor.alerts.rules import render_prometheus_rule, render_rules, to_yaml
         from monitor.alerts.thresholds import load_alerting
         from monitor.config import Settings

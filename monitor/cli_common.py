@@ -1,14 +1,26 @@
-"""What every command module shares: the output format option and the stderr console."""
+"""What every command module shares: exit codes, the `--format` option, one-line errors on
+stderr and the progress bar (the conventions of docs/cli.md)."""
 
 from __future__ import annotations
 
+import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import IntEnum, StrEnum
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from monitor.errors import CollapseMonitorError
 
@@ -28,8 +40,15 @@ stderr = Console(stderr=True)
 
 
 class OutputFormat(StrEnum):
+    """`json`: one document on stdout for scripts; `table`: rich tables for people."""
+
     json = "json"
     table = "table"
+
+
+FORMAT_HELP = "json (one document on stdout, for scripts) or table (for people)."
+# The `--format` option of every command that prints data: `output: FormatOption = table`.
+FormatOption = Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)]
 
 
 debug_mode = {"on": False}  # set by the root --debug option
@@ -44,13 +63,37 @@ def one_line(exc: Exception) -> str:
     return str(exc)
 
 
+def print_error(message: str) -> None:
+    """`error: <message>` as exactly one line on stderr (scripts grep it; logs stay parseable)."""
+    flat = " ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+    stderr.print(f"error: {flat}", highlight=False, markup=False, soft_wrap=True)
+
+
+def progress_bar(what: str, unit: str = "") -> Progress:
+    """A transient progress bar on stderr, off when stderr is not a terminal (pipes, CI logs).
+
+    Stdout stays clean for `--format json`; the bar never reaches a log file.
+    """
+    return Progress(
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+        disable=not stderr.is_terminal,
+    )
+
+
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Bad input or settings: one line on stderr and exit code 2 (a traceback with --debug)."""
     try:
         yield
     except (CollapseMonitorError, ValidationError) as exc:
-        if debug_mode["on"]:
-            raise
-        stderr.print(f"error: {one_line(exc)}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        if debug_mode["on"]:  # the traceback, and still the exit code scripts rely on
+            traceback.print_exc(file=sys.stderr)
+        print_error(one_line(exc))
+        raise typer.Exit(ExitCode.BAD_INPUT) from None

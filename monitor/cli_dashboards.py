@@ -19,7 +19,12 @@ DEFAULT_DIR = Path(__file__).resolve().parents[1] / "dashboards"
 
 def register(app: typer.Typer) -> None:
     """Add the `dashboards` sub-app (with `push`) to the main typer app."""
-    dashboards_app = typer.Typer(name="dashboards", help="Grafana dashboards of the monitor.")
+    dashboards_app = typer.Typer(
+        name="dashboards",
+        help="Grafana dashboards of the monitor.",
+        epilog="Example: collapse-monitor dashboards push --url http://grafana:3000",
+        no_args_is_help=True,
+    )
 
     @dashboards_app.command(
         "push",
@@ -46,7 +51,7 @@ def register(app: typer.Typer) -> None:
             Path, typer.Option("--dir", help="Directory of dashboard JSON files.")
         ] = DEFAULT_DIR,
     ) -> None:
-        """Upload every dashboard (overwriting by uid) and print their URLs."""
+        """Upload every dashboard (overwriting by uid) and print their URLs, one per line."""
         from monitor.errors import InvalidInput
         from monitor.grafana.push import push_dashboards
 

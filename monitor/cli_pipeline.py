@@ -1,22 +1,35 @@
-"""Pipeline commands: worker, beat, status, replay and baseline pin|list|unpin."""
+"""Pipeline commands: worker, beat, status, replay, evaluate and baseline pin|list|unpin.
+
+All of them talk to Redis (COLLAPSE_REDIS_URL); in embedded mode they refuse with one line and
+exit code 2, since a separate process would see none of the embedded process's state.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
-from monitor.cli_common import OutputFormat, stderr
+from monitor.cli_common import FormatOption, OutputFormat, progress_bar
 from monitor.config import Settings
 from monitor.errors import InvalidInput
 from monitor.pipeline.runtime import Runtime
 
-baseline_app = typer.Typer(help="Pin, list and unpin baselines.", no_args_is_help=True)
+if TYPE_CHECKING:
+    import torch
+
+baseline_app = typer.Typer(
+    help="Pin, list and unpin baselines (the reference that drift is measured against).",
+    epilog="Example: collapse-monitor baseline pin --model gpt2-prod --name launch --window 24h",
+    no_args_is_help=True,
+)
+# An input file must exist and be a file: typer refuses otherwise, in one line with exit code 2.
+_FILE: dict[str, Any] = {"exists": True, "dir_okay": False, "readable": True}
 
 
 def _service_settings() -> Settings:
@@ -32,6 +45,20 @@ def _runtime() -> Runtime:
     return Runtime(_service_settings())
 
 
+def _read_lines(path: Path) -> list[str]:
+    """Non-blank lines of a UTF-8 text file: one document (or request) per line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput("bad_corpus", f"{path}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise InvalidInput("bad_corpus", f"{path}: {exc.strerror or exc}") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise InvalidInput("empty_corpus", f"{path}: no non-blank lines")
+    return lines
+
+
 def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = (
         "ingest,maintenance"
@@ -42,7 +69,9 @@ def worker(
     ),
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
 ) -> None:
-    """Run a Celery worker. Example: collapse-monitor worker --queues embed --pool solo"""
+    """Run a Celery worker: `ingest` (statistics of feature batches), `embed` (forward pass of
+    mirrored texts, one per GPU with --pool solo) and `maintenance` (compaction, evaluation).
+    """
     _service_settings()
     from monitor.pipeline.celery_app import QUEUES, app
 
@@ -77,7 +106,7 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "inf
 
 def status(
     model: Annotated[str | None, typer.Option(help="One model (default: all).")] = None,
-    output: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
+    output: FormatOption = OutputFormat.table,
 ) -> None:
     """Windows, counts, pending partials, compaction lag and memory per model."""
     from monitor.pipeline.status import model_status, status_document
@@ -105,12 +134,20 @@ def status(
 
 def replay(
     model: Annotated[str, typer.Option(help="Declared model name.")],
-    features: Annotated[Path | None, typer.Option(help="(N, d) features file.")] = None,
-    labels: Annotated[Path | None, typer.Option(help="(N,) labels file.")] = None,
-    corpus: Annotated[Path | None, typer.Option(help="Text file, one document per line.")] = None,
+    features: Annotated[
+        Path | None, typer.Option(help="(N, d) features, .npy or .safetensors.", **_FILE)
+    ] = None,
+    labels: Annotated[Path | None, typer.Option(help="(N,) next-token labels.", **_FILE)] = None,
+    corpus: Annotated[
+        Path | None, typer.Option(help="UTF-8 text file, one document per line.", **_FILE)
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows (or lines) per task.")] = 4096,
+    output: FormatOption = OutputFormat.table,
 ) -> None:
-    """Feed saved features or a text corpus into the running pipeline."""
+    """Feed saved features or a text corpus into the running pipeline (queued, not waited for).
+
+    Texts go to the `embed` queue, so a GPU (or CPU) embed worker must be running.
+    """
     from monitor.offline.arrays import load_array
     from monitor.pipeline.client import MonitorClient
 
@@ -118,7 +155,8 @@ def replay(
     client = MonitorClient(settings)
     if (features is None) == (corpus is None) or (features is not None) != (labels is not None):
         raise InvalidInput("invalid_option", "give --features with --labels, or --corpus")
-    with Progress(console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
+    what = "samples" if features is not None else "texts"
+    with progress_bar("replay", what) as bar:
         if features is not None and labels is not None:
             x, y = load_array(features, "features"), load_array(labels, "labels")
             if x.shape[0] != y.shape[0]:
@@ -132,30 +170,44 @@ def replay(
             sent = int(x.shape[0])
         else:
             assert corpus is not None
-            lines = [ln for ln in corpus.read_text().splitlines() if ln.strip()]
+            lines = _read_lines(corpus)
             task = bar.add_task("replay", total=len(lines))
             for start in range(0, len(lines), batch_size):
                 client.submit_texts(model, lines[start : start + batch_size])
                 bar.update(task, completed=min(start + batch_size, len(lines)))
             sent = len(lines)
-    typer.echo(f"queued {sent} {'samples' if features is not None else 'texts'} for {model}")
+    if output is OutputFormat.json:
+        typer.echo(json.dumps({"model": model, "queued": sent, "kind": what}))
+    else:
+        typer.echo(f"queued {sent} {what} for {model}")
 
 
-@baseline_app.command("pin")
+@baseline_app.command(
+    "pin",
+    epilog="Example: collapse-monitor baseline pin --model gpt2-prod --name launch "
+    "--corpus val.txt",
+)
 def baseline_pin(
     model: Annotated[str, typer.Option(help="Declared model name.")],
     name: Annotated[str, typer.Option(help="Baseline name.")] = "default",
     window: Annotated[str | None, typer.Option(help="Pin this rolling window, e.g. 1h.")] = None,
-    features: Annotated[Path | None, typer.Option(help="Pin saved features instead.")] = None,
-    labels: Annotated[Path | None, typer.Option(help="Labels of --features.")] = None,
+    features: Annotated[
+        Path | None, typer.Option(help="Pin saved features instead.", **_FILE)
+    ] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels of --features.", **_FILE)] = None,
     corpus: Annotated[
-        Path | None, typer.Option(help="Pin a corpus run: one text per line, through the model.")
+        Path | None,
+        typer.Option(help="Pin a corpus run: one text per line, through the model.", **_FILE),
     ] = None,
     replace: Annotated[bool, typer.Option(help="Overwrite a baseline of that name.")] = False,
+    output: Annotated[
+        OutputFormat,
+        typer.Option("--format", help="json (the default: the baseline's stamp) or table."),
+    ] = OutputFormat.json,
 ) -> None:
     """Freeze a window's, saved features' or a corpus run's statistics as a baseline.
 
-    Example: collapse-monitor baseline pin --model gpt2-prod --name launch --corpus val.txt
+    Prints the baseline's stamp (source, counts, dimension, creation time).
     """
     from monitor.offline.arrays import load_array
     from monitor.pipeline.baselines import pin_batches, pin_window
@@ -168,20 +220,25 @@ def baseline_pin(
         from monitor.capture.mirror import embed_batches
         from monitor.pipeline.embed import loaded_model
 
+        lines = _read_lines(corpus)
         lm, tokenizer = loaded_model(runtime, model)
-        lines = [ln for ln in corpus.read_text().splitlines() if ln.strip()]
-        batches = (
-            (b.features, b.labels) for b in embed_batches(lm, tokenizer, lines, batch_size=8)
-        )
-        meta = pin_batches(
-            runtime.store,
-            runtime.registry,
-            model,
-            name,
-            batches,
-            source=f"corpus:{corpus.name}",
-            replace=replace,
-        )
+        with progress_bar("embedding", "texts") as bar:
+            task = bar.add_task("embed", total=len(lines))
+
+            def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                for i, b in enumerate(embed_batches(lm, tokenizer, lines, batch_size=8)):
+                    yield b.features, b.labels
+                    bar.update(task, completed=min(8 * (i + 1), len(lines)))
+
+            meta = pin_batches(
+                runtime.store,
+                runtime.registry,
+                model,
+                name,
+                batches(),
+                source=f"corpus:{corpus.name}",
+                replace=replace,
+            )
     elif window is not None:
         seconds = runtime.settings.windows.get(window)
         if seconds is None:
@@ -207,13 +264,24 @@ def baseline_pin(
             source=f"features:{features.name}",
             replace=replace,
         )
-    typer.echo(json.dumps({"model": model, "baseline": name, **meta}))
+    stamp = {"model": model, "baseline": name, **meta}
+    if output is OutputFormat.json:
+        typer.echo(json.dumps(stamp))
+        return
+    table = Table(title=f"baseline {name} of {model}")
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in stamp.items():
+        table.add_row(key, str(value))
+    Console().print(table)
 
 
-@baseline_app.command("list")
+@baseline_app.command(
+    "list", epilog="Example: collapse-monitor baseline list --model gpt2-prod --format json"
+)
 def baseline_list(
     model: Annotated[str, typer.Option(help="Declared model name.")],
-    output: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
+    output: FormatOption = OutputFormat.table,
 ) -> None:
     """Baselines pinned for a model, with their stamps."""
     runtime = _runtime()
@@ -236,12 +304,14 @@ def baseline_list(
     Console().print(table)
 
 
-@baseline_app.command("unpin")
+@baseline_app.command(
+    "unpin", epilog="Example: collapse-monitor baseline unpin --model gpt2-prod --name launch"
+)
 def baseline_unpin(
     model: Annotated[str, typer.Option(help="Declared model name.")],
     name: Annotated[str, typer.Option(help="Baseline name.")],
 ) -> None:
-    """Remove a pinned baseline."""
+    """Remove a pinned baseline (exit code 2 when there is none of that name)."""
     runtime = _runtime()
     if not runtime.store.unpin_baseline(model, name):
         raise InvalidInput("unknown_baseline", f"no baseline {name!r} pinned for {model!r}")
@@ -250,7 +320,7 @@ def baseline_unpin(
 
 def evaluate(
     model: Annotated[str | None, typer.Option(help="One model (default: all declared).")] = None,
-    output: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
+    output: FormatOption = OutputFormat.table,
 ) -> None:
     """Evaluate now: every metric of every window, written as snapshots (as beat does)."""
     from monitor.evaluate.evaluator import Evaluator
@@ -258,7 +328,10 @@ def evaluate(
     runtime = _runtime()
     evaluator = Evaluator(runtime)
     names = [model] if model else runtime.registry.names
-    snapshots = [s for name in names for s in evaluator.evaluate_model(name)]
+    snapshots = []
+    with progress_bar("evaluating", "models") as bar:
+        for name in bar.track(names, description="evaluate"):
+            snapshots.extend(evaluator.evaluate_model(name))
     if output is OutputFormat.json:
         typer.echo(json.dumps([json.loads(s.to_json()) for s in snapshots]))
         return
@@ -274,7 +347,17 @@ def evaluate(
         Console().print(table)
 
 
+EXAMPLES: dict[Callable[..., None], str] = {
+    worker: "collapse-monitor worker --queues embed --pool solo",
+    beat: "collapse-monitor beat --loglevel info",
+    status: "collapse-monitor status --model gpt2-prod --format json",
+    replay: "collapse-monitor replay --model gpt2-prod --corpus traffic.txt",
+    evaluate: "collapse-monitor evaluate --model gpt2-prod --format json",
+}
+
+
 def register(app: typer.Typer) -> None:
-    for command in (worker, beat, status, replay, evaluate):
-        app.command()(command)
+    """Add worker, beat, status, replay, evaluate and the `baseline` group to the main app."""
+    for command, example in EXAMPLES.items():
+        app.command(epilog=f"Example: {example}")(command)
     app.add_typer(baseline_app, name="baseline")
