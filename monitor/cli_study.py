@@ -1,9 +1,130 @@
-"""The `study` command (being written)."""
+"""The `study` command: collapse metrics and validation loss across checkpoints, correlated."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from monitor.cli_common import FormatOption, OutputFormat, progress_bar
+from monitor.offline.correlation import Correlation
+
+# A few metrics for the per-checkpoint table; every key is in the CSV and JSON.
+_TABLE_KEYS = ("nc1_cdnv2", "nc1_cdnv", "nc4_ncc_agreement", "nc2_equiangularity_std")
+
+
+def _fmt(value: float | int | None, spec: str = ".4g") -> str:
+    return "null" if value is None else format(value, spec)
+
+
+def _print_tables(doc: dict[str, object], correlations: list[Correlation]) -> None:
+    console = Console()
+    rows = doc["checkpoints"]
+    assert isinstance(rows, list)
+    table = Table(title="checkpoints (metrics on the train corpus, loss on the validation one)")
+    for col in ("checkpoint", "params", "val loss", *_TABLE_KEYS):
+        table.add_column(col, justify="left" if col == "checkpoint" else "right")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            f"{row['parameters']:,}",
+            f"{row['val_loss']:.4f}",
+            *(_fmt(row["metrics"][k]) for k in _TABLE_KEYS),
+        )
+    console.print(table)
+    corr = Table(title="correlation with validation loss")
+    for col in ("metric", "n", "scale", "Pearson r", "R^2", "Spearman rho", "as paper"):
+        corr.add_column(col, justify="left" if col in ("metric", "scale") else "right")
+    for c in correlations:
+        agrees = {True: "yes", False: "no", None: "-"}[c.agrees]
+        corr.add_row(
+            c.metric,
+            str(c.n),
+            c.scale,
+            _fmt(c.pearson_r, "+.3f"),
+            _fmt(c.r2, ".3f"),
+            _fmt(c.spearman_rho, "+.3f"),
+            agrees,
+        )
+    console.print(corr)
 
 
 def register(app: typer.Typer) -> None:
     """Add the command to `app`."""
+
+    @app.command(
+        epilog=(
+            "Example: collapse-monitor study --checkpoints runs/ --corpus train.txt "
+            "--eval-corpus val.txt --out study/"
+        )
+    )
+    def study(
+        checkpoints: Annotated[
+            list[Path],
+            typer.Option(
+                help="A checkpoint directory (config.json inside) or a folder of them; repeat."
+            ),
+        ],
+        corpus: Annotated[
+            Path, typer.Option(help="Train corpus (metrics): UTF-8, one document per line.")
+        ],
+        eval_corpus: Annotated[
+            Path, typer.Option(help="Validation corpus (loss and NC4), same format.")
+        ],
+        out: Annotated[Path, typer.Option(help="Folder for study.csv, study.json, *.png.")],
+        max_tokens: Annotated[
+            int, typer.Option(min=2, help="Train-corpus positions measured per checkpoint.")
+        ] = 131_072,
+        max_eval_tokens: Annotated[
+            int, typer.Option(min=2, help="Validation positions per checkpoint.")
+        ] = 32_768,
+        context: Annotated[
+            int, typer.Option(min=2, help="Longest window (capped by the model's context).")
+        ] = 256,
+        batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 16,
+        plots: Annotated[bool, typer.Option(help="Write the PNG plots.")] = True,
+        device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N]. [env: auto]")] = (
+            None
+        ),
+        output: FormatOption = OutputFormat.table,
+    ) -> None:
+        """Per checkpoint: every metric on the train corpus, NC4 and loss on the validation one.
+
+        Then each metric's correlation with validation loss across the checkpoints (Pearson on
+        log10 of the metric where it spans more than a decade, Spearman, R^2), as Wu & Papyan
+        do across their TinyStories models. Metric options come from the settings (COLLAPSE_*).
+        """
+        from transformers.utils import logging as hf_logging
+
+        from monitor.config import Settings
+        from monitor.offline.study import StudyOptions, run_study
+        from monitor.offline.study_output import write_study
+        from monitor.offline.study_plots import write_plots
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # per-checkpoint "Loading weights" bars drown ours
+        settings = Settings() if device is None else Settings(device=device)
+        options = StudyOptions(
+            max_tokens=max_tokens,
+            max_eval_tokens=max_eval_tokens,
+            context=context,
+            batch_size=batch_size,
+        )
+        with progress_bar("checkpoints", "{task.fields[name]}") as bar:
+            task = bar.add_task("study", total=None, name="")
+
+            def step(done: int, total: int, name: str) -> None:
+                bar.update(task, completed=done, total=total, name=name)
+
+            result = run_study(checkpoints, corpus, eval_corpus, options, settings, step)
+        write_study(result, out)
+        if plots:
+            write_plots(result, out)
+        doc = result.to_json()
+        if output is OutputFormat.json:
+            typer.echo(json.dumps(doc))
+        else:
+            _print_tables(doc, result.correlations)

@@ -1,0 +1,336 @@
+"""`study`: collapse metrics and validation loss of many checkpoints, and how they correlate.
+
+Wu & Papyan measure, for each model, the collapse metrics of its final hidden states on the
+training set and its validation loss, then correlate the two across models. Per checkpoint this
+module does the same: the metrics of the train corpus (all of METRICS.md's collapse and
+geometry keys; NC4 on the validation corpus, against the class means of the train corpus) and
+the mean next-token cross-entropy on the validation corpus. Both corpora are read as one
+document per line and cut into windows of the model's context (at most `context` tokens),
+spread evenly over the corpus up to a token budget, so a long corpus costs a bounded time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monitor.config import Settings
+from monitor.errors import InvalidInput
+from monitor.metrics import REPORT_KEYS, compute_metrics
+from monitor.metrics.engine import resolve_device
+from monitor.metrics.report import COLLAPSE_KEYS
+from monitor.offline.correlation import Correlation, correlate
+from monitor.stats import CollapseStats
+
+SCHEMA_VERSION = 1
+# The metrics correlated with loss (class_count and sample_count are fixed by the corpus).
+STUDY_KEYS: tuple[str, ...] = (*COLLAPSE_KEYS, "anisotropy_mean_cos", "effective_rank")
+# The sign of the correlation with loss that "more collapse, lower loss" predicts (METRICS.md's
+# healthy directions); equiangularity_mean heads toward -1/(K-1), so it predicts no sign.
+EXPECTED_SIGN: dict[str, int] = {
+    "nc1_cdnv": 1,
+    "nc1_cdnv2": 1,
+    "nc1_trace_ratio": 1,
+    "nc2_equinorm_cv": 1,
+    "nc2_equiangularity_std": 1,
+    "nc2_log_energy_mean": 1,
+    "nc2_log_energy_std": 1,
+    "nc3_duality_mean_cos": -1,
+    "nc3_uniform_duality_cv": 1,
+    "nc4_ncc_agreement": -1,
+}
+# A corpus is read up to this many characters per budgeted token (evenly strided lines), so
+# tokenising a huge file never dominates; ~4 characters make a token in English BPE.
+_CHARS_PER_TOKEN_BUDGET = 16
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """Token budgets and batching; the metric options come from `Settings`."""
+
+    max_tokens: int = 131_072  # train-corpus positions whose states make the metrics
+    max_eval_tokens: int = 32_768  # validation positions for the loss and NC4
+    context: int = 256  # longest window, capped by the model's own context
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    """One checkpoint's measurements."""
+
+    name: str
+    path: str
+    parameters: int
+    n_embd: int | None
+    n_layer: int | None
+    train_tokens: int  # labelled positions that fed the statistics
+    eval_tokens: int  # predicted positions of the validation loss
+    val_loss: float
+    metrics: dict[str, float | int | None]
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """Every checkpoint's row and each metric's correlation with validation loss."""
+
+    corpus: str
+    eval_corpus: str
+    options: StudyOptions
+    rows: list[CheckpointRow]
+    correlations: list[Correlation] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "corpus": self.corpus,
+            "eval_corpus": self.eval_corpus,
+            "options": {
+                "max_tokens": self.options.max_tokens,
+                "max_eval_tokens": self.options.max_eval_tokens,
+                "context": self.options.context,
+            },
+            "checkpoints": [
+                {
+                    "name": r.name,
+                    "path": r.path,
+                    "parameters": r.parameters,
+                    "n_embd": r.n_embd,
+                    "n_layer": r.n_layer,
+                    "train_tokens": r.train_tokens,
+                    "eval_tokens": r.eval_tokens,
+                    "val_loss": r.val_loss,
+                    "metrics": r.metrics,
+                }
+                for r in self.rows
+            ],
+            "correlations": [
+                {
+                    "metric": c.metric,
+                    "n": c.n,
+                    "scale": c.scale,
+                    "pearson_r": c.pearson_r,
+                    "r2": c.r2,
+                    "spearman_rho": c.spearman_rho,
+                    "expected_sign": c.expected_sign,
+                    "agrees": c.agrees,
+                }
+                for c in self.correlations
+            ],
+        }
+
+
+def read_corpus_file(path: Path) -> list[str]:
+    """Non-blank lines of a UTF-8 text file, one document per line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput("bad_corpus", f"{path}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise InvalidInput("bad_corpus", f"{path}: {exc.strerror or exc}") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise InvalidInput("empty_corpus", f"{path}: no non-blank lines")
+    return lines
+
+
+def resolve_checkpoints(paths: Sequence[Path]) -> list[Path]:
+    """Each path is a checkpoint (has config.json) or a folder of them (its sub-folders)."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            raise InvalidInput("checkpoint_not_found", f"{path}: not a checkpoint directory")
+        if (path / "config.json").is_file():
+            found.append(path)
+            continue
+        subs = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+        if not subs:
+            raise InvalidInput("checkpoint_not_found", f"{path}: no config.json in it or below")
+        found.extend(subs)
+    if not found:
+        raise InvalidInput("checkpoint_not_found", "no checkpoints given")
+    resolved = [p.resolve() for p in found]
+    if len(set(resolved)) != len(resolved):
+        raise InvalidInput("duplicate_checkpoint", "a checkpoint is given twice")
+    return found
+
+
+def checkpoint_names(paths: Sequence[Path]) -> list[str]:
+    """Short unique names: each path relative to the folder all of them share."""
+    resolved = [p.resolve() for p in paths]
+    if len(resolved) == 1:
+        return [resolved[0].name]
+    common = Path(os.path.commonpath(resolved))
+    return [str(p.relative_to(common)) for p in resolved]
+
+
+def token_stream(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> torch.Tensor:
+    """Token ids of the documents, each followed by EOS when the tokenizer has one.
+
+    Above a character budget only evenly strided documents are read, so that the cost is
+    bounded and the sample still spans the whole corpus.
+    """
+    budget = _CHARS_PER_TOKEN_BUDGET * max_tokens
+    total = sum(len(t) for t in texts)
+    stride = max(1, math.ceil(total / budget))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for text in texts[::stride]:
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if eos is not None:
+            ids.append(int(eos))
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def token_windows(stream: torch.Tensor, length: int, max_tokens: int) -> torch.Tensor:
+    """(W, length) windows of `stream`, non-overlapping and evenly spread, W*length <= budget.
+
+    A stream shorter than `length` gives one window of the whole stream.
+    """
+    n = int(stream.numel())
+    if n < 2:
+        raise InvalidInput("empty_corpus", "the corpus has fewer than two tokens")
+    length = min(length, n)
+    available = n // length
+    wanted = max(1, min(available, max_tokens // length))
+    starts = torch.linspace(0, available - 1, wanted).round().long() * length
+    starts = torch.tensor(sorted(set(starts.tolist())), dtype=torch.int64)
+    return stream[starts[:, None] + torch.arange(length)[None, :]]
+
+
+@torch.no_grad()
+def validation_loss(model: Any, windows: torch.Tensor, batch_size: int) -> tuple[float, int]:
+    """(mean next-token cross-entropy in nats, positions counted) over the windows."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, int(windows.shape[0]), batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
+            ids[:, 1:].reshape(-1),
+            reduction="sum",
+        )
+        total += float(loss)
+        count += int(ids[:, 1:].numel())
+    return total / count, count
+
+
+def _context(model: Any, cap: int) -> int:
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return min(cap, int(limit)) if limit else cap
+
+
+def _tokenizer_key(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _Streams:
+    """Token streams per tokenizer: checkpoints of one family share a tokenizer, tokenise once."""
+
+    def __init__(self, train: Sequence[str], evaluation: Sequence[str], options: StudyOptions):
+        self._texts = (train, evaluation)
+        self._options = options
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        key = _tokenizer_key(tokenizer)
+        if key not in self._cache:
+            train, evaluation = self._texts
+            self._cache[key] = (
+                token_stream(tokenizer, train, self._options.max_tokens),
+                token_stream(tokenizer, evaluation, self._options.max_eval_tokens),
+            )
+        return self._cache[key]
+
+
+def measure_checkpoint(
+    path: Path, name: str, streams: _Streams, options: StudyOptions, settings: Settings
+) -> CheckpointRow:
+    """Load one checkpoint, measure its metrics and validation loss."""
+    from monitor.capture.mirror import embed_batches, load_model
+
+    device = resolve_device(settings.device)
+    model, tokenizer = load_model(path, device=device, dtype=None)
+    head = model.get_output_embeddings()
+    weight = head.weight.detach().float().cpu()
+    bias = getattr(head, "bias", None)
+    bias = None if bias is None else bias.detach().float().cpu()
+    train_stream, eval_stream = streams.get(tokenizer)
+    length = _context(model, options.context)
+    train_windows = token_windows(train_stream, length, options.max_tokens)
+    eval_windows = token_windows(eval_stream, length, options.max_eval_tokens)
+    stats = CollapseStats(
+        int(weight.shape[0]), int(weight.shape[1]), second_moment=True, device=device
+    )
+    train_tokens = 0
+    for batch in embed_batches(model, tokenizer, train_windows, options.batch_size):
+        stats.update(batch.features, batch.labels)
+        train_tokens += len(batch)
+    eval_features = torch.cat(
+        [b.features for b in embed_batches(model, tokenizer, eval_windows, options.batch_size)]
+    )
+    report = compute_metrics(
+        stats, weight, bias, eval_features=eval_features, **settings.metric_options()
+    )
+    val_loss, eval_tokens = validation_loss(model, eval_windows, options.batch_size)
+    config = getattr(model, "config", None)
+    n_embd = getattr(config, "n_embd", None) or getattr(config, "hidden_size", None)
+    n_layer = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", None)
+    return CheckpointRow(
+        name=name,
+        path=str(path),
+        parameters=sum(int(p.numel()) for p in model.parameters()),
+        n_embd=None if n_embd is None else int(n_embd),
+        n_layer=None if n_layer is None else int(n_layer),
+        train_tokens=train_tokens,
+        eval_tokens=eval_tokens,
+        val_loss=val_loss,
+        metrics={key: report.value(key) for key in REPORT_KEYS},
+    )
+
+
+def correlations(rows: Sequence[CheckpointRow]) -> list[Correlation]:
+    """Each STUDY_KEYS metric against validation loss."""
+    losses = [r.val_loss for r in rows]
+    out = []
+    for key in STUDY_KEYS:
+        values = [r.metrics.get(key) for r in rows]
+        floats = [None if v is None else float(v) for v in values]
+        out.append(correlate(key, floats, losses, EXPECTED_SIGN.get(key)))
+    return out
+
+
+def run_study(
+    checkpoints: Sequence[Path],
+    corpus: Path,
+    eval_corpus: Path,
+    options: StudyOptions | None = None,
+    settings: Settings | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> StudyResult:
+    """Measure every checkpoint (calling `progress(done, total, name)`), then correlate."""
+    opts = options or StudyOptions()
+    if min(opts.max_tokens, opts.max_eval_tokens, opts.context) < 2 or opts.batch_size < 1:
+        raise InvalidInput("invalid_option", "token budgets and context need >= 2, batch >= 1")
+    paths = resolve_checkpoints(checkpoints)
+    names = checkpoint_names(paths)
+    streams = _Streams(read_corpus_file(corpus), read_corpus_file(eval_corpus), opts)
+    chosen = settings if settings is not None else Settings()
+    rows: list[CheckpointRow] = []
+    for i, (path, name) in enumerate(zip(paths, names, strict=True)):
+        if progress is not None:
+            progress(i, len(paths), name)
+        rows.append(measure_checkpoint(path, name, streams, opts, chosen))
+    if progress is not None:
+        progress(len(paths), len(paths), "")
+    return StudyResult(str(corpus), str(eval_corpus), opts, rows, correlations(rows))

@@ -1,0 +1,95 @@
+"""Plots of a study: each metric against validation loss, one point per checkpoint.
+
+In the style of Wu & Papyan's figures: validation loss on x, the metric on y (log axis where
+the correlation used log10), points coloured by architecture (width x depth), so the training
+lengths of one architecture read as a trail. The title carries R^2 and Spearman's rho.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monitor.offline.correlation import Correlation
+from monitor.offline.study import CheckpointRow, StudyResult
+
+# The overview: the metrics the paper found most predictive, plus NC3 (which it did not).
+OVERVIEW_KEYS: tuple[str, ...] = (
+    "nc1_cdnv2",
+    "nc1_cdnv",
+    "nc4_ncc_agreement",
+    "nc2_equiangularity_std",
+    "nc2_log_energy_std",
+    "nc3_duality_mean_cos",
+)
+
+
+def _group(row: CheckpointRow) -> str:
+    if row.n_embd is None or row.n_layer is None:
+        return "model"
+    return f"d{row.n_embd} x {row.n_layer} layers"
+
+
+def _title(corr: Correlation) -> str:
+    r2 = "n/a" if corr.r2 is None else f"{corr.r2:.2f}"
+    rho = "n/a" if corr.spearman_rho is None else f"{corr.spearman_rho:+.2f}"
+    scale = "log10 " if corr.scale == "log10" else ""
+    return f"{corr.metric}\nR²({scale}metric) {r2}, Spearman ρ {rho}, n={corr.n}"
+
+
+def _draw(ax: Any, rows: Sequence[CheckpointRow], corr: Correlation, legend: bool) -> None:
+    groups: dict[str, list[CheckpointRow]] = {}
+    for row in rows:
+        if row.metrics.get(corr.metric) is not None:
+            groups.setdefault(_group(row), []).append(row)
+    for label, members in sorted(groups.items(), key=lambda kv: min(r.parameters for r in kv[1])):
+        members = sorted(members, key=lambda r: r.val_loss)
+        xs = [r.val_loss for r in members]
+        ys = [float(r.metrics[corr.metric] or 0.0) for r in members]
+        ax.plot(xs, ys, marker="o", markersize=4, linewidth=0.8, label=label)
+    if corr.scale == "log10":
+        ax.set_yscale("log")
+    ax.set_xlabel("validation loss (nats/token)")
+    ax.set_ylabel(corr.metric)
+    ax.set_title(_title(corr), fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, alpha=0.3)
+    if legend and groups:
+        ax.legend(fontsize=6)
+
+
+def write_plots(result: StudyResult, out_dir: Path) -> list[Path]:
+    """`<metric>.png` for every correlated metric with data, and `overview.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    usable = {c.metric: c for c in result.correlations if c.n >= 1}
+    for corr in usable.values():
+        fig, ax = plt.subplots(figsize=(4.8, 3.6), dpi=100)
+        _draw(ax, result.rows, corr, legend=True)
+        fig.tight_layout()
+        path = out_dir / f"{corr.metric}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    keys = [k for k in OVERVIEW_KEYS if k in usable]
+    if keys:
+        cols = 3
+        rows_n = (len(keys) + cols - 1) // cols
+        fig, axes = plt.subplots(rows_n, cols, figsize=(12, 3.6 * rows_n), dpi=90, squeeze=False)
+        for i, ax in enumerate(axes.flat):
+            if i < len(keys):
+                _draw(ax, result.rows, usable[keys[i]], legend=i == 0)
+            else:
+                ax.axis("off")
+        fig.tight_layout()
+        path = out_dir / "overview.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
