@@ -237,7 +237,8 @@ def draw_group(
         if any(e is not None for e in errs):
             err = np.array([np.nan if e is None else e for e in errs], dtype=np.float64)
             ax.fill_between(xs, ys - err, ys + err, color=LINE_COLOR, alpha=0.15, linewidth=0)
-        ax.plot(xs, ys, color=LINE_COLOR, linewidth=1.8, marker="o", markersize=3, label=key)
+        size = 3 if len(xs) > 3 else 7  # a lone point must still be seen
+        ax.plot(xs, ys, color=LINE_COLOR, linewidth=1.8, marker="o", markersize=size, label=key)
         if key == "drift_mmd":
             _drift_threshold(ax, data, xs)
         _thresholds(ax, key, data, values)

@@ -137,7 +137,8 @@ def from_json(
     labels: list[str] = []
     for i, row in enumerate(rows):
         metrics = _metrics(row, f"{path}: row {i}")
-        label = next((row[f] for f in _LABEL_FIELDS if isinstance(row.get(f), str | int)), i)
+        default = path.name if window == "analyze" else i
+        label = next((row[f] for f in _LABEL_FIELDS if isinstance(row.get(f), str | int)), default)
         labels.append(str(label))
         snapshots.append(
             Snapshot(
