@@ -230,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             traceback.print_exc(file=sys.stderr)
         print_error(f"{type(exc).__name__}: {exc}")
         sys.exit(ExitCode.FAILURE)
+    if code == ExitCode.INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130)
+        stderr.print("interrupted", markup=False)
     sys.exit(code if isinstance(code, int) else ExitCode.OK)
 
 
