@@ -212,8 +212,10 @@ def validation_loss(model: Any, windows: torch.Tensor, batch_size: int) -> tuple
     for start in range(0, int(windows.shape[0]), batch_size):
         ids = windows[start : start + batch_size].to(device)
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        # float32 logits (a float64 copy would double the largest tensor with a real
+        # vocabulary); the sum over positions is accumulated in a Python float.
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
             ids[:, 1:].reshape(-1),
             reduction="sum",
         )
