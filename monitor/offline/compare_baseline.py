@@ -1,0 +1,129 @@
+"""`compare --reference-baseline`: judge a candidate against a baseline pinned in Redis.
+
+The reference is the baseline's frozen statistics (no reference model runs); its metrics are
+computed as the evaluator computes a baseline's (with the declared model's head), and the
+candidate's statistics use the baseline's random Fourier features so the MMD is meaningful.
+NC4 of the reference exists only if the baseline recorded NC4 counts (it keeps no samples).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from monitor.errors import InvalidInput
+from monitor.evaluate.heads import load_head
+from monitor.metrics import compute_metrics
+from monitor.offline.compare import (
+    CompareOptions,
+    CompareResult,
+    CorpusInfo,
+    Side,
+    compute_device,
+    drift_between,
+    judge,
+    metrics_of,
+)
+from monitor.offline.corpus_run import (
+    Progress,
+    context_length,
+    nc4_positions,
+    open_model,
+    read_corpus_file,
+    run_model,
+    tokenize_slice,
+)
+from monitor.offline.tolerances import Tolerances
+from monitor.pipeline.baselines import decode_calibration, load_baseline
+from monitor.pipeline.runtime import Runtime
+
+
+def compare_with_baseline(
+    model: str,
+    baseline: str,
+    candidate: str,
+    corpus: Path,
+    tolerances: Tolerances,
+    options: CompareOptions,
+    progress: Progress | None = None,
+) -> CompareResult:
+    """Run `candidate` over the corpus slice and judge it against baseline `baseline` of the
+    declared model `model` (Redis from the settings). The candidate must have the model's
+    vocabulary size and width, so that its statistics and the baseline's are of one shape."""
+    started = time.perf_counter()
+    settings = options.settings
+    if settings.embedded:
+        raise InvalidInput(
+            "no_redis", "--reference-baseline needs COLLAPSE_REDIS_URL (where baselines are pinned)"
+        )
+    lines = read_corpus_file(corpus)
+    runtime = Runtime(settings)
+    ref_stats, meta = load_baseline(runtime.store, runtime.registry, model, baseline)
+    found = runtime.store.baseline(model, baseline)
+    buckets = decode_calibration(found.calibration if found else None)
+    cand_model, cand_tok = open_model(candidate, str(compute_device(settings)))
+    head = cand_model.get_output_embeddings().weight
+    if (int(head.shape[0]), int(head.shape[1])) != (ref_stats.num_classes, ref_stats.dim):
+        raise InvalidInput(
+            "incomparable_models",
+            f"candidate has vocabulary {head.shape[0]} x width {head.shape[1]}, baseline "
+            f"{baseline!r} of {model!r} {ref_stats.num_classes} x {ref_stats.dim}",
+        )
+    seqs = tokenize_slice(cand_tok, lines, options.max_tokens, context_length(cand_model))
+    total = sum(len(s) - 1 for s in seqs)
+    if total == 0:
+        raise InvalidInput("empty_corpus", f"corpus {corpus} has no line of two tokens or more")
+    positions = nc4_positions(total, settings.nc4_max_samples, settings.seed)
+    run = run_model(
+        cand_model,
+        cand_tok,
+        seqs,
+        positions=positions,
+        rff=ref_stats.rff,
+        second_moment=options.second_moment,
+        batch_size=options.batch_size,
+        label="candidate",
+        progress=progress,
+    )
+    ref_head = load_head(runtime, model)
+    ref_values = compute_metrics(
+        ref_stats,
+        ref_head.weight if ref_head else None,
+        ref_head.bias if ref_head else None,
+        **settings.metric_options(),
+    ).as_dict()
+    cand_values = metrics_of(run, settings)
+    drift = drift_between(run.stats, ref_stats, buckets, settings).as_dict()
+    metrics, checks = judge(ref_values, cand_values, drift, tolerances)
+    notes = []
+    if ref_values.get("nc4_ncc_agreement") is None:
+        notes.append("the baseline recorded no NC4 counts: nc4_ncc_agreement is not compared")
+    if not ref_stats.has_second_moment:
+        notes.append(
+            "the baseline has no second moment (second_moment: false): effective_rank and "
+            "nc1_trace_ratio are not compared"
+        )
+    return CompareResult(
+        reference=Side(
+            "baseline",
+            f"{model}/{baseline}",
+            ref_stats.sample_count,
+            int(ref_values["class_count"] or 0),
+            ref_stats.dim,
+        ),
+        candidate=Side(
+            "model",
+            candidate,
+            run.stats.sample_count,
+            int(cand_values["class_count"] or 0),
+            run.stats.dim,
+        ),
+        corpus=CorpusInfo(
+            str(corpus), len(seqs), total, options.max_tokens, int(positions.numel()), settings.seed
+        ),
+        metrics=metrics,
+        drift=checks,
+        tolerances=tolerances,
+        notes=[*notes, f"baseline source: {meta.get('source')}"],
+        seconds=time.perf_counter() - started,
+    )
