@@ -52,7 +52,7 @@ def write_report(data: ReportData, out_dir: Path) -> ReportFiles:
     groups = [*GROUPS]
     custom = _custom_keys(data)
     if custom:
-        groups.append((CUSTOM_STEM, "Custom metrics", custom))
+        groups.append((CUSTOM_STEM, "Other metrics", custom))
     written: set[str] = set()
     if not data.snapshots:
         notes.append(f"No snapshots of {data.model} ({data.window}) yet: nothing to plot.")

@@ -20,7 +20,8 @@ __all__ = ["from_json", "from_store"]
 
 # Row fields that name a checkpoint in `study` output (first one present wins).
 _LABEL_FIELDS = ("checkpoint", "name", "label", "step", "revision")
-_ROW_LISTS = ("rows", "checkpoints", "results", "history")
+_ROW_LISTS = ("checkpoints", "rows", "results", "history")
+_ROW_METRICS = ("val_loss",)  # row fields of `study` JSON plotted with the metrics
 
 
 def from_store(
@@ -120,7 +121,8 @@ def from_json(
     """`analyze --format json` (one point) or `study` JSON (one point per checkpoint row).
 
     Rows are a top-level list or the list under one of `rows`, `checkpoints`, `results`,
-    `history`; a row holds its metrics flat or under `metrics`, and is named by its first
+    `history`; a row holds its metrics flat or under `metrics` (with `val_loss` beside them in
+    `study` JSON), and is named by its first
     field of `checkpoint`, `name`, `label`, `step`, `revision` (else its position). Alerts
     fire without `for` (there is no time between checkpoints).
     """
@@ -187,8 +189,10 @@ def _rows(doc: Any, path: Path) -> tuple[list[dict[str, Any]], str | None]:
 
 
 def _metrics(row: dict[str, Any], where: str) -> dict[str, float | int | None]:
-    source = row.get("metrics") if isinstance(row.get("metrics"), dict) else row
-    assert isinstance(source, dict)
+    nested = isinstance(row.get("metrics"), dict)
+    source: dict[str, Any] = row["metrics"] if nested else row
+    if nested:  # a study row keeps its validation loss beside the metrics: plot it too
+        source = {**source, **{k: row[k] for k in _ROW_METRICS if k in row}}
     out: dict[str, float | int | None] = {}
     for key, value in source.items():
         if key in _LABEL_FIELDS or key in ("model", "timestamp", "metrics"):

@@ -335,6 +335,30 @@ def test_study_json_is_one_point_per_checkpoint(tmp_path: Path) -> None:
     assert {p.name for p in files.pngs} == {"nc1.png", "geometry.png"}
 
 
+def test_json_written_by_study_is_read(tmp_path: Path) -> None:
+    """The file `study` writes (its own serialiser, not a hand-made imitation)."""
+    from monitor.metrics import REPORT_KEYS
+    from monitor.offline.study import CheckpointRow, StudyOptions, StudyResult
+    from monitor.offline.study_output import write_study
+
+    rows = [
+        CheckpointRow(
+            name=f"ckpt-{k}", path=f"/ckpt/{k}", parameters=1000 * (k + 1), n_embd=8,
+            n_layer=k + 1, train_tokens=500, eval_tokens=100, val_loss=3.0 - 0.5 * k,
+            metrics={**dict.fromkeys(REPORT_KEYS), "nc1_cdnv": 0.3 - 0.1 * k, "class_count": 9},
+        )
+        for k in range(3)
+    ]  # fmt: skip
+    write_study(StudyResult("train.txt", "val.txt", StudyOptions(), rows), tmp_path)
+    data = from_json(tmp_path / "study.json")
+    assert data.x_labels == ["ckpt-0", "ckpt-1", "ckpt-2"]
+    assert [s.metrics["val_loss"] for s in data.snapshots] == [3.0, 2.5, 2.0]
+    assert [s.metrics["nc1_cdnv"] for s in data.snapshots] == [0.3, 0.3 - 0.1, 0.3 - 0.2]
+    assert "parameters" not in data.snapshots[0].metrics
+    files = write_report(data, tmp_path / "out")
+    assert {p.name for p in files.pngs} == {"nc1.png", "geometry.png", "custom.png"}
+
+
 @pytest.mark.parametrize(
     "text", ["{", "[]", "[1, 2]", '"x"', '{"rows": [{"checkpoint": "a"}]}', '{"a": "b"}']
 )
