@@ -8,6 +8,7 @@ in-process demo while other threads run.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -256,6 +257,8 @@ def draw_group(
 
 def _mathtext_safe(text: str) -> str:
     """Token text as a label: `$` would start mathtext, control characters draw as boxes."""
+    if re.fullmatch(r"#[0-9]+", text):  # a class id without token text: no quotes
+        return text
     shown = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
     return repr(shown).replace("$", r"\$")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -127,6 +128,11 @@ def _alerts(
     return out
 
 
+def _token(text: str) -> str:
+    """Token text quoted (leading spaces matter), a bare `#id` as it is."""
+    return text if re.fullmatch(r"#[0-9]+", text) else repr(text)
+
+
 def _top_drift(latest: Snapshot, names: dict[int, str]) -> list[str]:
     if not latest.top_drift:
         return []
@@ -137,7 +143,7 @@ def _top_drift(latest: Snapshot, names: dict[int, str]) -> list[str]:
     for t in sorted(latest.top_drift, key=lambda t: -t.contribution):
         token = names.get(t.class_id, t.token)
         out.append(
-            f"<tr><td class='num'>{t.class_id}</td><td><code>{_e(repr(token))}</code></td>"
+            f"<tr><td class='num'>{t.class_id}</td><td><code>{_e(_token(token))}</code></td>"
             f"<td class='num'>{t.count}</td><td class='num'>{t.base_count}</td>"
             f"<td class='num'>{_num(t.cosine_distance)}</td>"
             f"<td class='num'>{_num(t.contribution)}</td></tr>"
