@@ -89,12 +89,13 @@ def trim_heap() -> None:
 
 
 def build_stats(
-    k: int, dim: int, per_class: int, second_moment: bool, seed: int
+    k: int, dim: int, per_class: int, second_moment: bool, seed: int, device: str = "cpu"
 ) -> tuple[CollapseStats, torch.Tensor]:
-    """Synthetic statistics of K classes; returns them and the class means used."""
+    """Synthetic statistics of K classes on `device`; returns them and the class means used
+    (on the CPU: the data are drawn there, so every device sees the same numbers)."""
     gen = torch.Generator().manual_seed(seed)
     means = torch.randn(k, dim, generator=gen)
-    stats = CollapseStats(num_classes=k, dim=dim, second_moment=second_moment)
+    stats = CollapseStats(num_classes=k, dim=dim, second_moment=second_moment, device=device)
     labels = torch.arange(k).repeat_interleave(per_class)
     labels = labels[torch.randperm(labels.numel(), generator=gen)]
     for start in range(0, labels.numel(), 8192):
@@ -120,7 +121,7 @@ def direct_pair_metrics(inputs: PairInputs) -> dict[str, float]:
     gram = m @ m.T
     dist2 = sq[:, None] + sq[None, :] - 2.0 * gram
     var_sum = var[:, None] + var[None, :]
-    upper = torch.ones(k, k, dtype=torch.bool).triu(diagonal=1)
+    upper = torch.ones(k, k, dtype=torch.bool, device=m.device).triu(diagonal=1)
     cdnv = var_sum / (2.0 * dist2)
     cdnv2 = cdnv / dist2
     norms = sq.sqrt()
@@ -172,14 +173,19 @@ def install_part_timers() -> dict[str, float]:
 def prepare(spec: dict[str, Any]) -> Callable[[], tuple[dict[str, Any], dict[str, Any]]]:
     """Build the inputs of one measurement; returns the step, which gives (values, stderr)."""
     k, dim, step, mode = spec["k"], spec["dim"], spec["step"], spec["mode"]
+    device = spec.get("device", "cpu")
     full = step == "full"
-    stats, means = build_stats(k, dim, spec["per_class"], second_moment=full, seed=spec["seed"])
+    stats, means = build_stats(
+        k, dim, spec["per_class"], second_moment=full, seed=spec["seed"], device=device
+    )
     if full:
         gen = torch.Generator().manual_seed(spec["seed"] + 1)
-        classifier = means + 0.1 * torch.randn(k, dim, generator=gen)
-        bias = torch.zeros(k)
+        classifier = (means + 0.1 * torch.randn(k, dim, generator=gen)).to(device)
+        bias = torch.zeros(k, device=device)
         rows = torch.randint(0, k, (spec["eval_samples"],), generator=gen)
-        eval_features = means[rows] + 0.5 * torch.randn(rows.numel(), dim, generator=gen)
+        eval_features = (means[rows] + 0.5 * torch.randn(rows.numel(), dim, generator=gen)).to(
+            device
+        )
 
         def run_full() -> tuple[dict[str, Any], dict[str, Any]]:
             report = compute_metrics(
@@ -192,7 +198,7 @@ def prepare(spec: dict[str, Any]) -> Callable[[], tuple[dict[str, Any], dict[str
                 eval_features=eval_features,
                 nc4_max_samples=spec["eval_samples"],
                 seed=0,
-                device="cpu",
+                device=device,
                 tile_size=spec["tile"],
             )
             if report.exact_pairs != (mode == "exact"):
@@ -219,13 +225,20 @@ def prepare(spec: dict[str, Any]) -> Callable[[], tuple[dict[str, Any], dict[str
     return run_pairs
 
 
-def gemm_gflops() -> float:
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gemm_gflops(device: str = "cpu") -> float:
     """Float64 GEMM rate right now: how much of the (shared, noisy) machine this row got."""
-    a = torch.randn(1024, 1024, dtype=F64)
+    a = torch.randn(1024, 1024, dtype=F64, device=device)
     a @ a
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(4):
         a @ a
+    sync(device)
     return 4 * 2 * 1024**3 / (time.perf_counter() - t0) / 1e9
 
 
@@ -239,14 +252,24 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     setup_s = time.perf_counter() - started
     spent.clear()
 
-    gflops = gemm_gflops()
+    device = spec.get("device", "cpu")
+    on_gpu = device.startswith("cuda")
+    gflops = gemm_gflops(device)
     trim_heap()
     rss_before = proc_status_kib("VmRSS")
     can_reset = reset_peak()
+    if on_gpu:  # on a GPU the peak is the CUDA allocator's, not the process RSS
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        gpu_before = torch.cuda.memory_allocated()
     t0, c0 = time.perf_counter(), time.process_time()
     values, stderr = step()
+    sync(device)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak_kib = proc_status_kib("VmHWM") if can_reset else None
+    if on_gpu:
+        rss_before = gpu_before // 1024
+        peak_kib = torch.cuda.max_memory_allocated() // 1024
     return {
         **spec,
         "seconds": elapsed,
@@ -270,6 +293,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         "eval_samples": args.eval_samples,
         "tile": args.tile,
         "seed": 0,
+        "device": args.device,
     }
     specs: list[dict[str, Any]] = []
 
@@ -319,6 +343,14 @@ STEP_LABEL = {
 
 def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     cores = os.cpu_count()
+    if args.device != "cpu":
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else args.device
+        print(
+            f"Device {args.device} ({name}): seconds include a synchronize; peak = "
+            "torch.cuda.max_memory_allocated during the step minus memory_allocated before "
+            "it (GPU memory, not RSS); the GEMM gauge is the GPU's float64 rate."
+        )
+        print()
     print(
         f"Evaluation, {args.per_class} samples per class, min_count 2, tile {args.tile}, "
         f"{args.eval_samples:,} NC4 evaluation samples, {args.pair_samples:,} sampled pairs, "
@@ -489,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-samples", type=int, default=20_000)
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--timeout", type=float, default=900, help="per subprocess, seconds")
+    p.add_argument("--device", type=str, default="cpu", help="cpu or cuda (GPU memory peaks)")
     p.add_argument("--json", type=str, default=None, help="also write raw results here")
     p.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
