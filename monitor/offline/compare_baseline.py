@@ -58,6 +58,7 @@ def compare_with_baseline(
         )
     lines = read_corpus_file(corpus)
     runtime = Runtime(settings)
+    runtime.registry.spec(model)  # an undeclared model is named as such, not as a missing pin
     ref_stats, meta = load_baseline(runtime.store, runtime.registry, model, baseline)
     found = runtime.store.baseline(model, baseline)
     buckets = decode_calibration(found.calibration if found else None)

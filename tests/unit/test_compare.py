@@ -21,7 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from monitor.capture.tinymodel import TinyModelSpec, build_tiny_model, train_tokenizer
+from monitor.capture.tinymodel import TinyModelSpec, ensure_tiny_model, train_tokenizer
 from monitor.cli import app
 from monitor.data import read_corpus
 from monitor.errors import InvalidInput
@@ -51,7 +51,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = tmp_path_factory.mktemp("compare")
-    ref = build_tiny_model(root / "reference", SPEC)
+    # Built once per session (tests/integration/test_compare_baseline.py uses the same recipe).
+    ref = ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-models", SPEC)
     out = {"reference": ref}
 
     def variant(name: str, change: Any, tokenizer: Any = None) -> None:
