@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -60,6 +61,9 @@ def one_line(exc: Exception) -> str:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
         return f"invalid settings: {where}: {first['msg']}"
+    if isinstance(exc, SettingsError):  # e.g. COLLAPSE_MODELS that is not JSON
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+        return f"invalid settings: {exc}{cause}"
     return str(exc)
 
 
@@ -92,7 +96,8 @@ def one_line_errors() -> Iterator[None]:
     """Bad input or settings: one line on stderr and exit code 2 (a traceback with --debug)."""
     try:
         yield
-    except (CollapseMonitorError, ValidationError) as exc:
+    # A missing file is one the user named (an option, COLLAPSE_CONFIG_FILE): bad input too.
+    except (CollapseMonitorError, ValidationError, SettingsError, FileNotFoundError) as exc:
         if debug_mode["on"]:  # the traceback, and still the exit code scripts rely on
             traceback.print_exc(file=sys.stderr)
         print_error(one_line(exc))

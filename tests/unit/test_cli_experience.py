@@ -190,6 +190,28 @@ def test_bad_input_is_one_line_with_exit_2(
         assert "Traceback (most recent call last)" in err
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"COLLAPSE_MODELS": "[not json"}, "error: invalid settings: "),
+        ({"COLLAPSE_MIN_COUNT": "many"}, "error: invalid settings: min_count: "),
+        ({"COLLAPSE_CONFIG_FILE": "missing.toml"}, "error: COLLAPSE_CONFIG_FILE=missing.toml"),
+    ],
+    ids=["not-json", "not-an-int", "no-config-file"],
+)
+def test_bad_settings_are_one_line_with_exit_2(
+    env: dict[str, str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run(capsys, "rules", "render")
+    assert code == ExitCode.BAD_INPUT, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(message), err
+
+
 def test_the_real_entry_point_in_a_subprocess(tmp_path: Path) -> None:
     def cm(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
