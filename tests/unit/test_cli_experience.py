@@ -144,6 +144,7 @@ def test_analyze_prints_json_and_a_table(
     code, out, err = run(capsys, "analyze", "--features", str(h), "--labels", str(y),
                          "--format", "json")  # fmt: skip
     assert code == ExitCode.OK, err
+    assert err == ""  # stderr is not a terminal here: no progress bar in logs
     doc = json.loads(out)
     assert set(doc) == set(REPORT_KEYS)
     assert doc["sample_count"] == len(labels)
@@ -159,6 +160,38 @@ def test_analyze_prints_json_and_a_table(
         assert key in out, f"table lacks {key}"
     with pytest.raises(json.JSONDecodeError):
         json.loads(out)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_progress_bar_on_a_terminal_and_clean_json(tmp_path: Path) -> None:
+    import os
+    import pty
+
+    h, y, _, labels = _arrays(tmp_path)
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "monitor.cli", "analyze", "--features", str(h),
+             "--labels", str(y), "--format", "json"],
+            stdout=subprocess.PIPE, stderr=slave, cwd=ROOT,
+        )  # fmt: skip
+        os.close(slave)
+        out, _ = proc.communicate(timeout=120)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the pty closes when the child exits
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == ExitCode.OK
+    assert b"accumulating" in seen  # the bar, on the terminal
+    assert f"/{len(labels)}".encode() in seen
+    assert json.loads(out)["sample_count"] == len(labels)  # stdout untouched by the bar
 
 
 @pytest.mark.parametrize(
