@@ -146,7 +146,7 @@ def _print_table(result: CompareResult) -> None:
         table.add_column(column, justify=justify, no_wrap=column in ("metric", "status"))  # type: ignore[arg-type]
     for m in result.metrics:
         tol = "" if m.tolerance is None else f"{_sign(m.bad_direction)}{m.tolerance:.0%}"
-        change = "" if m.relative_change is None else f"{m.relative_change:+.1%}"
+        change = _change(m.relative_change)
         table.add_row(
             m.key, _fmt(m.reference), _fmt(m.candidate), change, tol, _status(m.status.value)
         )
@@ -158,6 +158,13 @@ def _print_table(result: CompareResult) -> None:
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     verdict = f"REGRESSION: {', '.join(result.regressions)}" if result.regressions else "passed"
     console.print(verdict, markup=False, highlight=False, soft_wrap=True)
+
+
+def _change(relative: float | None) -> str:
+    """+29.6% for moderate changes, a factor (110x) once percentages get unreadable."""
+    if relative is None:
+        return ""
+    return f"{relative:+.1%}" if abs(relative) < 10 else f"{1 + relative:.3g}x"
 
 
 def _sign(direction: str | None) -> str:

@@ -159,7 +159,7 @@ class CompareResult:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.as_dict())
+        return json.dumps(self.as_dict(), allow_nan=False)  # NaN is not JSON; values are None
 
 
 # --------------------------------------------------------------------------- judging
