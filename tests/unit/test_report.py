@@ -73,7 +73,10 @@ def numpy_means(x: np.ndarray, y: np.ndarray, min_count: int) -> tuple[np.ndarra
 
 
 # ------------------------------------------------------------------------------------- PCA
-@pytest.mark.parametrize(("d", "vocab", "min_count"), [(6, 12, 2), (16, 40, 5), (3, 9, 1)])
+# Fewer means than dimensions takes the Gram path, more takes the scatter-matrix path.
+@pytest.mark.parametrize(
+    ("d", "vocab", "min_count"), [(6, 12, 2), (16, 40, 5), (3, 9, 1), (64, 20, 2), (50, 25, 3)]
+)
 def test_pca_matches_independent_float64_eigendecomposition(
     d: int, vocab: int, min_count: int
 ) -> None:
@@ -111,6 +114,21 @@ def test_pca_caps_each_set_at_its_most_frequent_classes() -> None:
     got = project_means(s, s, min_count=2, max_classes=7)
     assert got is not None
     np.testing.assert_array_equal(got.base_ids, np.arange(vocab - 7, vocab))
+
+
+@pytest.mark.parametrize("d", [4, 40])
+def test_pca_of_means_on_one_line_still_has_a_plane(d: int) -> None:
+    direction = np.random.default_rng(d).normal(size=d)
+    y = np.repeat(np.arange(6), 3)
+    x = np.outer(y.astype(np.float64), direction)  # identical samples per class, on one line
+    s = stats_of(x, y, 6)
+    got = project_means(s, s)
+    assert got is not None
+    np.testing.assert_allclose(got.components @ got.components.T, np.eye(2), atol=1e-12)
+    cos = abs(got.components[0] @ direction) / np.linalg.norm(direction)
+    assert cos == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(got.base_xy[:, 1], 0.0, atol=1e-9)
+    assert got.explained == pytest.approx((1.0, 0.0), abs=1e-12)
 
 
 def test_pca_needs_three_means() -> None:
