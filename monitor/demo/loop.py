@@ -107,6 +107,7 @@ class Demo:
         self.server: MetricsServer | None = None
         self._started = time.monotonic()
         self._phase: Phase | None = None
+        self._timeline: list[str] = []  # "phase inject at 48 s: ..." lines for the report
         self._pinned = False
         self._baseline_metrics: dict[str, float | int | None] = {}
         self._rate: deque[tuple[float, int]] = deque(maxlen=6)
@@ -213,6 +214,7 @@ class Demo:
         elif phase is Phase.recover and self.injection is not None:
             self.injection.restore()
         self.view.event(elapsed, f"phase {phase} - {detail}")
+        self._timeline.append(f"{elapsed:.0f} s: phase {phase} - {detail}")
 
     def _refresh_reference(self) -> None:
         """NC4 at capture counts against the class means of the latest evaluation."""
@@ -275,6 +277,7 @@ class Demo:
 
         elapsed = self.elapsed()
         self._enter(Phase.done, min(elapsed, self.plan.duration))
+        self.view.update(self._state(elapsed))
         history = self.store.history(MODEL, self.plan.window, self.settings.snapshot_history)
         snapshots = [Snapshot.from_json(doc) for doc in reversed(history)]
         baseline = None
@@ -294,6 +297,12 @@ class Demo:
             baseline=baseline,
             current=current,
             token_names={i: self._token(i) for i in sorted(ids)},
+            min_count=self.settings.min_count,
+            notes=[
+                f"collapse-monitor demo: window {self.plan.window}, 1-second buckets, "
+                f"evaluated every second; alerts judged by the evaluator's own rules.",
+                *self._timeline,
+            ],
         )
         files = write_report(data, self.options.out)
         for path in [files.html, *files.pngs]:
