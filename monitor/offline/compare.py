@@ -34,6 +34,7 @@ from monitor.offline.corpus_run import (
     context_length,
     nc4_positions,
     open_model,
+    open_tokenizer,
     read_corpus_file,
     run_model,
     tokenize_slice,
@@ -264,6 +265,15 @@ def _first_difference(a: list[list[int]], b: list[list[int]]) -> int:
     )
 
 
+def _check_vocab(reference: int, candidate: int | None) -> None:
+    if candidate is not None and candidate != reference:
+        raise InvalidInput(
+            "incomparable_models",
+            f"vocabulary sizes differ (reference {reference}, candidate {candidate}): compare "
+            "needs one tokenizer, since classes are token ids",
+        )
+
+
 def _width(model: Any) -> int:
     return int(model.get_output_embeddings().weight.shape[1])
 
@@ -291,17 +301,11 @@ def compare_models(
     settings = options.settings
     lines = read_corpus_file(corpus)
     device = str(compute_device(settings))
+    cand_tok, cand_config = open_tokenizer(candidate)  # a bad candidate fails before any run
     ref_model, ref_tok = open_model(reference, device)
-    cand_model, cand_tok = open_model(candidate, device)
-    vocab_r = ref_model.get_output_embeddings().weight.shape[0]
-    vocab_c = cand_model.get_output_embeddings().weight.shape[0]
-    if vocab_r != vocab_c:
-        raise InvalidInput(
-            "incomparable_models",
-            f"vocabulary sizes differ (reference {vocab_r}, candidate {vocab_c}): compare needs "
-            "one tokenizer, since classes are token ids",
-        )
-    limits = [n for n in (context_length(ref_model), context_length(cand_model)) if n]
+    vocab = int(ref_model.get_output_embeddings().weight.shape[0])
+    _check_vocab(vocab, getattr(cand_config, "vocab_size", None))
+    limits = [n for n in (context_length(ref_model), context_length(cand_config)) if n]
     max_length = min(limits) if limits else None
     seqs = tokenize_slice(ref_tok, lines, options.max_tokens, max_length)
     other = tokenize_slice(cand_tok, lines, options.max_tokens, max_length)
@@ -328,6 +332,10 @@ def compare_models(
         progress=progress,
     )
     del ref_model  # one model in memory at a time
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    cand_model, cand_tok = open_model(candidate, device)
+    _check_vocab(vocab, int(cand_model.get_output_embeddings().weight.shape[0]))
     same_width = ref_run.stats.dim == _width(cand_model)
     cand_run = run_model(
         cand_model,

@@ -7,6 +7,7 @@ rows NC4 is measured on are fixed positions chosen by seed, the same for every m
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +40,20 @@ def read_corpus_file(path: Path) -> list[str]:
     return lines
 
 
-def open_model(name_or_path: str, device: str) -> tuple[Any, Any]:
-    """`load_model`, refusing a path that does not exist before transformers guesses a hub id."""
-    # A hub id never starts with "/", "." or "~": such a name is a local path that is missing.
-    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().is_dir():
+def _source(name_or_path: str) -> str:
+    """The name to load; a hub id never starts with "/", "." or "~", so such a name is a local
+    path, refused here when missing instead of being guessed at as a hub id."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path.startswith(("/", ".", "~")) and not path.is_dir():
         raise InvalidInput("model_not_found", f"no model directory {name_or_path!r}")
+    return str(path)
+
+
+def open_model(name_or_path: str, device: str) -> tuple[Any, Any]:
+    """(model, tokenizer) through `load_model`, every loading failure as `InvalidInput`."""
+    source = _source(name_or_path)
     try:
-        return load_model(str(Path(name_or_path).expanduser()), device=device)
+        return load_model(source, device=device)
     except InvalidInput:
         raise
     except (ValueError, OSError) as exc:  # e.g. an invalid hub id, a directory without a model
@@ -54,9 +62,27 @@ def open_model(name_or_path: str, device: str) -> tuple[Any, Any]:
         ) from None
 
 
-def context_length(model: Any) -> int | None:
-    """The model's context size, if its config states one."""
-    config = getattr(model, "config", None)
+def open_tokenizer(name_or_path: str) -> tuple[Any, Any]:
+    """(tokenizer, config) without the weights: enough to check that two models are comparable
+    before either runs, so only one model need be in memory at a time."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = _source(name_or_path)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    local = Path(source).is_dir() or offline
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        config = AutoConfig.from_pretrained(source, local_files_only=local)
+    except (ValueError, OSError) as exc:
+        raise InvalidInput(
+            "model_not_found", f"cannot load model {name_or_path!r}: {exc}"
+        ) from None
+    return tokenizer, config
+
+
+def context_length(model_or_config: Any) -> int | None:
+    """The context size a model (or its config) states, if any."""
+    config = getattr(model_or_config, "config", model_or_config)
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     return int(limit) if isinstance(limit, int) and limit > 1 else None
 

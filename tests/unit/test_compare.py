@@ -74,6 +74,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     variant("collapsed", crush_final_norm)
     variant("wider_vocab", lambda m: m.resize_token_embeddings(SPEC.vocab_size + 16))
     other = train_tokenizer(read_corpus("train")[:40], 280, SPEC.n_positions)
+    torch.manual_seed(0)
+    config = AutoModelForCausalLM.from_pretrained(ref).config
+    config.n_embd = 48  # another width, same tokenizer: comparable metric by metric
+    wider = AutoModelForCausalLM.from_config(config)
+    wider.save_pretrained(root / "wider")
+    AutoTokenizer.from_pretrained(ref).save_pretrained(root / "wider")
+    out["wider"] = root / "wider"
     variant("other_tokenizer", lambda m: None, tokenizer=other)
     return out
 
@@ -300,6 +307,18 @@ def test_metrics_match_float64_brute_force(models: dict[str, Path], corpus: Path
         assert abs(got["nc4_ncc_agreement"][side] - want["nc4_ncc_agreement"]) <= 2 / x.shape[0]
 
 
+def test_other_width_compares_metrics_without_drift(models: dict[str, Path], corpus: Path) -> None:
+    doc = compare_json(models, corpus, "wider")
+    assert (doc["reference"]["dim"], doc["candidate"]["dim"]) == (32, 48)
+    assert doc["candidate"]["sample_count"] == doc["reference"]["sample_count"]
+    drift = {d["key"]: d for d in doc["drift"]}
+    assert drift["drift_mmd"]["value"] is None
+    assert drift["drift_mmd"]["status"] == "skipped"
+    assert "drift_mmd" not in doc["regressions"]
+    assert any("hidden widths differ" in note for note in doc["notes"])
+    assert all(m["candidate"] is not None for m in doc["metrics"])
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("candidate", "message"),
@@ -324,6 +343,8 @@ def test_missing_inputs_exit_2(models: dict[str, Path], corpus: Path, tmp_path: 
     empty.write_text("\n  \n")
     cases = [
         (["--reference", tmp_path / "nope", "--candidate", models["reference"]], "no model"),
+        (["--reference", models["reference"], "--candidate", tmp_path / "nope"], "no model"),
+        (["--reference", models["reference"], "--candidate", tmp_path], "cannot load model"),
         (["--reference", models["reference"], "--candidate", models["reference"]], "no corpus"),
         (["--candidate", models["reference"]], "exactly one of"),
         (["--candidate", models["reference"], "--reference-baseline", "x"], "go together"),
