@@ -86,7 +86,11 @@ def write_report(data: ReportData, out_dir: Path) -> ReportFiles:
 
 def _pca(data: ReportData, out_dir: Path, notes: list[str]) -> Figure | None:
     if data.baseline is None or data.current is None:
-        what = "baseline" if data.baseline is None else "current window statistics"
+        what = {
+            (True, True): "class statistics (baseline and window)",
+            (True, False): "baseline",
+            (False, True): "current window statistics",
+        }[(data.baseline is None, data.current is None)]
         notes.append(f"No {what}: the class-means projection (PCA) is skipped.")
         return None
     projection = project_means(data.baseline, data.current, min_count=data.min_count)

@@ -164,7 +164,6 @@ def from_json(
         alerting=alerting,
         alert_periods=periods,
         x_labels=labels,
-        notes=["From JSON: no class statistics, so no class-means projection (PCA)."],
     )
 
 

@@ -302,12 +302,13 @@ def test_empty_history_gives_a_page_with_a_note(tmp_path: Path) -> None:
     page = files.html.read_text(encoding="utf-8")
     assert files.pngs == []
     assert "No snapshots of m (1h) yet" in page
-    assert "No baseline" in page
+    assert "No class statistics (baseline and window): the class-means projection" in page
     check_self_contained(page, files)
 
 
 def test_single_snapshot_and_no_baseline(tmp_path: Path) -> None:
-    files = write_report(ReportData("m", "1h", history(1)), tmp_path)
+    _, current = pinned_pair()
+    files = write_report(ReportData("m", "1h", history(1), current=current), tmp_path)
     page = files.html.read_text(encoding="utf-8")
     assert "class_means_pca.png" not in [p.name for p in files.pngs]
     assert "No baseline: the class-means projection (PCA) is skipped." in page
