@@ -207,7 +207,7 @@ def _shade(ax: Axes, data: ReportData, xs: list[float]) -> None:
 
 def _format_x(ax: Axes, data: ReportData, xs: list[float]) -> None:
     if data.x_labels is not None:
-        ax.set_xticks(xs, labels=data.x_labels, rotation=30, ha="right")
+        ax.set_xticks(xs, labels=[_plain(x) for x in data.x_labels], rotation=30, ha="right")
         ax.set_xlim(-0.5, max(len(xs) - 0.5, 0.5))
         return
     ax.set_xlabel("time (UTC)", fontsize=8)
@@ -230,7 +230,7 @@ def draw_group(
     fig = Figure(figsize=(10, 1.2 + 2.1 * len(present)), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(present), 1, sharex=True, squeeze=False)[:, 0]
-    fig.suptitle(f"{title} - {data.model} ({data.window})", fontsize=12)
+    fig.suptitle(_plain(f"{title} - {data.model} ({data.window})"), fontsize=12)
     for ax, key in zip(axes, present, strict=True):
         values = series(data.snapshots, key)
         ys = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
@@ -239,7 +239,9 @@ def draw_group(
             err = np.array([np.nan if e is None else e for e in errs], dtype=np.float64)
             ax.fill_between(xs, ys - err, ys + err, color=LINE_COLOR, alpha=0.15, linewidth=0)
         size = 3 if len(xs) > 3 else 7  # a lone point must still be seen
-        ax.plot(xs, ys, color=LINE_COLOR, linewidth=1.8, marker="o", markersize=size, label=key)
+        ax.plot(
+            xs, ys, color=LINE_COLOR, linewidth=1.8, marker="o", markersize=size, label=_plain(key)
+        )
         if key == "drift_mmd":
             _drift_threshold(ax, data, xs)
         _thresholds(ax, key, data, values)
@@ -247,7 +249,7 @@ def draw_group(
         finite = ys[np.isfinite(ys)]
         if key in _LOG_KEYS and finite.size and bool((finite > 0).all()):
             ax.set_yscale("log")
-        ax.set_ylabel(key, fontsize=8)
+        ax.set_ylabel(_plain(key), fontsize=8)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper left", fontsize=7, framealpha=0.8)
     _format_x(axes[-1], data, xs)
@@ -255,12 +257,18 @@ def draw_group(
     return Panel(stem, title, path, tuple(present))
 
 
+def _plain(text: str) -> str:
+    """Text drawn as it is: a `$` in a model name would otherwise start mathtext (and an
+    unbalanced one fails the whole figure)."""
+    return text.replace("$", r"\$")
+
+
 def _mathtext_safe(text: str) -> str:
     """Token text as a label: `$` would start mathtext, control characters draw as boxes."""
     if re.fullmatch(r"#[0-9]+", text):  # a class id without token text: no quotes
         return text
     shown = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
-    return repr(shown).replace("$", r"\$")
+    return _plain(repr(shown))
 
 
 def draw_pca(
@@ -302,7 +310,7 @@ def draw_pca(
     ex0, ex1 = projection.explained
     ax.set_xlabel(f"PC1 ({100 * ex0:.1f}% of variance)")
     ax.set_ylabel(f"PC2 ({100 * ex1:.1f}% of variance)")
-    ax.set_title(title)
+    ax.set_title(_plain(title))
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.savefig(path, format="png", dpi=DPI)

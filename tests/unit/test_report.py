@@ -354,6 +354,20 @@ def test_study_json_is_one_point_per_checkpoint(tmp_path: Path) -> None:
     assert {p.name for p in files.pngs} == {"nc1.png", "geometry.png"}
 
 
+def test_text_from_the_source_is_drawn_and_shown_literally(tmp_path: Path) -> None:
+    """`$` would start matplotlib mathtext, `<` HTML: names from a file are neither."""
+    path = tmp_path / "odd.json"
+    doc = {"model": "m$\\frac{$ <x>", "rows": [{"name": "a$b^$", "nc1_cdnv": 1, "x$^$": 2}]}
+    path.write_text(json.dumps(doc))
+    data = from_json(path)
+    base, cur = pinned_pair()
+    data.baseline, data.current, data.token_names = base, cur, {7: "$\\frac{", 12: "\n"}
+    files = write_report(data, tmp_path / "out")
+    page = files.html.read_text(encoding="utf-8")
+    assert "m$\\frac{$ &lt;x&gt;" in page
+    assert {p.name for p in files.pngs} == {"nc1.png", "custom.png", "class_means_pca.png"}
+
+
 def test_json_written_by_study_is_read(tmp_path: Path) -> None:
     """The file `study` writes (its own serialiser, not a hand-made imitation)."""
     from monitor.metrics import REPORT_KEYS
