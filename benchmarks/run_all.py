@@ -1,4 +1,7 @@
-"""Run every `benchmarks/bench_*.py` and record their tables in docs/benchmarks.md.
+"""Run every benchmark script in `benchmarks/` and record their tables in docs/benchmarks.md.
+
+The scripts: every `bench_*.py`, `profile_hotspots.py` and `probe_overhead.py`, and, on a
+machine where torch sees a CUDA device, `gpu.sh` (the CUDA tests and CUDA variants).
 
 Each script prints Markdown on stdout (progress on stderr, passed through). The tables go,
 verbatim and under the command that produced them, into the section of the output file between
@@ -93,12 +96,21 @@ def machine_description() -> str:
     )
 
 
+# Scripts besides bench_*.py, and the arguments of their smoke runs (default: --quick).
+EXTRA_SCRIPTS = ("profile_hotspots.py", "probe_overhead.py")
+QUICK_ARGS = {"probe_overhead.py": ["--reps", "3", "--big-reps", "1", "--tiny-random"]}
+
+
 def run_script(script: Path, quick: bool) -> tuple[str, str]:
     """Run one script; returns (the Markdown block for it, its display command)."""
-    args = [sys.executable, str(script)] + (["--quick"] if quick else [])
-    shown = " ".join(
-        [".venv/bin/python", str(script.relative_to(ROOT))] + (["--quick"] if quick else [])
-    )
+    extra = QUICK_ARGS.get(script.name, ["--quick"]) if quick else []
+    if script.suffix == ".sh":  # gpu.sh: its smoke run is --dry-run
+        extra = ["--dry-run"] if quick else []
+        args = ["bash", str(script), *extra]
+        shown = " ".join(["bash", str(script.relative_to(ROOT)), *extra])
+    else:
+        args = [sys.executable, str(script), *extra]
+        shown = " ".join([".venv/bin/python", str(script.relative_to(ROOT)), *extra])
     log(f"== {shown}")
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load_before = os.getloadavg()[0]
@@ -157,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         ROOT / ("build/benchmarks-quick.md" if args.quick else "docs/benchmarks.md")
     )
 
-    scripts = sorted(BENCH_DIR.glob("bench_*.py"))
+    scripts = sorted(BENCH_DIR.glob("bench_*.py")) + [BENCH_DIR / name for name in EXTRA_SCRIPTS]
+    if torch_info()[2] not in ("none", "unknown"):  # CUDA: the CUDA tests and variants too
+        scripts.append(BENCH_DIR / "gpu.sh")
     if args.only:
         scripts = [s for s in scripts if args.only in s.name]
     if not scripts:
