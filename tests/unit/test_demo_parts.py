@@ -16,7 +16,13 @@ import torch
 from capture_fixtures import FAMILIES, make_model
 
 from monitor.config import Settings
-from monitor.demo.alerting import AlertBoard, AlertState, demo_alerting, rule_names
+from monitor.demo.alerting import (
+    DRIFT_FACTOR,
+    AlertBoard,
+    AlertState,
+    demo_alerting,
+    rule_names,
+)
 from monitor.demo.http import MetricsServer
 from monitor.demo.inject import NormCollapse, final_norm
 from monitor.demo.state import MIN_DURATION, DemoState, Phase, Plan
@@ -123,14 +129,14 @@ def test_alert_board_pending_firing_resolved() -> None:
     for ts, ratio, mmd, want in timeline:
         board.update([_snap(ts, ratio, mmd)], ts)
         assert board.states[cdnv] is want, ts
-        assert board.states[drift] is AlertState.inactive  # mmd 0 never exceeds 3 x 1
+        assert board.states[drift] is AlertState.inactive  # mmd 0 never exceeds the threshold
     assert [(p.alert, p.start, p.end) for p in board.periods] == [(cdnv, 3.0, 4.0)]
-    # MMD above 3x its threshold fires the drift alert after its own hold; a value between 1x
-    # and 3x does not count.
-    board.update([_snap(7.0, 1.0, mmd=2.9)], 7.0)
+    # MMD above DRIFT_FACTOR x its threshold fires the drift alert after its own hold; a value
+    # between 1x and DRIFT_FACTOR x does not count.
+    board.update([_snap(7.0, 1.0, mmd=0.97 * DRIFT_FACTOR)], 7.0)
     assert board.states[drift] is AlertState.inactive
     for ts in (8.0, 9.0, 10.0):
-        changes = board.update([_snap(ts, 1.0, mmd=3.1)], ts)
+        changes = board.update([_snap(ts, 1.0, mmd=1.03 * DRIFT_FACTOR)], ts)
     assert board.states[drift] is AlertState.firing
     assert [(c.alert, c.old, c.new) for c in changes] == [
         (drift, AlertState.pending, AlertState.firing)
