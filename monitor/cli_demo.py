@@ -100,7 +100,12 @@ def _run(
     import torch
 
     from monitor.demo import Demo, DemoOptions
+    from monitor.errors import InvalidInput
 
+    if model is not None and not (model / "config.json").is_file():
+        raise InvalidInput(
+            "model_not_found", f"{model} has no config.json: not a from_pretrained directory"
+        )
     # One intra-op thread: the traffic thread and the evaluator share the machine politely
     # (the demo is sized for 2 cores), and tiny matrices gain nothing from more.
     torch.set_num_threads(1)

@@ -10,6 +10,7 @@ import io
 import re
 import socket
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,3 +190,26 @@ def test_metrics_server_free_port_and_port_in_use() -> None:
         # listening port even with SO_REUSEADDR, which only skips the client's TIME_WAIT)
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", server.port))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--duration", "10"], "greater than or equal to 40"),
+        (["--port", "70000"], "--port"),
+        (["--model", "{empty}"], "no config.json"),
+    ],
+)
+def test_bad_options_are_one_line_errors(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from monitor.cli import main
+
+    argv = ["demo", *(a.replace("{empty}", str(tmp_path)) for a in args), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    assert message in err[0]
