@@ -112,9 +112,7 @@ def _run(
     _quiet_transformers()
     checkpoint = model if model is not None else _bundled_model(view)
     view.event(0.0, f"loading {checkpoint}")
-    options = DemoOptions(
-        duration=duration, model=model, inject=inject, port=port, out=out, seed=seed
-    )
+    options = DemoOptions(duration=duration, inject=inject, port=port, out=out, seed=seed)
     return Demo(options, checkpoint, view).run()
 
 

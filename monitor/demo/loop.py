@@ -34,7 +34,6 @@ BASELINE = "demo-warmup"
 @dataclass(frozen=True)
 class DemoOptions:
     duration: float = 120.0
-    model: Path | None = None
     inject: bool = True
     port: int = 9464
     out: Path = Path("demo-report")
@@ -97,13 +96,13 @@ class Demo:
         self.injection = NormCollapse(self.model, seed=options.seed) if options.inject else None
         self.evaluator = Evaluator(self.runtime)
         self.board = AlertBoard(self.settings.alerting)
-        self.probe = CollapseProbe.attach(
+        self.traffic = Traffic(self.model, self.tokenizer, read_corpus("heldout"), options.traffic)
+        self.probe = CollapseProbe.attach(  # last: nothing below can fail and leave it hooked
             self.model,
             PipelineSink(MonitorClient(self.settings, self.runtime), MODEL),
             SamplingPolicy(token_rate=options.token_rate, seed=options.seed),
             flush_interval=0.25,
         )
-        self.traffic = Traffic(self.model, self.tokenizer, read_corpus("heldout"), options.traffic)
         self.server: MetricsServer | None = None
         self._started = time.monotonic()
         self._phase: Phase | None = None
@@ -112,6 +111,7 @@ class Demo:
         self._baseline_metrics: dict[str, float | int | None] = {}
         self._rate: deque[tuple[float, int]] = deque(maxlen=6)
         self._reference: bytes | None = None
+        self._traffic_errors = 0
         self.last: Snapshot | None = None
 
     # ----------------------------------------------------------------- run
@@ -176,6 +176,10 @@ class Demo:
         self._refresh_reference()
         for change in self.board.update(snapshots, now):
             self._report_transition(change, elapsed)
+        errors = self.traffic.errors
+        if errors and not self._traffic_errors:  # the first failure, not one line a second
+            self.view.event(elapsed, f"traffic request failed: {self.traffic.last_error}")
+        self._traffic_errors = errors
         self.view.update(self._state(elapsed))
 
     def _pin(self, elapsed: float) -> None:
