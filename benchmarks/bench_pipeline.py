@@ -282,7 +282,7 @@ def main() -> None:
     args = parser.parse_args()
     batches, rows = (8, 1024) if args.quick else (120, 4096)
     r = run(batches=batches, rows=rows, dim=768, workers=2)
-    print(f"## Pipeline end to end (2 workers, real Redis, d=768, V={VOCAB:,}, float16 wire)\n")
+    print(f"#### Pipeline end to end (2 workers, real Redis, d=768, V={VOCAB:,}, float16 wire)\n")
     print("| measure | value |")
     print("| --- | --- |")
     print(f"| samples streamed | {r['samples']:,} in {batches} batches of {rows} |")
@@ -297,7 +297,7 @@ def main() -> None:
 
     g = run_gauge_latency(*((10, 512) if args.quick else (60, 1024)), dim=768, rate_hz=2.0)
     print(
-        f"\n## Arrival to gauge (2 ingest workers, 1 maintenance worker, beat, exporter; "
+        f"\n#### Arrival to gauge (2 ingest workers, 1 maintenance worker, beat, exporter; "
         f"compaction every {COMPACTION_S:.0f} s, evaluation every {EVALUATION_S:.0f} s, "
         f"/metrics scraped every {SCRAPE_S * 1e3:.0f} ms)\n"
     )
@@ -325,7 +325,7 @@ def main() -> None:
     sentences = [s for doc in read_corpus("train") for s in doc.split(". ") if len(s) > 20]
     texts = sentences[:64] if args.quick else (sentences * 4)[:1024]
     t = run_texts(texts, per_task=32)
-    print("\n## Text path (1 embed worker, tiny GPT-2 on CPU, 32 texts per task)\n")
+    print("\n#### Text path (1 embed worker, tiny GPT-2 on CPU, 32 texts per task)\n")
     print("| measure | value |")
     print("| --- | --- |")
     print(f"| texts | {t['texts']:,} ({t['samples']:,} labelled positions) |")
