@@ -65,7 +65,6 @@ def register(app: typer.Typer) -> None:
         /metrics on loopback while it runs and ends by writing a PNG and HTML report.
         Ctrl-C stops cleanly (the report is still written; exit 130).
         """
-        import sys
 
         from rich.console import Console
 
@@ -76,16 +75,14 @@ def register(app: typer.Typer) -> None:
         try:
             with one_line_errors():
                 result = _run(duration, model, inject, port, out, seed, view)
-        except KeyboardInterrupt:  # before the scenario started (loading the model)
-            view.close()
-            stderr.print("interrupted")
-            raise typer.Exit(ExitCode.INTERRUPTED) from None
+        except KeyboardInterrupt:  # before the scenario started (building, loading the model)
+            raise typer.Exit(ExitCode.INTERRUPTED) from None  # main() says "interrupted"
         finally:
             view.close()
         if result.interrupted:
             raise typer.Exit(ExitCode.INTERRUPTED)
         if inject and not result.fired:
-            print("note: the injected collapse raised no alert in this run", file=sys.stderr)
+            stderr.print("note: the injected collapse raised no alert in this run", markup=False)
 
 
 def _run(
@@ -106,11 +103,12 @@ def _run(
         raise InvalidInput(
             "model_not_found", f"{model} has no config.json: not a from_pretrained directory"
         )
-    # One intra-op thread: the traffic thread and the evaluator share the machine politely
-    # (the demo is sized for 2 cores), and tiny matrices gain nothing from more.
-    torch.set_num_threads(1)
     _quiet_transformers()
+    # A first-run build trains with every core (it is bounded by time, so fewer threads would
+    # give a less trained model); the demo itself then runs on one intra-op thread, sized for
+    # 2 cores: traffic and evaluator share the machine, and tiny matrices gain nothing more.
     checkpoint = model if model is not None else _bundled_model(view)
+    torch.set_num_threads(1)
     view.event(0.0, f"loading {checkpoint}")
     options = DemoOptions(duration=duration, inject=inject, port=port, out=out, seed=seed)
     return Demo(options, checkpoint, view).run()
