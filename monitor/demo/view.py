@@ -20,6 +20,7 @@ from rich.text import Text
 from monitor.demo.alerting import CDNV_RATIO_MAX, DRIFT_FACTOR, AlertState
 from monitor.demo.state import PHASE_TEXT, DemoState
 
+MMD_RATIO = "mmd_over_threshold"  # derived here: what the drift alert compares with its factor
 # (metric key, label, alert threshold text); ratios are "now over baseline".
 ROWS: tuple[tuple[str, str, str], ...] = (
     ("sample_count", "samples in window", ""),
@@ -30,8 +31,9 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("drift_effective_rank_ratio", "  rank / baseline", ""),
     ("nc4_ncc_agreement", "NC4 NCC agreement", ""),
     ("anisotropy_mean_cos", "anisotropy (mean cos)", ""),
-    ("drift_mmd", "drift MMD^2", f"> {DRIFT_FACTOR:g} x threshold"),
+    ("drift_mmd", "drift MMD^2", ""),
     ("drift_mmd_threshold", "  MMD^2 null threshold", ""),
+    (MMD_RATIO, "  MMD^2 / threshold", f"> {DRIFT_FACTOR:g}"),
     ("drift_label_js", "next-token JS (bits)", ""),
 )
 STATUS_KEYS = (
@@ -39,6 +41,7 @@ STATUS_KEYS = (
     ("drift_effective_rank_ratio", "rank_ratio"),
     ("drift_mmd", "mmd"),
     ("drift_mmd_threshold", "mmd_threshold"),
+    (MMD_RATIO, "mmd_ratio"),
     ("nc4_ncc_agreement", "nc4"),
 )
 STATE_STYLE = {
@@ -47,6 +50,13 @@ STATE_STYLE = {
     AlertState.firing: "bold red",
     AlertState.resolved: "cyan",
 }
+
+
+def shown(metrics: dict[str, float | int | None]) -> dict[str, float | int | None]:
+    """The snapshot's metrics plus MMD over its threshold (absent when either is)."""
+    mmd, threshold = metrics.get("drift_mmd"), metrics.get("drift_mmd_threshold")
+    ratio = mmd / threshold if mmd is not None and threshold else None
+    return {**metrics, MMD_RATIO: ratio}
 
 
 def fmt(value: float | int | None) -> str:
@@ -87,7 +97,8 @@ class PlainLog:
         if state.elapsed - self._last_status < self.status_every:
             return
         self._last_status = state.elapsed
-        values = " ".join(f"{name}={fmt(state.metrics.get(key))}" for key, name in STATUS_KEYS)
+        metrics = shown(state.metrics)
+        values = " ".join(f"{name}={fmt(metrics.get(key))}" for key, name in STATUS_KEYS)
         alerts = ",".join(f"{a}:{s}" for a, s in state.alerts.items() if s != "inactive")
         self._line(
             state.elapsed,
@@ -136,8 +147,9 @@ class LiveView:
         metrics.add_column("baseline", justify="right")
         metrics.add_column("now", justify="right")
         metrics.add_column("alert when", justify="right")
+        now = shown(state.metrics)
         for key, label, rule in ROWS:
-            metrics.add_row(label, fmt(state.baseline.get(key)), fmt(state.metrics.get(key)), rule)
+            metrics.add_row(label, fmt(state.baseline.get(key)), fmt(now.get(key)), rule)
 
         alerts = Table(title="alerts", expand=False)
         alerts.add_column("alert")

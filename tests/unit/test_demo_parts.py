@@ -27,7 +27,7 @@ from monitor.demo.alerting import (
 from monitor.demo.http import MetricsServer
 from monitor.demo.inject import NormCollapse, final_norm
 from monitor.demo.state import MIN_DURATION, DemoState, Phase, Plan
-from monitor.demo.view import PlainLog
+from monitor.demo.view import LiveView, PlainLog
 from monitor.errors import InvalidInput
 from monitor.evaluate.snapshot import Snapshot
 from monitor.store.memory import MemoryStore
@@ -145,11 +145,8 @@ def test_alert_board_pending_firing_resolved() -> None:
     assert board.periods[-1].end is None
 
 
-def test_plain_log_lines_are_stable() -> None:
-    out = io.StringIO()
-    log = PlainLog(out, status_every=5.0)
-    log.event(12.34, "ALERT FIRING CollapseDriftAboveThreshold")
-    state = DemoState(
+def _state() -> DemoState:
+    return DemoState(
         elapsed=13.0,
         duration=45.0,
         phase=Phase.inject,
@@ -158,9 +155,21 @@ def test_plain_log_lines_are_stable() -> None:
         metrics_url="http://127.0.0.1:1/metrics",
         samples_per_second=480.4,
         samples_total=9000,
-        metrics={"drift_nc1_cdnv_ratio": 2.5, "sample_count": 4000},
+        metrics={
+            "drift_nc1_cdnv_ratio": 2.5,
+            "sample_count": 4000,
+            "drift_mmd": 0.03,
+            "drift_mmd_threshold": 0.0002,
+        },
         alerts={"CollapseDriftAboveThreshold": AlertState.firing},
     )
+
+
+def test_plain_log_lines_are_stable() -> None:
+    out = io.StringIO()
+    log = PlainLog(out, status_every=5.0)
+    log.event(12.34, "ALERT FIRING CollapseDriftAboveThreshold")
+    state = _state()
     log.update(state)
     log.update(state)  # within status_every: no second status line
     lines = out.getvalue().splitlines()
@@ -170,7 +179,24 @@ def test_plain_log_lines_are_stable() -> None:
         r"^\[  13\.0s\] status phase=inject samples/s=480 window_samples=4000 ", lines[1]
     )
     assert "cdnv_ratio=2.5 " in lines[1]
+    assert "mmd=0.03 mmd_threshold=0.0002 mmd_ratio=150 " in lines[1]  # 0.03 / 0.0002
     assert lines[1].endswith("alerts=CollapseDriftAboveThreshold:firing")
+
+
+def test_live_view_shows_phase_metrics_and_alert_states() -> None:
+    from rich.console import Console
+
+    out = io.StringIO()
+    view = LiveView(Console(file=out, force_terminal=True, width=120, color_system=None))
+    view.event(12.0, "phase inject - collapse injected")
+    view.update(_state())
+    view.close()
+    view.close()  # twice is harmless (the command closes on every path)
+    text = out.getvalue()
+    assert "phase inject - collapse injected" in text
+    assert "CollapseDriftAboveThreshold" in text
+    assert "firing" in text
+    assert re.search(r"MMD\^2 / threshold\s+│\s+-\s+│\s+150\s+│\s+> 5", text), text
 
 
 def test_metrics_server_free_port_and_port_in_use() -> None:
