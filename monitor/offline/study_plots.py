@@ -49,7 +49,10 @@ def _draw(ax: Any, rows: Sequence[CheckpointRow], corr: Correlation, legend: boo
         ys = [float(r.metrics[corr.metric] or 0.0) for r in members]
         ax.plot(xs, ys, marker="o", markersize=4, linewidth=0.8, label=label)
     if corr.scale == "log10":
+        from matplotlib.ticker import NullFormatter
+
         ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap
     ax.set_xlabel("validation loss (nats/token)")
     ax.set_ylabel(corr.metric)
     ax.set_title(_title(corr), fontsize=8)
