@@ -263,8 +263,11 @@ def measure_checkpoint(
 
     device = resolve_device(settings.device)
     model, tokenizer = load_model(path, device=device, dtype=None)
-    head = model.get_output_embeddings()
-    weight = head.weight.detach().float().cpu()
+    head: Any = getattr(model, "get_output_embeddings", lambda: None)()
+    head_weight = getattr(head, "weight", None)
+    if not isinstance(head_weight, torch.Tensor):
+        raise InvalidInput("no_output_embeddings", f"{path}: the model has no LM head weights")
+    weight = head_weight.detach().float().cpu()
     bias = getattr(head, "bias", None)
     bias = None if bias is None else bias.detach().float().cpu()
     train_stream, eval_stream = streams.get(tokenizer)

@@ -233,6 +233,33 @@ def test_study_writes_consistent_tables_plots_and_true_val_loss(
     assert corr["nc1_cdnv"]["r2"] is None
 
 
+def test_table_output_names_every_checkpoint_and_metric(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from monitor.cli import app
+
+    args = [
+        "study",
+        "--checkpoints", family["ckpt"] / "short",
+        "--checkpoints", family["ckpt"] / "long",
+        "--corpus", family["train"],
+        "--eval-corpus", family["val"],
+        "--out", tmp_path,
+        "--max-tokens", "512",
+        "--max-eval-tokens", "512",
+        "--no-plots",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "correlation with validation loss" in result.output
+    for word in ("short", "long", "nc1_cdnv2", "nc4_ncc_agreement", "effective_rank"):
+        assert word in result.output, word
+    assert not list(tmp_path.glob("*.png"))  # --no-plots
+    assert (tmp_path / "study.csv").exists()
+
+
 @pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(family: dict[str, Path], tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
