@@ -98,7 +98,7 @@ def machine_description() -> str:
 
 # Scripts besides bench_*.py, and the arguments of their smoke runs (default: --quick).
 EXTRA_SCRIPTS = ("profile_hotspots.py", "probe_overhead.py")
-QUICK_ARGS = {"probe_overhead.py": ["--reps", "3", "--big-reps", "1", "--tiny-random"]}
+QUICK_ARGS = {"probe_overhead.py": ["--reps", "3", "--big-reps", "2", "--tiny-random"]}
 
 
 def run_script(script: Path, quick: bool) -> tuple[str, str]:
