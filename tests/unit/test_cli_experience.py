@@ -351,3 +351,19 @@ def test_architecture_doc_has_every_redis_key() -> None:
             )
     missing = sorted(expected - table)
     assert not missing, f"docs/architecture.md's Redis key table lacks {missing}"
+
+
+def test_readme_links_and_commands_exist() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(((?:docs/)?[\w./-]+\.md)\)", readme)
+    assert links
+    missing = sorted({link for link in links if not (ROOT / link).is_file()})
+    assert not missing, f"README links to missing pages: {missing}"
+    code = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", readme, flags=re.S))
+    code += "\n" + "\n".join(re.findall(r"`([^`\n]+)`", readme))
+    word = r"([a-z]+)(?![\w/.-])"  # a command word, not a path such as helm/collapse-monitor
+    shown = set(re.findall(rf"collapse-monitor {word}(?: {word})?", code))
+    groups = {path[0] for path in PATHS if len(path) == 2}
+    named = {f"{cmd} {sub}" if cmd in groups else cmd for cmd, sub in shown}
+    unknown = sorted(named - set(LEAVES))
+    assert not unknown, f"README shows commands that do not exist: {unknown}"
