@@ -1,9 +1,11 @@
-"""Before/after timing of the exact pair walk, interleaved in one process.
+"""Before/after timing of the pair metrics (exact walk, or `--sampled`), interleaved.
 
 Loads `monitor/metrics/pairwise.py` as it was at git revision `--before` (default: the commit
 before the pair-walk fix) beside the current module, builds bench_evaluate.py's synthetic
 class means once, and times `exact_pair_metrics` of both, alternating, so machine noise hits
 both alike. Also checks that both give the same values. Prints a Markdown table row.
+`--sampled` times `sampled_pair_metrics` (500,000 pairs) instead, against `--before`
+(give the revision before its fix, e.g. `--before df2cef2`).
 
     .venv/bin/python benchmarks/ab_pair_walk.py --k 5000 [--before REV] [--rounds 5]
 """
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--before", type=str, default="991b737~1", help="git revision")
+    p.add_argument("--sampled", action="store_true", help="sampled_pair_metrics instead")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         old = module_at(args.before, Path(tmp))
@@ -67,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             "before": lambda: old.exact_pair_metrics(old_in, tile=args.tile),
             "after": lambda: pairwise.exact_pair_metrics(new_in, tile=args.tile),
         }
+        if args.sampled:
+            runs = {
+                "before": lambda: old.sampled_pair_metrics(old_in, samples=500_000, seed=0),
+                "after": lambda: pairwise.sampled_pair_metrics(new_in, samples=500_000, seed=0),
+            }
         values = {name: run() for name, run in runs.items()}  # warm-up, and the values
         times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.rounds):

@@ -184,21 +184,24 @@ def sampled_pair_metrics(
     second += (second >= first).to(second.dtype)
     m, var, a = inputs.centred, inputs.variances, inputs.sq_norms
     norms = a.sqrt()
-    dist2_parts, var_parts, cos_parts, ang_parts = [], [], [], []
+    # Results go into buffers allocated up front. Appending each chunk's small result to a
+    # list left long-lived 8 KB blocks between the freed chunk temporaries, so glibc's heap
+    # could not reuse those holes and grew by GBs (3-7 GB peak at K = 30,000, d = 768).
+    dist2 = torch.empty(samples, dtype=_F64, device=device)
+    var_sum = torch.empty(samples, dtype=_F64, device=device)
+    cos = torch.empty(samples, dtype=_F64, device=device)
+    angular = torch.empty(samples, dtype=torch.bool, device=device)
     for start in range(0, samples, chunk):
-        i = first[start : start + chunk].to(device)
-        j = second[start : start + chunk].to(device)
+        stop = min(start + chunk, samples)
+        i = first[start:stop].to(device)
+        j = second[start:stop].to(device)
         mi, mj = m[i], m[j]
         diff = mi - mj
-        dist2_parts.append((diff * diff).sum(dim=1))
-        var_parts.append(var[i] + var[j])
+        dist2[start:stop] = (diff * diff).sum(dim=1)
+        var_sum[start:stop] = var[i] + var[j]
         denom = norms[i] * norms[j]
-        ang_parts.append(denom > 0)
-        cos_parts.append((mi * mj).sum(dim=1) / denom.clamp_min(1e-300))
-    dist2 = torch.cat(dist2_parts)
-    var_sum = torch.cat(var_parts)
-    cos = torch.cat(cos_parts)
-    angular = torch.cat(ang_parts)
+        angular[start:stop] = denom > 0
+        cos[start:stop] = (mi * mj).sum(dim=1) / denom.clamp_min(1e-300)
 
     separated = dist2 > 0
     cdnv = var_sum[separated] / (2.0 * dist2[separated])
