@@ -17,6 +17,7 @@ from rich.table import Table
 
 from monitor.cli_common import FormatOption, OutputFormat, progress_bar
 from monitor.config import Settings
+from monitor.data.files import read_lines
 from monitor.errors import InvalidInput
 from monitor.pipeline.runtime import Runtime
 
@@ -43,20 +44,6 @@ def _service_settings() -> Settings:
 
 def _runtime() -> Runtime:
     return Runtime(_service_settings())
-
-
-def _read_lines(path: Path) -> list[str]:
-    """Non-blank lines of a UTF-8 text file: one document (or request) per line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInput("bad_corpus", f"{path}: not UTF-8 text ({exc.reason})") from None
-    except OSError as exc:
-        raise InvalidInput("bad_corpus", f"{path}: {exc.strerror or exc}") from None
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        raise InvalidInput("empty_corpus", f"{path}: no non-blank lines")
-    return lines
 
 
 def worker(
@@ -170,7 +157,7 @@ def replay(
             sent = int(x.shape[0])
         else:
             assert corpus is not None
-            lines = _read_lines(corpus)
+            lines = read_lines(corpus)
             task = bar.add_task("replay", total=len(lines))
             for start in range(0, len(lines), batch_size):
                 client.submit_texts(model, lines[start : start + batch_size])
@@ -220,7 +207,7 @@ def baseline_pin(
         from monitor.capture.mirror import embed_batches
         from monitor.pipeline.embed import loaded_model
 
-        lines = _read_lines(corpus)
+        lines = read_lines(corpus)
         lm, tokenizer = loaded_model(runtime, model)
         with progress_bar("embedding", "texts") as bar:
             task = bar.add_task("embed", total=len(lines))

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from monitor.data.files import read_structured
 from monitor.errors import InvalidInput
 
 __all__ = [
@@ -324,21 +325,7 @@ def default_alerting() -> AlertingSettings:
 def load_alerting(source: Path | dict[str, Any]) -> AlertingSettings:
     """Thresholds from a dict or a JSON/YAML file; any problem is one-line `InvalidInput`."""
     if isinstance(source, Path):
-        try:
-            text = source.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InvalidInput("bad_config", f"{source}: {exc.strerror or exc}") from None
-        kind = "JSON" if source.suffix.lower() == ".json" else "YAML"
-        try:
-            if kind == "JSON":
-                data: object = json.loads(text)
-            else:
-                import yaml  # type: ignore[import-untyped]
-
-                data = yaml.safe_load(text)
-        except Exception as exc:  # JSONDecodeError, YAMLError: their text says where
-            message = " ".join(str(exc).split()) or type(exc).__name__
-            raise InvalidInput("bad_config", f"{source}: not valid {kind}: {message}") from None
+        data: object = read_structured(source, "bad_config")
         where = str(source)
     else:
         data, where = source, "alerting"

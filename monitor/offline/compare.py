@@ -23,6 +23,7 @@ import torch
 
 from monitor.cli_common import ExitCode
 from monitor.config import Settings
+from monitor.data.files import read_lines
 from monitor.errors import InvalidInput
 from monitor.metrics import compute_metrics
 from monitor.metrics.drift import BucketSums, DriftReport, compute_drift
@@ -35,7 +36,6 @@ from monitor.offline.corpus_run import (
     nc4_positions,
     open_model,
     open_tokenizer,
-    read_corpus_file,
     run_model,
     tokenize_slice,
 )
@@ -299,7 +299,7 @@ def compare_models(
     """
     started = time.perf_counter()
     settings = options.settings
-    lines = read_corpus_file(corpus)
+    lines = read_lines(corpus)
     device = str(compute_device(settings))
     cand_tok, cand_config = open_tokenizer(candidate)  # a bad candidate fails before any run
     ref_model, ref_tok = open_model(reference, device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from monitor.data.files import read_lines
 from monitor.errors import InvalidInput
 from monitor.evaluate.heads import load_head
 from monitor.metrics import compute_metrics
@@ -29,7 +30,6 @@ from monitor.offline.corpus_run import (
     context_length,
     nc4_positions,
     open_model,
-    read_corpus_file,
     run_model,
     tokenize_slice,
 )
@@ -56,7 +56,7 @@ def compare_with_baseline(
         raise InvalidInput(
             "no_redis", "--reference-baseline needs COLLAPSE_REDIS_URL (where baselines are pinned)"
         )
-    lines = read_corpus_file(corpus)
+    lines = read_lines(corpus)
     runtime = Runtime(settings)
     runtime.registry.spec(model)  # an undeclared model is named as such, not as a missing pin
     ref_stats, meta = load_baseline(runtime.store, runtime.registry, model, baseline)

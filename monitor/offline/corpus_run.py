@@ -26,20 +26,6 @@ RFF_FEATURES = 256
 CALIBRATION_PARTS = 16
 
 
-def read_corpus_file(path: Path) -> list[str]:
-    """Non-empty lines of a UTF-8 text file, one document each (as `baseline pin --corpus`)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InvalidInput("missing_file", f"corpus: no such file: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInput("malformed_file", f"corpus: cannot read {path}: {exc}") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise InvalidInput("empty_corpus", f"corpus {path} has no non-empty line")
-    return lines
-
-
 def _source(name_or_path: str) -> str:
     """The name to load; a hub id never starts with "/", "." or "~", so such a name is a local
     path, refused here when missing instead of being guessed at as a hub id."""

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from monitor.config import Settings
+from monitor.data.files import read_lines
 from monitor.errors import InvalidInput
 from monitor.metrics import REPORT_KEYS, compute_metrics
 from monitor.metrics.engine import resolve_device
@@ -124,20 +125,6 @@ class StudyResult:
                 for c in self.correlations
             ],
         }
-
-
-def read_corpus_file(path: Path) -> list[str]:
-    """Non-blank lines of a UTF-8 text file, one document per line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInput("bad_corpus", f"{path}: not UTF-8 text ({exc.reason})") from None
-    except OSError as exc:
-        raise InvalidInput("bad_corpus", f"{path}: {exc.strerror or exc}") from None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        raise InvalidInput("empty_corpus", f"{path}: no non-blank lines")
-    return lines
 
 
 def resolve_checkpoints(paths: Sequence[Path]) -> list[Path]:
@@ -329,7 +316,7 @@ def run_study(
         raise InvalidInput("invalid_option", "token budgets and context need >= 2, batch >= 1")
     paths = resolve_checkpoints(checkpoints)
     names = checkpoint_names(paths)
-    streams = _Streams(read_corpus_file(corpus), read_corpus_file(eval_corpus), opts)
+    streams = _Streams(read_lines(corpus), read_lines(eval_corpus), opts)
     chosen = settings if settings is not None else Settings()
     rows: list[CheckpointRow] = []
     for i, (path, name) in enumerate(zip(paths, names, strict=True)):

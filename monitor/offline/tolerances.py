@@ -10,13 +10,13 @@ merged over the defaults; `null` turns a default check off.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from monitor.data.files import read_structured
 from monitor.errors import InvalidInput
 
 
@@ -115,19 +115,5 @@ def load_tolerances(path: Path | None) -> Tolerances:
     defaults = Tolerances()
     if path is None:
         return defaults
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InvalidInput("bad_tolerances", f"{path}: {exc.strerror or exc}") from None
-    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
-    try:
-        if kind == "JSON":
-            data: object = json.loads(text)
-        else:
-            import yaml  # type: ignore[import-untyped]
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # JSONDecodeError, YAMLError: their text says where
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        raise InvalidInput("bad_tolerances", f"{path}: not valid {kind}: {message}") from None
+    data = read_structured(path, "bad_tolerances")
     return defaults.merged(check_overrides(data, str(path)))
