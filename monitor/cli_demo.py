@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -63,7 +64,7 @@ def register(app: typer.Typer) -> None:
         injects a collapse (the final norm squeezed onto a few directions), shows the metrics
         moving and an alert firing, restores the model and shows the alert resolving. Serves
         /metrics on loopback while it runs and ends by writing a PNG and HTML report.
-        Ctrl-C stops cleanly (the report is still written; exit 130).
+        Ctrl-C or SIGTERM stops cleanly (the report is still written; exit 130).
         """
 
         from rich.console import Console
@@ -104,6 +105,7 @@ def _run(
             "model_not_found", f"{model} has no config.json: not a from_pretrained directory"
         )
     _quiet_transformers()
+    _sigterm_as_interrupt()
     # A first-run build trains with every core (it is bounded by time, so fewer threads would
     # give a less trained model); the demo itself then runs on one intra-op thread, sized for
     # 2 cores: traffic and evaluator share the machine, and tiny matrices gain nothing more.
@@ -132,6 +134,15 @@ def _bundled_model(view: DemoView) -> Path:
             f"minutes of CPU); it is cached in {root} for every later run",
         )
     return ensure_tiny_model(root, progress=lambda msg: view.event(0.0, f"build: {msg}"))
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (`timeout`, `docker stop`) ends the demo as Ctrl-C does: report written, exit 130."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _quiet_transformers() -> None:

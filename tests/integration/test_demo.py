@@ -163,8 +163,9 @@ def test_injected_collapse_fires_and_recovery_resolves(
     assert_report(run, out)
 
 
-def test_no_injection_stays_quiet_and_ctrl_c_stops_cleanly(
-    tiny_model: Path, tmp_path: Path, start_demo: Callable[..., Run]
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_no_injection_stays_quiet_and_a_signal_stops_cleanly(
+    stop: signal.Signals, tiny_model: Path, tmp_path: Path, start_demo: Callable[..., Run]
 ) -> None:
     out = tmp_path / "report"
     run = start_demo(
@@ -185,7 +186,7 @@ def test_no_injection_stays_quiet_and_ctrl_c_stops_cleanly(
     assert "collapse_drift_mmd" in page or "collapse_nc1_cdnv" in page
     time.sleep(max(0.0, 15 - (time.monotonic() - steady_since)))  # 15 s of steady traffic
     assert run.proc.poll() is None, "\n".join(run.lines)
-    os.killpg(run.proc.pid, signal.SIGINT)
+    os.killpg(run.proc.pid, stop)
     assert run.proc.wait(timeout=60) == 130, "\n".join(run.lines)
     assert run.find("interrupted") is not None
     assert run.find("ALERT FIRING") is None, "\n".join(run.lines)
