@@ -10,38 +10,28 @@ every query must return a series unless it is listed in NO_DATA_BY_DESIGN with i
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 import urllib.parse
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
+from minute_stack import MinuteStack, model_m, traffic
 from servers import (
     ROOT,
     PrometheusServer,
     RedisServer,
     free_port,
     http_json,
-    service_env,
     stop_process,
     wait_for,
 )
 
-from monitor.config import Settings
 from monitor.errors import InvalidInput
-from monitor.evaluate.evaluator import Evaluator
 from monitor.pipeline.baselines import pin_window
 from monitor.pipeline.payload import encode_batch
-from monitor.pipeline.runtime import Runtime
-from monitor.pipeline.windows import compact_model
 
 pytestmark = pytest.mark.slow
 
-VOCAB, DIM = 40, 8
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 SUBSTITUTIONS = {"$__rate_interval": "1m", "${model}": "m", "$model": "m",
                  "${window}": "1m", "$window": "1m"}  # fmt: skip
@@ -85,69 +75,30 @@ def queries() -> list[tuple[str, str, str]]:
     return out
 
 
-def traffic(seed: int, n: int, spread: float) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    means = np.random.default_rng(0).normal(size=(VOCAB, DIM)) * 3 * spread
-    y = rng.integers(0, VOCAB, n)
-    return (means[y] + rng.normal(size=(n, DIM))).astype(np.float32), y
-
-
-def feed(runtime: Runtime, spread: float, at: float, tag: str, nc4_hits: int) -> None:
-    """Five batches, one per 10-second bucket; NC4 hits come from the capture side."""
-    for i in range(5):
-        x, y = traffic(zlib.crc32(f"{tag}{i}".encode()), 300, spread)
-        payload = encode_batch("m", x, y, batch_id=f"{tag}{i}", ts=at - 5 - 10 * i,
-                               nc4=(nc4_hits, 300))  # fmt: skip
-        runtime.ingestor.ingest(payload)
-    compact_model(runtime.store, "m")
-
-
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
     """A stack with baseline, drift, a rejection and a firing probe alert, scraped each second."""
     tmp = tmp_path_factory.mktemp("dashboards")
-    np.save(tmp / "head.npy", np.random.default_rng(1).normal(size=(VOCAB, DIM)))
-    models = [{"name": "m", "vocab_size": VOCAB, "dim": DIM, "second_moment": True,
-               "classifier_path": str(tmp / "head.npy")}]  # fmt: skip
-    service = {
-        "COLLAPSE_WINDOWS": json.dumps({"1m": 60}),
-        "COLLAPSE_BUCKET_SECONDS": "10",
-        "COLLAPSE_COARSE_BUCKET_SECONDS": "60",
-        "COLLAPSE_FINE_RETENTION_SECONDS": "60",
-    }
     rules = tmp / "probe.yml"
     rules.write_text(json.dumps(PROBE_RULES))
     redis_server = RedisServer(tmp)
     redis_server.start()
-    env = service_env(redis_server.url, json.dumps(models), **service)
-    settings = Settings(
-        redis_url=redis_server.url,
-        models=models,
-        windows={"1m": 60},
-        bucket_seconds=10,
-        coarse_bucket_seconds=60,
-        fine_retention_seconds=60,
-    )
-    runtime = Runtime(settings)
-    evaluator = Evaluator(runtime)
+    stack = MinuteStack(redis_server.url, [model_m(tmp, second_moment=True)])
     port = free_port()
     server = PrometheusServer(tmp, [f"127.0.0.1:{port}"], [rules])
-    log = open(tmp / "exporter.log", "ab")  # noqa: SIM115 - closed with the process
-    exporter = subprocess.Popen(
-        [sys.executable, "-m", "monitor.cli", "exporter", "--port", str(port)],
-        env=env, cwd=ROOT, stdout=log, stderr=log, start_new_session=True,
-    )  # fmt: skip
+    exporter = stack.start_exporter(port, tmp / "exporter.log")
     try:
         server.start()
-        t0 = time.time()
-        feed(runtime, 1.0, t0, "base", nc4_hits=150)
-        pin_window(runtime.store, runtime.registry, "m", "ref", "1m", 60)
-        feed(runtime, 0.6, t0 + 100, "drifted", nc4_hits=90)
-        snapshot = evaluator.evaluate_model("m", now=t0 + 100)[0]
-        assert snapshot.ok
+        t0 = stack.t0
+        stack.feed(1.0, t0, "base", nc4_hits=150)
+        pin_window(stack.runtime.store, stack.runtime.registry, "m", "ref", "1m", 60)
+        stack.feed(0.6, t0 + 100, "drifted", nc4_hits=90)
+        assert stack.evaluate(t0 + 100).ok
         bad_x, bad_y = traffic(7, 10, 1.0)
         with pytest.raises(InvalidInput):  # wrong width: counted as a rejection
-            runtime.ingestor.ingest(encode_batch("m", bad_x[:, :5], bad_y, batch_id="bad", ts=t0))
+            stack.runtime.ingestor.ingest(
+                encode_batch("m", bad_x[:, :5], bad_y, batch_id="bad", ts=t0)
+            )
         yield server
     finally:
         stop_process(exporter)

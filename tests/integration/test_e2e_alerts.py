@@ -7,23 +7,17 @@ checked the same way, and shown to merge with the rule engine's alert.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
+from minute_stack import MinuteStack, model_m
 from servers import (
-    ROOT,
     AlertmanagerServer,
     PrometheusServer,
     RedisServer,
     free_port,
     http_json,
-    service_env,
     stop_process,
     wait_for,
 )
@@ -32,17 +26,10 @@ from monitor.alerts.alertmanager import AlertmanagerClient
 from monitor.alerts.rules import render_rules, to_yaml
 from monitor.alerts.thresholds import load_alerting
 from monitor.alerts.verdicts import VerdictTracker
-from monitor.config import Settings
-from monitor.evaluate.evaluator import Evaluator
-from monitor.evaluate.snapshot import Snapshot
 from monitor.pipeline.baselines import pin_window
-from monitor.pipeline.payload import encode_batch
-from monitor.pipeline.runtime import Runtime
-from monitor.pipeline.windows import compact_model
 
 pytestmark = pytest.mark.slow
 
-VOCAB, DIM = 40, 8
 ALERT = "CollapseCDNVRisingVsBaseline"
 ALERTING = load_alerting(
     {
@@ -54,52 +41,6 @@ ALERTING = load_alerting(
         ],
     }
 )
-SERVICE = {
-    "COLLAPSE_WINDOWS": json.dumps({"1m": 60}),
-    "COLLAPSE_BUCKET_SECONDS": "10",
-    "COLLAPSE_COARSE_BUCKET_SECONDS": "60",
-    "COLLAPSE_FINE_RETENTION_SECONDS": "60",
-}
-
-
-def traffic(seed: int, n: int, spread: float) -> tuple[np.ndarray, np.ndarray]:
-    """`spread` scales the distance between class means: 0.3 blurs the classes together."""
-    rng = np.random.default_rng(seed)
-    means = np.random.default_rng(0).normal(size=(VOCAB, DIM)) * 3 * spread
-    y = rng.integers(0, VOCAB, n)
-    return (means[y] + rng.normal(size=(n, DIM))).astype(np.float32), y
-
-
-class Stack:
-    """The monitor's side: Redis-backed runtime, evaluator and a clock we can move."""
-
-    def __init__(self, redis_url: str, tmp: Path) -> None:
-        np.save(tmp / "head.npy", np.random.default_rng(1).normal(size=(VOCAB, DIM)))
-        self.models = [
-            {"name": "m", "vocab_size": VOCAB, "dim": DIM, "classifier_path": str(tmp / "head.npy")}
-        ]
-        self.env = service_env(redis_url, json.dumps(self.models), **SERVICE)
-        self.settings = Settings(
-            redis_url=redis_url,
-            models=self.models,  # type: ignore[arg-type]
-            windows={"1m": 60},
-            bucket_seconds=10,
-            coarse_bucket_seconds=60,
-            fine_retention_seconds=60,
-        )
-        self.runtime = Runtime(self.settings)
-        self.evaluator = Evaluator(self.runtime)
-        self.t0 = time.time()
-
-    def feed(self, spread: float, at: float, tag: str, batches: int = 5) -> None:
-        for i in range(batches):
-            x, y = traffic(zlib.crc32(f"{tag}{i}".encode()), 300, spread)
-            ts = at - 5 - 10 * i  # one batch per 10-second bucket
-            self.runtime.ingestor.ingest(encode_batch("m", x, y, batch_id=f"{tag}{i}", ts=ts))
-        compact_model(self.runtime.store, "m")
-
-    def evaluate(self, at: float) -> Snapshot:
-        return self.evaluator.evaluate_model("m", now=at)[0]
 
 
 def active(alertmanager: AlertmanagerServer) -> list[dict[str, object]]:
@@ -115,22 +56,14 @@ def test_rule_alert_fires_on_collapse_and_resolves(tmp_path: Path) -> None:
     exporter_port = free_port()
     redis_server.start()
     alertmanager.start()
-    stack = Stack(redis_server.url, tmp_path)
+    stack = MinuteStack(redis_server.url, [model_m(tmp_path)])
     prometheus = PrometheusServer(
         tmp_path,
         [f"127.0.0.1:{exporter_port}"],
         [rules],
         alertmanager=f"127.0.0.1:{alertmanager.port}",
     )
-    log = open(tmp_path / "exporter.log", "ab")  # noqa: SIM115 - closed with the process
-    exporter = subprocess.Popen(
-        [sys.executable, "-m", "monitor.cli", "exporter", "--port", str(exporter_port)],
-        env=stack.env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
+    exporter = stack.start_exporter(exporter_port, tmp_path / "exporter.log")
     try:
         prometheus.start()
         t0 = stack.t0
@@ -185,7 +118,7 @@ def test_direct_alerts_fire_and_resolve_without_prometheus(tmp_path: Path) -> No
     redis_server.start()
     alertmanager.start()
     try:
-        stack = Stack(redis_server.url, tmp_path)
+        stack = MinuteStack(redis_server.url, [model_m(tmp_path)])
         tracker = VerdictTracker(ALERTING)
         client = AlertmanagerClient(alertmanager.url)
         t0 = stack.t0

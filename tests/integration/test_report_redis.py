@@ -13,82 +13,44 @@ import re
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from servers import ROOT, RedisServer, service_env
+from minute_stack import DIM, VOCAB, WINDOW, MinuteStack, model_m
+from servers import ROOT, RedisServer
 
-from monitor.config import Settings
-from monitor.evaluate.evaluator import Evaluator
 from monitor.evaluate.snapshot import Snapshot
 from monitor.pipeline.baselines import pin_window
-from monitor.pipeline.payload import encode_batch
-from monitor.pipeline.runtime import Runtime
-from monitor.pipeline.windows import compact_model
 
 pytestmark = pytest.mark.slow
 
-VOCAB, DIM = 40, 8
-WINDOWS = {"1m": 60}
 ALERTING = {
     "absolute": [],
     "predictive": [],
     "relative": [],
     "drift": [{"alert": "CollapseDriftAboveThreshold", "for": "0s"}],
 }
-SERVICE = {
-    "COLLAPSE_WINDOWS": json.dumps(WINDOWS),
-    "COLLAPSE_BUCKET_SECONDS": "10",
-    "COLLAPSE_COARSE_BUCKET_SECONDS": "60",
-    "COLLAPSE_FINE_RETENTION_SECONDS": "60",
-    "COLLAPSE_ALERTING": json.dumps(ALERTING),
-}
-
-
-def traffic(seed: int, n: int, spread: float) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    means = np.random.default_rng(0).normal(size=(VOCAB, DIM)) * 3 * spread
-    y = rng.integers(0, VOCAB, n)
-    return (means[y] + rng.normal(size=(n, DIM))).astype(np.float32), y
-
-
-def feed(runtime: Runtime, spread: float, at: float, tag: str) -> None:
-    """Five batches in the minute before `at`, compacted into 10-second buckets."""
-    for i in range(5):
-        x, y = traffic(zlib.crc32(f"{tag}{i}".encode()), 300, spread)
-        payload = encode_batch("m", x, y, batch_id=f"{tag}{i}", ts=at - 5 - 10 * i)
-        runtime.ingestor.ingest(payload)
-    compact_model(runtime.store, "m")
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServer, dict[str, str]]]:
     tmp = tmp_path_factory.mktemp("report")
-    np.save(tmp / "head.npy", np.random.default_rng(1).normal(size=(VOCAB, DIM)))
-    models = [{"name": "m", "vocab_size": VOCAB, "dim": DIM, "second_moment": True,
-               "classifier_path": str(tmp / "head.npy")},
-              {"name": "quiet", "vocab_size": VOCAB, "dim": DIM}]  # fmt: skip
+    models = [model_m(tmp, second_moment=True), {"name": "quiet", "vocab_size": VOCAB, "dim": DIM}]
     server = RedisServer(tmp)
     server.start()
     try:
-        settings = Settings(redis_url=server.url, models=models, windows=WINDOWS,
-                            bucket_seconds=10, coarse_bucket_seconds=60,
-                            fine_retention_seconds=60)  # fmt: skip
-        runtime = Runtime(settings)
-        evaluator = Evaluator(runtime)
-        t0 = time.time()
-        feed(runtime, 1.0, t0, "base")
-        pin_window(runtime.store, runtime.registry, "m", "launch", "1m", 60)
-        assert evaluator.evaluate_model("m", now=t0)[0].ok
+        stack = MinuteStack(server.url, models, COLLAPSE_ALERTING=json.dumps(ALERTING))
+        t0 = stack.t0
+        stack.feed(1.0, t0, "base")
+        pin_window(stack.runtime.store, stack.runtime.registry, "m", "launch", WINDOW, 60)
+        assert stack.evaluate(t0).ok
         for k, spread in enumerate((0.5, 0.4, 0.3)):
             at = t0 + 100 + 70 * k  # each window sees only its own traffic
-            feed(runtime, spread, at, f"collapse{k}")
-            assert evaluator.evaluate_model("m", now=at)[0].ok
-        yield server, service_env(server.url, json.dumps(models), **SERVICE)
+            stack.feed(spread, at, f"collapse{k}")
+            assert stack.evaluate(at).ok
+        yield server, stack.env
     finally:
         server.stop()
 
