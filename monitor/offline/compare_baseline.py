@@ -37,6 +37,9 @@ from monitor.offline.tolerances import Tolerances
 from monitor.pipeline.baselines import decode_calibration, load_baseline
 from monitor.pipeline.runtime import Runtime
 
+# Metrics that need the d x d second moment (CollapseStats(second_moment=True)).
+_SECOND_MOMENT_KEYS = ("effective_rank", "nc1_trace_ratio")
+
 
 def compare_with_baseline(
     model: str,
@@ -94,12 +97,16 @@ def compare_with_baseline(
         **settings.metric_options(),
     ).as_dict()
     cand_values = metrics_of(run, settings)
+    if not options.second_moment:  # the user's choice, not a regression: compare neither side
+        ref_values = {**ref_values, **dict.fromkeys(_SECOND_MOMENT_KEYS)}
     drift = drift_between(run.stats, ref_stats, buckets, settings).as_dict()
     metrics, checks = judge(ref_values, cand_values, drift, tolerances)
     notes = []
     if ref_values.get("nc4_ncc_agreement") is None:
         notes.append("the baseline recorded no NC4 counts: nc4_ncc_agreement is not compared")
-    if not ref_stats.has_second_moment:
+    if not options.second_moment:
+        notes.append("--no-second-moment: effective_rank and nc1_trace_ratio are not compared")
+    elif not ref_stats.has_second_moment:
         notes.append(
             "the baseline has no second moment (second_moment: false): effective_rank and "
             "nc1_trace_ratio are not compared"

@@ -27,6 +27,7 @@ from monitor.errors import InvalidInput
 from monitor.metrics import REPORT_KEYS, compute_metrics
 from monitor.metrics.engine import resolve_device
 from monitor.metrics.report import COLLAPSE_KEYS
+from monitor.offline.corpus_run import context_length, head_of
 from monitor.offline.correlation import Correlation, correlate
 from monitor.stats import CollapseStats
 
@@ -211,12 +212,6 @@ def validation_loss(model: Any, windows: torch.Tensor, batch_size: int) -> tuple
     return total / count, count
 
 
-def _context(model: Any, cap: int) -> int:
-    config = getattr(model, "config", None)
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    return min(cap, int(limit)) if limit else cap
-
-
 def _tokenizer_key(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
@@ -250,26 +245,25 @@ def measure_checkpoint(
 
     device = resolve_device(settings.device)
     model, tokenizer = load_model(path, device=device, dtype=None)
-    head: Any = getattr(model, "get_output_embeddings", lambda: None)()
-    head_weight = getattr(head, "weight", None)
-    if not isinstance(head_weight, torch.Tensor):
-        raise InvalidInput("no_output_embeddings", f"{path}: the model has no LM head weights")
-    weight = head_weight.detach().float().cpu()
-    bias = getattr(head, "bias", None)
-    bias = None if bias is None else bias.detach().float().cpu()
+    weight, bias = head_of(model)
     train_stream, eval_stream = streams.get(tokenizer)
-    length = _context(model, options.context)
+    length = min(options.context, context_length(model) or options.context)
     train_windows = token_windows(train_stream, length, options.max_tokens)
     eval_windows = token_windows(eval_stream, length, options.max_eval_tokens)
     stats = CollapseStats(
         int(weight.shape[0]), int(weight.shape[1]), second_moment=True, device=device
     )
     train_tokens = 0
-    for batch in embed_batches(model, tokenizer, train_windows, options.batch_size):
+    # dtype=None: the checkpoint's own precision on every device (mirror mode's "auto" would
+    # take bf16 on CUDA, and CPU and GPU studies would then disagree).
+    for batch in embed_batches(model, tokenizer, train_windows, options.batch_size, dtype=None):
         stats.update(batch.features, batch.labels)
         train_tokens += len(batch)
     eval_features = torch.cat(
-        [b.features for b in embed_batches(model, tokenizer, eval_windows, options.batch_size)]
+        [
+            b.features
+            for b in embed_batches(model, tokenizer, eval_windows, options.batch_size, dtype=None)
+        ]
     )
     report = compute_metrics(
         stats, weight, bias, eval_features=eval_features, **settings.metric_options()

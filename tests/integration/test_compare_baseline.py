@@ -113,6 +113,12 @@ def test_candidate_against_pinned_baseline(
     for key in ("nc1_cdnv", "nc2_equiangularity_std", "effective_rank", "class_count"):
         assert got[key]["reference"] == pytest.approx(mirror[key]["reference"], rel=1e-9)
 
+    # --no-second-moment against a baseline that has one: a choice, not a regression.
+    code, lean = compare(env, checkpoints["reference"], corpus, "--no-second-moment")
+    assert code == 0, lean["regressions"]
+    assert by_key(lean)["effective_rank"]["status"] == "skipped"
+    assert any("--no-second-moment" in note for note in lean["notes"])
+
     code, bad = compare(env, checkpoints["collapsed"], corpus)
     assert code == 3
     assert {"nc1_cdnv", "effective_rank", "drift_mmd"} <= set(bad["regressions"])
