@@ -7,7 +7,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -24,19 +24,8 @@ from rich.progress import (
 )
 
 from monitor.errors import CollapseMonitorError
+from monitor.errors import ExitCode as ExitCode  # re-exported: the commands import it from here
 
-
-class ExitCode(IntEnum):
-    """Every command's exit status (documented in docs/cli.md; scripts and CI rely on them)."""
-
-    OK = 0
-    FAILURE = 1  # unexpected error: a bug, or a service that stayed down
-    BAD_INPUT = 2  # bad input, settings or usage: one line on stderr
-    REGRESSION = 3  # `compare`: the candidate regressed beyond the tolerances
-    INTERRUPTED = 130  # Ctrl-C
-
-
-EXIT_BAD_INPUT = ExitCode.BAD_INPUT
 stderr = Console(stderr=True)
 
 

@@ -146,7 +146,7 @@ def _print_table(result: CompareResult) -> None:
         table.add_column(column, justify=justify, no_wrap=column in ("metric", "status"))  # type: ignore[arg-type]
     for m in result.metrics:
         tol = "" if m.tolerance is None else f"{_sign(m.bad_direction)}{m.tolerance:.0%}"
-        change = _change(m.relative_change)
+        change = _change(m.relative_change, m.reference)
         table.add_row(
             m.key, _fmt(m.reference), _fmt(m.candidate), change, tol, _status(m.status.value)
         )
@@ -160,11 +160,14 @@ def _print_table(result: CompareResult) -> None:
     console.print(verdict, markup=False, highlight=False, soft_wrap=True)
 
 
-def _change(relative: float | None) -> str:
-    """+29.6% for moderate changes, a factor (110x) once percentages get unreadable."""
+def _change(relative: float | None, reference: float | int | None) -> str:
+    """+29.6% for moderate changes, a factor (110x) once percentages get unreadable; the factor
+    only for a positive reference, where 1 + change is candidate / reference."""
     if relative is None:
         return ""
-    return f"{relative:+.1%}" if abs(relative) < 10 else f"{1 + relative:.3g}x"
+    if abs(relative) < 10 or reference is None or reference <= 0:
+        return f"{relative:+.1%}"
+    return f"{1 + relative:.3g}x"
 
 
 def _sign(direction: str | None) -> str:

@@ -21,10 +21,9 @@ from typing import Any, Literal
 
 import torch
 
-from monitor.cli_common import ExitCode
 from monitor.config import Settings
 from monitor.data.files import read_lines
-from monitor.errors import InvalidInput
+from monitor.errors import ExitCode, InvalidInput
 from monitor.metrics import compute_metrics
 from monitor.metrics.drift import BucketSums, DriftReport, compute_drift
 from monitor.metrics.engine import resolve_device

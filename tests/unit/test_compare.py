@@ -382,3 +382,13 @@ def test_console_script_exit_codes(models: dict[str, Path], corpus: Path) -> Non
     )  # fmt: skip
     assert done.returncode == 3, done.stderr
     assert json.loads(done.stdout)["regressions"]
+
+
+def test_change_column_is_a_factor_only_where_it_means_one() -> None:
+    from monitor.cli_compare import _change
+
+    assert _change(0.296, 0.6) == "+29.6%"
+    assert _change(109.3, 2.065) == "110x"  # 227.7 / 2.065
+    # -0.01 -> 0.2 is +2100% of |reference|; "22x" would claim 0.2 / -0.01 = -20.
+    assert _change(21.0, -0.01) == "+2100.0%"
+    assert _change(None, 1.0) == ""
