@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -98,14 +100,15 @@ def _run(
     import torch
 
     from monitor.demo import Demo, DemoOptions
+    from monitor.demo.http import check_port
     from monitor.errors import InvalidInput
 
     if model is not None and not (model / "config.json").is_file():
         raise InvalidInput(
             "model_not_found", f"{model} has no config.json: not a from_pretrained directory"
         )
+    check_port(port)
     _quiet_transformers()
-    _sigterm_as_interrupt()
     # A first-run build trains with every core (it is bounded by time, so fewer threads would
     # give a less trained model); the demo itself then runs on one intra-op thread, sized for
     # 2 cores: traffic and evaluator share the machine, and tiny matrices gain nothing more.
@@ -113,7 +116,8 @@ def _run(
     torch.set_num_threads(1)
     view.event(0.0, f"loading {checkpoint}")
     options = DemoOptions(duration=duration, inject=inject, port=port, out=out, seed=seed)
-    return Demo(options, checkpoint, view).run()
+    with _sigterm_as_interrupt():
+        return Demo(options, checkpoint, view).run()
 
 
 def _bundled_model(view: DemoView) -> Path:
@@ -136,13 +140,21 @@ def _bundled_model(view: DemoView) -> Path:
     return ensure_tiny_model(root, progress=lambda msg: view.event(0.0, f"build: {msg}"))
 
 
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM (`timeout`, `docker stop`) ends the demo as Ctrl-C does: report written, exit 130."""
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`timeout`, `docker stop`) ends the demo as Ctrl-C does: report written, exit 130.
+
+    The previous handler comes back afterwards, so the process is not left converting signals.
+    """
 
     def interrupt(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _quiet_transformers() -> None:

@@ -7,6 +7,7 @@ server (no event loop to share with the demo's own threads).
 
 from __future__ import annotations
 
+import socket
 import threading
 from wsgiref.simple_server import WSGIServer
 
@@ -21,6 +22,26 @@ from monitor.store.base import Store
 HOST = "127.0.0.1"
 
 
+def _unavailable(port: int, exc: OSError) -> InvalidInput:
+    return InvalidInput(
+        "port_unavailable",
+        f"cannot serve /metrics on {HOST}:{port} ({exc.strerror or exc}); "
+        "choose another --port, or --port 0 for a free one",
+    )
+
+
+def check_port(port: int) -> None:
+    """Refuse a port in use before minutes of model loading, not after (the real bind still
+    decides: something may take the port in between)."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((HOST, port))
+        except OSError as exc:
+            raise _unavailable(port, exc) from None
+
+
 class MetricsServer:
     """Serves `/metrics` on 127.0.0.1:`port` (0 = a free port) until `close()`."""
 
@@ -30,11 +51,7 @@ class MetricsServer:
         try:
             self._server, self._thread = start_wsgi_server(port, addr=HOST, registry=registry)
         except OSError as exc:
-            raise InvalidInput(
-                "port_unavailable",
-                f"cannot serve /metrics on {HOST}:{port} ({exc.strerror or exc}); "
-                "choose another --port, or --port 0 for a free one",
-            ) from None
+            raise _unavailable(port, exc) from None
         self.port = int(self._server.server_address[1])
 
     @property

@@ -9,9 +9,13 @@ time is compressed (1-second buckets, a window of a few seconds).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,8 +145,10 @@ class Demo:
             interrupted = True
             self.view.event(self.elapsed(), "interrupted: stopping cleanly")
         finally:
-            self._shutdown()
-        html, pngs = self._write_report()
+            with _signals_held():
+                self._shutdown()
+        with _signals_held():  # a second Ctrl-C must not cost the report the first one promised
+            html, pngs = self._write_report()
         return DemoResult(
             interrupted=interrupted,
             fired=sorted({p.alert for p in self.board.periods}),
@@ -316,3 +322,17 @@ class Demo:
     def _token(self, class_id: int) -> str:
         text: Any = self.tokenizer.decode([class_id])
         return str(text)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM are ignored inside (about a second: shutdown, the report)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; no signal reaches another one anyway
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -123,7 +123,7 @@ def test_injected_collapse_fires_and_recovery_resolves(
 ) -> None:
     out = tmp_path / "report"
     run = start_demo(
-        "--duration", "45", "--model", str(tiny_model), "--port", "0", "--out", str(out)
+        "--duration", "60", "--model", str(tiny_model), "--port", "0", "--out", str(out)
     )
     wait_for(lambda: run.find("metrics: ") is not None, 60, "the demo's metrics URL")
     url = run.url()

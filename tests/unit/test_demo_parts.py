@@ -239,3 +239,22 @@ def test_bad_options_are_one_line_errors(
     assert len(err) == 1, err
     assert err[0].startswith("error: ")
     assert message in err[0]
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from monitor.cli import main
+
+    (tmp_path / "config.json").write_text("{not a model config")  # loading it would fail
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["demo", "--port", str(port), "--model", str(tmp_path), "--out", str(tmp_path)]
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "cannot serve /metrics" in err[0], err
