@@ -75,7 +75,9 @@ def register(app: typer.Typer) -> None:
         eval_corpus: Annotated[
             Path, typer.Option(help="Validation corpus (loss and NC4), same format.")
         ],
-        out: Annotated[Path, typer.Option(help="Folder for study.csv, study.json, *.png.")],
+        out: Annotated[
+            Path, typer.Option(file_okay=False, help="Folder for study.csv, study.json, *.png.")
+        ],
         max_tokens: Annotated[
             int, typer.Option(min=2, help="Train-corpus positions measured per checkpoint.")
         ] = 131_072,
