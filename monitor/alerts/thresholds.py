@@ -316,6 +316,16 @@ class AlertingSettings(BaseModel):
             seen.add(key)
         return self
 
+    def instant(self) -> AlertingSettings:
+        """The same bounds with `for: 0s`: verdicts of what holds at each point, for a live
+        view's own pending timer or a history whose x is not time (study checkpoints)."""
+        return self.model_copy(
+            update={
+                kind: [b.model_copy(update={"for_": "0s"}) for b in getattr(self, kind)]
+                for kind in ("absolute", "relative", "drift")
+            }
+        )
+
 
 def default_alerting() -> AlertingSettings:
     """The shipped defaults: model-agnostic ratios and trends, plus the pipeline's health."""

@@ -47,17 +47,6 @@ def demo_alerting(hold_seconds: int) -> AlertingSettings:
     )
 
 
-def _instant(alerting: AlertingSettings) -> AlertingSettings:
-    """The same rules with `for: 0s`: their verdicts say which conditions hold right now."""
-    return alerting.model_copy(
-        update={
-            "relative": [r.model_copy(update={"for_": "0s"}) for r in alerting.relative],
-            "absolute": [r.model_copy(update={"for_": "0s"}) for r in alerting.absolute],
-            "drift": [r.model_copy(update={"for_": "0s"}) for r in alerting.drift],
-        }
-    )
-
-
 def rule_names(alerting: AlertingSettings) -> list[str]:
     """Alert names in rule order, each once."""
     names: list[str] = []
@@ -100,7 +89,7 @@ class AlertBoard:
     def __init__(self, alerting: AlertingSettings) -> None:
         self.alerting = alerting
         self._firing = VerdictTracker(alerting)
-        self._holding = VerdictTracker(_instant(alerting))
+        self._holding = VerdictTracker(alerting.instant())
         self.states: dict[str, AlertState] = {n: AlertState.inactive for n in rule_names(alerting)}
         self.periods: list[Period] = []
 

@@ -13,19 +13,7 @@ from monitor.alerts.verdicts import VerdictTracker
 from monitor.evaluate.snapshot import Snapshot
 from monitor.report.data import AlertPeriod
 
-__all__ = ["alert_periods", "without_pending"]
-
-
-def without_pending(alerting: AlertingSettings) -> AlertingSettings:
-    """The same bounds with `for: 0s`: for histories whose x is not time (study checkpoints)."""
-
-    return alerting.model_copy(
-        update={
-            "absolute": [b.model_copy(update={"for_": "0s"}) for b in alerting.absolute],
-            "relative": [b.model_copy(update={"for_": "0s"}) for b in alerting.relative],
-            "drift": [b.model_copy(update={"for_": "0s"}) for b in alerting.drift],
-        }
-    )
+__all__ = ["alert_periods"]
 
 
 def alert_periods(snapshots: Sequence[Snapshot], alerting: AlertingSettings) -> list[AlertPeriod]:

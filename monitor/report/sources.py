@@ -12,7 +12,7 @@ from monitor.errors import IncompatibleStats, InvalidInput
 from monitor.evaluate.snapshot import Snapshot
 from monitor.pipeline.windows import window_stats
 from monitor.report.data import ReportData
-from monitor.report.periods import alert_periods, without_pending
+from monitor.report.periods import alert_periods
 from monitor.stats import CollapseStats
 from monitor.store.base import Store
 
@@ -156,7 +156,7 @@ def from_json(
                 metrics=metrics,
             )
         )
-    periods = alert_periods(snapshots, without_pending(alerting)) if alerting else []
+    periods = alert_periods(snapshots, alerting.instant()) if alerting else []
     return ReportData(
         model=name,
         window=window,

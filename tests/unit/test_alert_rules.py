@@ -376,3 +376,16 @@ def test_main_cli_renders_rules_and_fails_in_one_line(tmp_path: Path) -> None:
     done = _run(sys.executable, *entry, "rules", "render", "--config", str(bad))
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_instant_drops_only_the_hold_of_snapshot_rules() -> None:
+    from monitor.alerts.thresholds import default_alerting
+
+    alerting = default_alerting()
+    now = alerting.instant()
+    for kind in ("absolute", "relative", "drift"):
+        before, after = getattr(alerting, kind), getattr(now, kind)
+        assert before, kind  # the defaults have rules of each kind, so this checks something
+        assert [b.for_ for b in after] == ["0s"] * len(before)
+        assert [b.model_copy(update={"for_": "0s"}) for b in before] == after
+    assert now.predictive == alerting.predictive  # trends stay with Prometheus, untouched
