@@ -11,10 +11,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.progress import TaskID
 from rich.table import Table
 
-from monitor.cli_common import ExitCode, OutputFormat, one_line_errors, stderr
+from monitor.cli_common import (
+    ExitCode,
+    FormatOption,
+    OutputFormat,
+    one_line_errors,
+    progress_bar,
+)
 from monitor.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -53,9 +59,7 @@ def compare(
     seed: Annotated[
         int | None, typer.Option(help="Seed of NC4 positions and sampled pairs. [env: 0]")
     ] = None,
-    output: Annotated[OutputFormat, typer.Option("--format", help="json or table.")] = (
-        OutputFormat.table
-    ),
+    output: FormatOption = OutputFormat.table,
 ) -> None:
     """Run one held-out corpus through two model versions and fail on a collapse regression.
 
@@ -105,15 +109,7 @@ def _run(
     from monitor.offline.tolerances import load_tolerances
 
     tol = load_tolerances(tolerances)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} tokens"),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=True,
-        disable=not stderr.is_terminal,
-    ) as bar:
+    with progress_bar("{task.description}", "tokens") as bar:
         tasks: dict[str, TaskID] = {}
 
         def progress(label: str, done: int, total: int) -> None:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from monitor.cli_common import OutputFormat, stderr
+from monitor.cli_common import FormatOption, OutputFormat, stderr
 from monitor.errors import InvalidInput
 
 
@@ -48,9 +48,7 @@ def report(
             "instead of reading Redis.",
         ),
     ] = None,
-    output: Annotated[OutputFormat, typer.Option("--format", help="json or table.")] = (
-        OutputFormat.table
-    ),
+    output: FormatOption = OutputFormat.table,
 ) -> None:
     """Plot a model's metric history with thresholds and alert periods, and its class means.
 

@@ -277,11 +277,6 @@ def _width(model: Any) -> int:
     return int(model.get_output_embeddings().weight.shape[1])
 
 
-def compute_device(settings: Settings) -> torch.device:
-    """The device of the forward passes and metrics (`auto`: CUDA when there is one)."""
-    return resolve_device(settings.device)
-
-
 def compare_models(
     reference: str,
     candidate: str,
@@ -299,7 +294,7 @@ def compare_models(
     started = time.perf_counter()
     settings = options.settings
     lines = read_lines(corpus)
-    device = str(compute_device(settings))
+    device = str(resolve_device(settings.device))
     cand_tok, cand_config = open_tokenizer(candidate)  # a bad candidate fails before any run
     ref_model, ref_tok = open_model(reference, device)
     vocab = int(ref_model.get_output_embeddings().weight.shape[0])

@@ -15,12 +15,12 @@ from monitor.data.files import read_lines
 from monitor.errors import InvalidInput
 from monitor.evaluate.heads import load_head
 from monitor.metrics import compute_metrics
+from monitor.metrics.engine import resolve_device
 from monitor.offline.compare import (
     CompareOptions,
     CompareResult,
     CorpusInfo,
     Side,
-    compute_device,
     drift_between,
     judge,
     metrics_of,
@@ -65,7 +65,7 @@ def compare_with_baseline(
     ref_stats, meta = load_baseline(runtime.store, runtime.registry, model, baseline)
     found = runtime.store.baseline(model, baseline)
     buckets = decode_calibration(found.calibration if found else None)
-    cand_model, cand_tok = open_model(candidate, str(compute_device(settings)))
+    cand_model, cand_tok = open_model(candidate, str(resolve_device(settings.device)))
     head = cand_model.get_output_embeddings().weight
     if (int(head.shape[0]), int(head.shape[1])) != (ref_stats.num_classes, ref_stats.dim):
         raise InvalidInput(
