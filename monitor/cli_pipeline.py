@@ -7,6 +7,7 @@ exit code 2, since a separate process would see none of the embedded process's s
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -60,6 +61,9 @@ def worker(
     mirrored texts, one per GPU with --pool solo) and `maintenance` (compaction, evaluation).
     """
     _service_settings()
+    # Read by celery.apps.worker at import: SIGTERM starts the soft shutdown (see
+    # worker_shutdown_timeout) instead of an unbounded warm one.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     from monitor.pipeline.celery_app import QUEUES, app
 
     wanted = [q.strip() for q in queues.split(",") if q.strip()]

@@ -118,6 +118,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Seconds before an unacknowledged task (its worker died) is redelivered.",
     )
+    worker_shutdown_timeout: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a busy worker given SIGTERM waits for running tasks before it "
+        "requeues the rest and exits (Celery's soft shutdown: it waits the whole time; keep it "
+        "below the pod's terminationGracePeriodSeconds).",
+    )
     compaction_interval: float = Field(
         30.0, gt=0, description="Seconds between compaction runs of beat."
     )

@@ -53,6 +53,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_on_failure_or_timeout": True,  # bad input is counted once, not redelivered
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
+        # With SIGTERM remapped to a cold shutdown (the `worker` command does), this is a
+        # bounded warm one: running tasks get this long, then unacked messages are requeued at
+        # once. A plain warm shutdown can wait forever on a message that arrived with the
+        # signal, and a SIGKILL then leaves it to the visibility timeout (an hour).
+        "worker_soft_shutdown_timeout": settings.worker_shutdown_timeout,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             "visibility_timeout": settings.task_visibility_timeout,
