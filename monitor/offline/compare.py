@@ -277,6 +277,22 @@ def _width(model: Any) -> int:
     return int(model.get_output_embeddings().weight.shape[1])
 
 
+def corpus_slice(
+    seqs: list[list[int]], corpus: Path, options: CompareOptions
+) -> tuple[torch.Tensor, CorpusInfo]:
+    """The NC4 sample positions of a tokenised slice, and its description; an empty one is
+    refused (both comparison modes run the same slice the same way)."""
+    total = sum(len(s) - 1 for s in seqs)
+    if total == 0:
+        raise InvalidInput("empty_corpus", f"corpus {corpus} has no line of two tokens or more")
+    settings = options.settings
+    positions = nc4_positions(total, settings.nc4_max_samples, settings.seed)
+    info = CorpusInfo(
+        str(corpus), len(seqs), total, options.max_tokens, int(positions.numel()), settings.seed
+    )
+    return positions, info
+
+
 def compare_models(
     reference: str,
     candidate: str,
@@ -309,10 +325,7 @@ def compare_models(
             "the two tokenizers split the corpus differently (first difference in sequence "
             f"{_first_difference(seqs, other)}): compare needs one tokenizer",
         )
-    total = sum(len(s) - 1 for s in seqs)
-    if total == 0:
-        raise InvalidInput("empty_corpus", f"corpus {corpus} has no line of two tokens or more")
-    positions = nc4_positions(total, settings.nc4_max_samples, settings.seed)
+    positions, corpus_info = corpus_slice(seqs, corpus, options)
     ref_run = run_model(
         ref_model,
         ref_tok,
@@ -355,9 +368,7 @@ def compare_models(
     return CompareResult(
         reference=_side("model", reference, ref_run.stats, ref_values["class_count"]),
         candidate=_side("model", candidate, cand_run.stats, cand_values["class_count"]),
-        corpus=CorpusInfo(
-            str(corpus), len(seqs), total, options.max_tokens, int(positions.numel()), settings.seed
-        ),
+        corpus=corpus_info,
         metrics=metrics,
         drift=checks,
         tolerances=tolerances,

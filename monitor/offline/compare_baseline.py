@@ -19,8 +19,8 @@ from monitor.metrics.engine import resolve_device
 from monitor.offline.compare import (
     CompareOptions,
     CompareResult,
-    CorpusInfo,
     Side,
+    corpus_slice,
     drift_between,
     judge,
     metrics_of,
@@ -28,7 +28,6 @@ from monitor.offline.compare import (
 from monitor.offline.corpus_run import (
     Progress,
     context_length,
-    nc4_positions,
     open_model,
     run_model,
     tokenize_slice,
@@ -74,10 +73,7 @@ def compare_with_baseline(
             f"{baseline!r} of {model!r} {ref_stats.num_classes} x {ref_stats.dim}",
         )
     seqs = tokenize_slice(cand_tok, lines, options.max_tokens, context_length(cand_model))
-    total = sum(len(s) - 1 for s in seqs)
-    if total == 0:
-        raise InvalidInput("empty_corpus", f"corpus {corpus} has no line of two tokens or more")
-    positions = nc4_positions(total, settings.nc4_max_samples, settings.seed)
+    positions, corpus_info = corpus_slice(seqs, corpus, options)
     run = run_model(
         cand_model,
         cand_tok,
@@ -126,9 +122,7 @@ def compare_with_baseline(
             int(cand_values["class_count"] or 0),
             run.stats.dim,
         ),
-        corpus=CorpusInfo(
-            str(corpus), len(seqs), total, options.max_tokens, int(positions.numel()), settings.seed
-        ),
+        corpus=corpus_info,
         metrics=metrics,
         drift=checks,
         tolerances=tolerances,
