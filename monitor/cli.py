@@ -30,7 +30,7 @@ from monitor.cli_common import (
     stderr,
 )
 from monitor.metrics import MetricReport
-from monitor.metrics.report import COLLAPSE_KEYS, ESTIMATED_KEYS, GEOMETRY_KEYS
+from monitor.metrics.report import COLLAPSE_KEYS, ESTIMATED_KEYS, GEOMETRY_KEYS, format_value
 
 app = typer.Typer(
     name="collapse-monitor",
@@ -153,16 +153,8 @@ def _print_report(report: MetricReport, output: OutputFormat) -> None:
     for key in COLLAPSE_KEYS + GEOMETRY_KEYS:
         value = values[key]
         err = values.get(f"{key}_stderr") if key in ESTIMATED_KEYS else None
-        table.add_row(key, _fmt(value), "" if err is None else _fmt(err))
+        table.add_row(key, format_value(value, 6), "" if err is None else format_value(err, 6))
     Console().print(table)
-
-
-def _fmt(value: float | int | None) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.6g}"
 
 
 def _register_commands() -> None:

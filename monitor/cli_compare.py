@@ -22,6 +22,7 @@ from monitor.cli_common import (
     progress_bar,
 )
 from monitor.errors import InvalidInput
+from monitor.metrics.report import format_value
 
 if TYPE_CHECKING:
     from monitor.offline.compare import CompareOptions, CompareResult
@@ -144,11 +145,16 @@ def _print_table(result: CompareResult) -> None:
         tol = "" if m.tolerance is None else f"{_sign(m.bad_direction)}{m.tolerance:.0%}"
         change = _change(m.relative_change, m.reference)
         table.add_row(
-            m.key, _fmt(m.reference), _fmt(m.candidate), change, tol, _status(m.status.value)
+            m.key,
+            format_value(m.reference),
+            format_value(m.candidate),
+            change,
+            tol,
+            _status(m.status.value),
         )
     for d in result.drift:
         limit = "" if d.max is None else f"<={d.max:.3g}"
-        table.add_row(d.key, "", _fmt(d.value), "", limit, _status(d.status.value))
+        table.add_row(d.key, "", format_value(d.value), "", limit, _status(d.status.value))
     console.print(table)
     for note in result.notes:
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
@@ -175,14 +181,6 @@ def _status(status: str) -> str:
     if status == "regressed":
         return "[bold red]regressed[/]"
     return "" if status == "unchecked" else status
-
-
-def _fmt(value: float | int | None) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.4g}"
 
 
 def register(app: typer.Typer) -> None:

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from monitor.demo.alerting import CDNV_RATIO_MAX, DRIFT_FACTOR, AlertState
 from monitor.demo.state import PHASE_TEXT, DemoState
+from monitor.metrics.report import format_value
 
 MMD_RATIO = "mmd_over_threshold"  # derived here: what the drift alert compares with its factor
 # (metric key, label, alert threshold text); ratios are "now over baseline".
@@ -60,11 +61,7 @@ def shown(metrics: dict[str, float | int | None]) -> dict[str, float | int | Non
 
 
 def fmt(value: float | int | None) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.4g}"
+    return format_value(value, missing="-")
 
 
 class DemoView(Protocol):

@@ -101,3 +101,13 @@ class MetricReport:
     def as_dict(self) -> dict[str, float | int | None]:
         """Flat METRICS.md keys -> value (None where not computable), in catalogue order."""
         return {key: self.value(key) for key in REPORT_KEYS}
+
+
+def format_value(value: float | int | None, digits: int = 4, missing: str = "null") -> str:
+    """A metric value for a table or log line: counts exactly, floats to `digits` significant
+    figures, `missing` for a metric that could not be computed."""
+    if value is None:
+        return missing
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}g}"
