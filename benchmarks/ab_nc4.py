@@ -11,36 +11,20 @@ Markdown table row.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from git_module import module_at  # noqa: E402
+
 from monitor.metrics import nc4  # noqa: E402
-
-
-def module_at(revision: str, tmp: Path) -> ModuleType:
-    source = subprocess.run(
-        ["git", "show", f"{revision}:monitor/metrics/nc4.py"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    path = tmp / "nc4_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("nc4_before", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     noise = 4.0 * torch.randn(args.n, args.dim, generator=gen, dtype=torch.float64)
     features = means[labels] + noise  # enough noise that the two decisions often differ
     with tempfile.TemporaryDirectory() as tmp:
-        before = module_at(args.before, Path(tmp))
+        before = module_at(args.before, "monitor/metrics/nc4.py", Path(tmp))
         times: dict[str, list[float]] = {"before": [], "after": []}
         results = {}
         for _ in range(args.rounds):

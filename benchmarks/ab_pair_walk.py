@@ -13,14 +13,11 @@ both alike. Also checks that both give the same values. Prints a Markdown table 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
@@ -29,27 +26,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_evaluate import build_stats, pair_inputs  # noqa: E402
+from git_module import module_at  # noqa: E402
 
 from monitor.metrics import pairwise  # noqa: E402
-
-
-def module_at(revision: str, tmp: Path) -> ModuleType:
-    source = subprocess.run(
-        ["git", "show", f"{revision}:monitor/metrics/pairwise.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    path = tmp / "pairwise_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("pairwise_before", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pairwise_before"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampled", action="store_true", help="sampled_pair_metrics instead")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        old = module_at(args.before, Path(tmp))
+        old = module_at(args.before, "monitor/metrics/pairwise.py", Path(tmp))
         stats, _ = build_stats(args.k, args.dim, 3, False, 0)
         new_in = pair_inputs(stats, 2)
         old_in = old.PairInputs(new_in.centred, new_in.variances, new_in.sq_norms)
