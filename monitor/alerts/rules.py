@@ -8,7 +8,8 @@ Why the expressions look the way they do:
 - Upper bounds take `max`, lower bounds `min` over replicas: the pessimistic reading.
 - A metric that cannot be computed has no sample, so its rules stay quiet rather than firing on
   a fake 0; the pipeline rules (stale snapshots, stopped ingestion, store down, exporter absent)
-  are what catches a monitor that went blind.
+  are what catches a monitor that went blind, and the compaction rules (lag, pending partials
+  growing) one that falls behind.
 """
 
 from __future__ import annotations
@@ -245,6 +246,43 @@ def _pipeline_rules(alerting: AlertingSettings) -> list[dict[str, Any]]:
                 f"rejected over {r2.rate_window} (bound {r2.ratio:g}); see "
                 "collapse_samples_rejected_total by reason. A client sends bad or mis-shaped "
                 "data, or samples for a model that is not configured.",
+            )
+        )
+    if p.compaction_lag.enabled:
+        r3 = p.compaction_lag
+        rules.append(
+            _rule(
+                alerting,
+                "CollapseCompactionLagging",
+                f"max by (model) ({PREFIX}compaction_lag_seconds) > {_number(r3.max_seconds)}",
+                r3.for_,
+                r3.severity,
+                "Compaction falls behind for {{ $labels.model }}",
+                "The oldest uncompacted partial of model {{ $labels.model }} is "
+                '{{ $value | printf "%.0f" }} s old, more than '
+                f"{r3.max_seconds:g} s for {r3.for_}: compaction stopped or is too slow, or "
+                "batches waited that long in the ingest or embed queue (the lag counts from "
+                "the batch's timestamp). The windows miss recent traffic; partials left past "
+                "their TTL expire unmerged.",
+            )
+        )
+    if p.pending_growth.enabled:
+        r4 = p.pending_growth
+        pending = f"{PREFIX}pending_partials"
+        rules.append(
+            _rule(
+                alerting,
+                "CollapsePendingPartialsGrowing",
+                f"(max by (model) ({pending}) > {_number(r4.min_count)})"
+                f" and (max by (model) (deriv({pending}[{r4.range}])) > 0)",
+                r4.for_,
+                r4.severity,
+                "Partials pile up faster than compaction merges them for {{ $labels.model }}",
+                'Model {{ $labels.model }} has {{ $value | printf "%.0f" }} partials '
+                "waiting for compaction, "
+                f"above {r4.min_count:g}, and their number has trended up over {r4.range} for "
+                f"{r4.for_}: compaction cannot keep up with ingestion, Redis memory grows and "
+                "the windows fall further behind.",
             )
         )
     if p.store_down.enabled:

@@ -9,7 +9,8 @@ Kinds of bound, each a list so a metric can have a warning and a critical tier u
 - `relative`: a `drift_*_ratio` (window over pinned baseline) outside [min, max].
 - `predictive`: `predict_linear` of a metric reaching a bound within `horizon` (early warning).
 - `drift`: `drift_mmd` above `factor` times its calibrated `drift_mmd_threshold`.
-- `pipeline`: the monitor's own health (stale snapshots, stopped ingestion, rejections, store).
+- `pipeline`: the monitor's own health (stale snapshots, stopped ingestion, rejections, store,
+  compaction falling behind).
 
 Metric names are METRICS.md keys without the `collapse_` prefix (a given prefix is stripped).
 """
@@ -212,6 +213,34 @@ class ExporterAbsentRule(PipelineRule):
     for_: str = Field("10m", alias="for", pattern=DURATION)
 
 
+class CompactionLagRule(PipelineRule):
+    """The oldest uncompacted partial older than `max_seconds`: windows miss recent data.
+
+    The lag counts from the batch's own timestamp (set by the producer), so time spent waiting
+    in the ingest or embed queue shows here too, not only a compactor that stopped.
+    """
+
+    for_: str = Field("10m", alias="for", pattern=DURATION)
+    max_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Lag bound: 10 compaction intervals (30 s) and one fine bucket (300 s).",
+    )
+
+
+class PendingGrowthRule(PipelineRule):
+    """Pending partials trending up over `range` while above `min_count`: compaction cannot
+    keep up. A burst that compaction drains drops below `min_count` or stops growing."""
+
+    range: str = Field("15m", pattern=DURATION, description="Samples the slope is fitted on.")
+    min_count: float = Field(
+        1000.0,
+        ge=0,
+        description="Pending partials below which growth is ignored (a healthy backlog is at "
+        "most one compaction interval of batches).",
+    )
+
+
 class PipelineAlerts(BaseModel):
     """The monitor's own health: without these, a broken pipeline looks like a healthy model.
 
@@ -226,6 +255,8 @@ class PipelineAlerts(BaseModel):
     rejection_rate: RejectionRule = Field(default_factory=RejectionRule)
     store_down: StoreDownRule = Field(default_factory=StoreDownRule)
     exporter_absent: ExporterAbsentRule = Field(default_factory=ExporterAbsentRule)
+    compaction_lag: CompactionLagRule = Field(default_factory=CompactionLagRule)
+    pending_growth: PendingGrowthRule = Field(default_factory=PendingGrowthRule)
 
 
 def _absolute() -> list[AbsoluteBound]:

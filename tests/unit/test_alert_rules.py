@@ -159,6 +159,29 @@ def _pipeline_cases(e: Expect) -> list[Case]:
     ]  # fmt: skip
 
 
+def _compaction_cases(e: Expect) -> list[Case]:
+    """Compaction stops (lag and pending climb) against a healthy sawtooth and short bursts."""
+    lag, lag_alert = "collapse_compaction_lag_seconds", "CollapseCompactionLagging"
+    pending, grow = "collapse_pending_partials", "CollapsePendingPartialsGrowing"
+    sawtooth = " ".join(["5 35"] * 20)  # compaction every 30 s drains what arrived meanwhile
+    return [
+        _case([_series(lag, "0+60x40", model="bad", instance="a"),  # stopped at 0: above 300 s
+               _series(lag, "0+60x40", model="bad", instance="b"),  # from 6m, pending 10m
+               _series(lag, sawtooth, model="good"),
+               _series(lag, "0+0x5 3600 3600 0+0x32", model="backfill")],  # old ts, compacted
+              ("7m", lag_alert, []), ("15m", lag_alert, []),
+              ("20m", lag_alert, [e(lag_alert, "warning", 1200, window="")])),
+        _case([_series(pending, "0+100x60", model="bad", instance="a"),  # above 1000 from 11m
+               _series(pending, "0+100x60", model="bad", instance="b"),
+               _series(pending, "0+0x10 5000-1000x5 0+0x45", model="burst"),  # drained in 5m
+               _series(pending, " ".join(["600 1400"] * 30), model="busy"),  # no trend
+               _series(pending, "5000-50x60", model="draining"),  # catching up after a stall
+               _series(pending, "100+5x60", model="ramping")],  # more traffic, small backlog
+              ("12m", grow, []), ("20m", grow, []),
+              ("30m", grow, [e(grow, "warning", 3000, window="")])),
+    ]  # fmt: skip
+
+
 def _cases(rules: dict[str, Any]) -> list[Case]:
     e = Expect(rules)
     w, c = ["warning"], ["warning", "critical"]
@@ -197,6 +220,7 @@ def _cases(rules: dict[str, Any]) -> list[Case]:
                     "collapse_anisotropy_mean_cos", 0.5, 0.002),
         drift,
         *_pipeline_cases(e),
+        *_compaction_cases(e),
     ]  # fmt: skip
 
 
@@ -301,6 +325,54 @@ def test_thresholds_load_from_dict_json_and_yaml(tmp_path: Path) -> None:
     assert 'max by (model, window) (collapse_nc1_cdnv{model="gpt2"}) > 0.05' in text
     assert "> 90.0\n" in text  # stale after 3 x 30 s
     assert "https://runbooks.example/ops.md#collapsecdnvhigh" in text
+
+
+def _pipeline_rule(alerting: AlertingSettings, name: str) -> dict[str, Any] | None:
+    found = [r for g in render_rules(alerting)["groups"] for r in g["rules"] if r["alert"] == name]
+    return found[0] if found else None
+
+
+def test_compaction_rules_follow_their_settings() -> None:
+    lag, grow = "CollapseCompactionLagging", "CollapsePendingPartialsGrowing"
+    default = default_alerting()
+    rule = _pipeline_rule(default, lag)
+    assert rule is not None
+    assert rule["expr"] == "max by (model) (collapse_compaction_lag_seconds) > 300.0"
+    assert (rule["for"], rule["labels"]["severity"]) == ("10m", "warning")
+    rule = _pipeline_rule(default, grow)
+    assert rule is not None
+    assert rule["expr"] == (
+        "(max by (model) (collapse_pending_partials) > 1000.0)"
+        " and (max by (model) (deriv(collapse_pending_partials[15m])) > 0)"
+    )
+    assert (rule["for"], rule["labels"]["severity"]) == ("15m", "warning")
+    custom = load_alerting({"pipeline": {
+        "compaction_lag": {"max_seconds": 120, "for": "5m", "severity": "critical"},
+        "pending_growth": {"range": "30m", "min_count": 50, "for": "20m"},
+    }})  # fmt: skip
+    rule = _pipeline_rule(custom, lag)
+    assert rule is not None
+    assert rule["expr"].endswith("> 120.0")
+    assert (rule["for"], rule["labels"]["severity"]) == ("5m", "critical")
+    assert "more than 120 s for 5m" in rule["annotations"]["description"]
+    rule = _pipeline_rule(custom, grow)
+    assert rule is not None
+    assert "(collapse_pending_partials) > 50.0)" in rule["expr"]
+    assert "deriv(collapse_pending_partials[30m])" in rule["expr"]
+    assert (rule["for"], rule["labels"]["severity"]) == ("20m", "warning")
+    description = rule["annotations"]["description"]
+    assert "above 50, and their number has trended up over 30m for 20m" in description
+    off = load_alerting({"pipeline": {"compaction_lag": {"enabled": False},
+                                      "pending_growth": {"enabled": False}}})  # fmt: skip
+    assert _pipeline_rule(off, lag) is None
+    assert _pipeline_rule(off, grow) is None
+    assert alert_names(off) == [n for n in alert_names(default) if n not in (lag, grow)]
+    for bad in ({"max_seconds": 0}, {"for": "5 m"}):
+        with pytest.raises(InvalidInput):
+            load_alerting({"pipeline": {"compaction_lag": bad}})
+    for bad in ({"min_count": -1}, {"range": "soon"}):
+        with pytest.raises(InvalidInput):
+            load_alerting({"pipeline": {"pending_growth": bad}})
 
 
 @pytest.mark.parametrize(
