@@ -7,13 +7,17 @@ class (`python -m monitor.config`) and a test keeps the two equal.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -32,6 +36,10 @@ from monitor.store.keys import MODEL_NAME
 
 ENV_PREFIX = "COLLAPSE_"
 CONFIG_FILE_ENV = "COLLAPSE_CONFIG_FILE"
+NO_CLUSTER_BROKER = (
+    "the Celery broker cannot be a Redis Cluster (Celery's Redis transport does not support "
+    "cluster mode): set broker_url to a standalone or Sentinel-managed Redis"
+)
 
 
 class ModelSpec(BaseModel):
@@ -72,12 +80,16 @@ class ModelSpec(BaseModel):
 class Settings(BaseSettings):
     """Service settings; each field's description is its documentation."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    # Errors never echo the input: it holds the passwords.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     redis_url: str | None = Field(
         None,
-        description="Redis for broker and store, e.g. redis://host:6379/0 or rediss:// for "
-        "TLS. Unset: embedded mode (in-memory store, tasks run in-process).",
+        description="Redis for store and broker (unless broker_url), e.g. redis://host:6379/0, "
+        "rediss:// for TLS, redis://user@host/0 for an ACL user. Unset: embedded mode "
+        "(in-memory store, tasks run in-process).",
     )
     redis_password: SecretStr | None = Field(
         None, description="Redis AUTH password (kept out of URLs and logs)."
@@ -85,6 +97,40 @@ class Settings(BaseSettings):
     redis_tls_ca_file: str | None = Field(None, description="CA bundle for rediss:// URLs.")
     redis_tls_cert_file: str | None = Field(None, description="Client certificate for TLS.")
     redis_tls_key_file: str | None = Field(None, description="Client key for TLS.")
+    redis_cluster: bool = Field(
+        False,
+        description="The store is a Redis Cluster: redis_url names one of its nodes (or a "
+        "service in front of them; the client discovers the rest), database 0. Each model's "
+        "keys share the slot of its hash tag {model}, so models spread over the nodes. Needs "
+        "broker_url: Celery cannot use a cluster as its broker.",
+    )
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Sentinels that name the store's master, as host:port (comma-separated or "
+        "a JSON list). With them redis_url gives only the scheme (rediss:// for TLS to the "
+        "master and the sentinels), ACL username and database, e.g. redis://mymaster/0; its "
+        "host and port are not used.",
+    )
+    redis_sentinel_master: str | None = Field(
+        None, description="Name the sentinels monitor the store's master under (with sentinels)."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None,
+        description="AUTH password of the sentinels themselves, if they require one (the "
+        "master's is redis_password); also used for a sentinel:// broker_url.",
+    )
+    broker_url: str | None = Field(
+        None,
+        description="Celery broker when it is not the store's Redis: redis://, rediss:// or "
+        "Celery's sentinel://host:port/db;sentinel://host2:port/db (with broker_sentinel_master), "
+        "without password. Unset: the store's Redis, through its sentinels if it has them.",
+    )
+    broker_password: SecretStr | None = Field(
+        None, description="AUTH password of the broker_url Redis (the store's is redis_password)."
+    )
+    broker_sentinel_master: str | None = Field(
+        None, description="Master name for a sentinel:// broker_url."
+    )
     redis_key_prefix: str = Field(
         "cm", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="Prefix of every Redis key."
     )
@@ -208,6 +254,23 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _sentinel_list(cls, value: object) -> object:
+        if isinstance(value, str):  # env var: comma-separated, or a JSON list
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            sentinel_address(address)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.coarse_bucket_seconds % self.bucket_seconds:
@@ -215,12 +278,66 @@ class Settings(BaseSettings):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
+        self._check_redis()
         return self
+
+    def _check_redis(self) -> None:
+        """Store and broker topology: every contradiction is refused here, before any connect."""
+        if self.redis_url is None:
+            extra = [
+                n for n in ("redis_cluster", "redis_sentinels", "broker_url") if getattr(self, n)
+            ]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} set without redis_url (embedded: no Redis)")
+            return
+        url = urlsplit(self.redis_url)
+        if url.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        if self.redis_cluster:
+            if self.redis_sentinels:
+                raise ValueError("redis_cluster and redis_sentinels exclude each other")
+            if url.scheme == "unix" or url.path.strip("/") not in ("", "0"):
+                raise ValueError("a Redis Cluster redis_url is redis:// or rediss://, database 0")
+            if self.broker_url is None:
+                raise ValueError(NO_CLUSTER_BROKER)
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            raise ValueError("redis_sentinels and redis_sentinel_master go together")
+        if self.redis_sentinels and url.scheme == "unix":
+            raise ValueError("with redis_sentinels, redis_url is redis:// or rediss://")
+        broker = urlsplit(self.broker_url) if self.broker_url else None
+        if broker is not None and broker.scheme not in ("redis", "rediss", "sentinel"):
+            raise ValueError("broker_url must start with redis://, rediss:// or sentinel://")
+        if (broker is not None and broker.scheme == "sentinel") != bool(
+            self.broker_sentinel_master
+        ):
+            raise ValueError("a sentinel:// broker_url and broker_sentinel_master go together")
+        if broker is not None and broker.scheme == "sentinel":
+            parts = [urlsplit(part) for part in (self.broker_url or "").split(";") if part]
+            if any(p.scheme != "sentinel" or not p.hostname for p in parts):
+                raise ValueError("broker_url: sentinel://host:port parts joined by ';'")
+            if len({p.path.strip("/") or "0" for p in parts}) > 1:
+                raise ValueError("broker_url: every sentinel:// part names the same database")
+        if self.broker_password is not None and broker is None:
+            raise ValueError("broker_password is for broker_url (the store uses redis_password)")
+
+    @property
+    def redis_mode(self) -> str:
+        """How the store is reached: embedded (no Redis), standalone, cluster or sentinel."""
+        if self.redis_url is None:
+            return "embedded"
+        if self.redis_cluster:
+            return "cluster"
+        return "sentinel" if self.redis_sentinels else "standalone"
 
     @property
     def embedded(self) -> bool:
         """No Redis configured: one process, in-memory store, tasks run eagerly."""
         return self.redis_url is None
+
+    def secret_values(self) -> list[str]:
+        """The value of every secret setting (passwords, tokens), for redacting error texts."""
+        secrets = (getattr(self, name) for name in type(self).model_fields)
+        return [s.get_secret_value() for s in secrets if isinstance(s, SecretStr) and s]
 
     def alert_thresholds(self) -> AlertingSettings:
         """The thresholds with the evaluation interval the staleness alert must assume."""
@@ -242,6 +359,15 @@ class Settings(BaseSettings):
             device=self.device,
             tile_size=self.tile_size,
         )
+
+
+def sentinel_address(address: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:26379`) of a sentinel; ValueError when malformed."""
+    host, sep, port = address.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"sentinel address {address!r} is not host:port")
+    return host, int(port)
 
 
 def settings_markdown() -> str:

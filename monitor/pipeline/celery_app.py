@@ -4,18 +4,22 @@ Safety by configuration: JSON or msgpack only (a pickled message is refused befo
 decoded), late acknowledgement with rejection on worker loss (a SIGKILLed task is redelivered;
 idempotent partials make the redelivery harmless), prefetch 1 so a GPU worker never hoards
 work, no result backend (results are not used; nothing large travels back).
+
+The broker is `broker_url` or the store's Redis, standalone or behind Sentinel (kombu's
+`sentinel://` transport); never a Redis Cluster, which Celery's Redis transport cannot use.
 """
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
+from pydantic import SecretStr
 
-from monitor.config import Settings
-from monitor.pipeline.runtime import redis_ssl_options
+from monitor.config import NO_CLUSTER_BROKER, Settings
+from monitor.pipeline.runtime import broker_ssl_options, redis_ssl_options
 
 QUEUES = ("embed", "ingest", "maintenance")
 TASK_INGEST = "collapse.ingest_features"
@@ -24,22 +28,62 @@ TASK_COMPACT = "collapse.compact"
 TASK_EVALUATE = "collapse.evaluate"
 
 
-def broker_url(settings: Settings) -> str:
-    """The Redis URL with the password from settings (Celery masks it in every banner/log)."""
-    if settings.redis_url is None:
-        return "memory://"
-    if settings.redis_password is None:
-        return settings.redis_url
-    parts = urlsplit(settings.redis_url)
+def _with_password(url: str, password: SecretStr | None) -> str:
+    """`url` with `password` in it (quoted); Celery masks it in every banner and log line."""
+    if password is None:
+        return url
+    parts = urlsplit(url)
     host = parts.hostname or "localhost"
+    host = f"[{host}]" if ":" in host else host
     port = f":{parts.port}" if parts.port else ""
     user = parts.username or ""
-    secret = settings.redis_password.get_secret_value()
+    secret = quote(password.get_secret_value(), safe="")
     return urlunsplit(parts._replace(netloc=f"{user}:{secret}@{host}{port}"))
 
 
+def broker_url(settings: Settings) -> str:
+    """Celery's broker URL: broker_url, else the store's Redis (through its sentinels).
+
+    Passwords come from settings. A Sentinel broker is kombu's `sentinel://` transport: one
+    URL per sentinel, joined by `;`, each with the master's credentials and database.
+    """
+    if settings.redis_url is None:
+        return "memory://"
+    if settings.broker_url is not None:
+        parts = settings.broker_url.split(";")
+        return ";".join(_with_password(part, settings.broker_password) for part in parts if part)
+    if settings.redis_cluster:
+        raise ValueError(NO_CLUSTER_BROKER)  # Settings refuses this already
+    if not settings.redis_sentinels:
+        return _with_password(settings.redis_url, settings.redis_password)
+    store = urlsplit(settings.redis_url)
+    user = f"{store.username}@" if store.username else ""
+    return ";".join(
+        _with_password(f"sentinel://{user}{address}{store.path}", settings.redis_password)
+        for address in settings.redis_sentinels
+    )
+
+
+def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu's Sentinel options (master name, the sentinels' own AUTH and TLS); {} otherwise."""
+    if settings.broker_url is not None:
+        master = settings.broker_sentinel_master
+        tls: dict[str, Any] = {}  # kombu's sentinel:// has no TLS variant
+    else:
+        master = settings.redis_sentinel_master if settings.redis_sentinels else None
+        tls = redis_ssl_options(settings)
+    if master is None:
+        return {}
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5}
+    if settings.redis_sentinel_password is not None:
+        sentinel_kwargs["password"] = settings.redis_sentinel_password.get_secret_value()
+    if tls:
+        sentinel_kwargs.update(ssl=True, **tls)
+    return {"master_name": master, "sentinel_kwargs": sentinel_kwargs}
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
-    ssl_options = redis_ssl_options(settings)
+    ssl_options = broker_ssl_options(settings)
     config: dict[str, Any] = {
         "broker_url": broker_url(settings),
         "result_backend": None,
@@ -69,6 +113,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # (300 s by default), blocking every other worker's sweep until then.
             "unacked_mutex_expire": max(5, min(300, settings.task_visibility_timeout)),
             "socket_connect_timeout": 5,
+            **sentinel_transport_options(settings),
         },
         "task_queues": [Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
         "task_default_queue": "ingest",
