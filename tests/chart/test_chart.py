@@ -36,7 +36,15 @@ KUBE = f"{K8S_VERSION}.0"
 NAMESPACE = "monitoring"
 RELEASE = "cm"
 FULLNAME = f"{RELEASE}-collapse-monitor"
-VALUE_SETS = ("default", "gpu", "external-redis", "keda", "minimal")
+VALUE_SETS = (
+    "default",
+    "gpu",
+    "external-redis",
+    "external-cluster",
+    "external-sentinel",
+    "keda",
+    "minimal",
+)
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.json",
@@ -329,6 +337,105 @@ def test_external_redis_without_url_fails() -> None:
     assert "redis.external.url is required" in result.stderr
 
 
+def test_external_cluster_store_gets_a_separate_broker() -> None:
+    docs = rendered("external-cluster")
+    assert not find(docs, "StatefulSet")
+    for name, spec in pod_specs(docs):
+        env = env_of(spec["containers"][0])
+        assert env["COLLAPSE_REDIS_URL"] == "rediss://collapse@redis-cluster.data.svc:6379", name
+        assert env["COLLAPSE_REDIS_CLUSTER"] == "true", name
+        assert env["COLLAPSE_BROKER_URL"] == "redis://celery-broker.data.svc:6379/1", name
+        assert env["COLLAPSE_BROKER_PASSWORD"]["secretKeyRef"] == {
+            "name": "celery-broker",
+            "key": "password",
+        }, name
+        assert "COLLAPSE_REDIS_SENTINELS" not in env, name
+    # KEDA counts the queue where Celery keeps it: in the broker, not the cluster.
+    (trigger,) = one(docs, "ScaledObject", "worker")["spec"]["triggers"]
+    assert trigger["type"] == "redis"
+    assert trigger["metadata"]["address"] == "celery-broker.data.svc:6379"
+    assert trigger["metadata"]["databaseIndex"] == "1"
+    auth = one(docs, "TriggerAuthentication", "worker-redis")
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": "celery-broker", "key": "password"}
+    ]
+
+
+def test_external_sentinel_store_and_its_queue_scaler() -> None:
+    docs = rendered("external-sentinel")
+    sentinels = ",".join(f"redis-ha-node-{i}.redis-ha.data.svc:26379" for i in range(3))
+    for name, spec in pod_specs(docs):
+        env = env_of(spec["containers"][0])
+        assert env["COLLAPSE_REDIS_URL"] == "redis://mymaster/3", name
+        assert env["COLLAPSE_REDIS_SENTINELS"] == sentinels, name
+        assert env["COLLAPSE_REDIS_SENTINEL_MASTER"] == "mymaster", name
+        assert env["COLLAPSE_REDIS_SENTINEL_PASSWORD"]["secretKeyRef"] == {
+            "name": "redis-ha",
+            "key": "sentinel-password",
+        }, name
+        assert "COLLAPSE_BROKER_URL" not in env, name
+        assert "COLLAPSE_REDIS_CLUSTER" not in env, name
+    (trigger,) = one(docs, "ScaledObject", "worker")["spec"]["triggers"]
+    assert trigger["type"] == "redis-sentinel"
+    assert trigger["metadata"]["addresses"] == sentinels
+    assert trigger["metadata"]["sentinelMaster"] == "mymaster"
+    assert trigger["metadata"]["databaseIndex"] == "3"
+    assert "address" not in trigger["metadata"]
+    auth = one(docs, "TriggerAuthentication", "worker-redis")
+    assert {(r["parameter"], r["key"]) for r in auth["spec"]["secretTargetRef"]} == {
+        ("password", "redis-password"),
+        ("sentinelPassword", "sentinel-password"),
+    }
+
+
+def test_sentinel_broker_url_scales_through_its_sentinels() -> None:
+    docs = template(
+        *value_args("external-cluster"),
+        "--set",
+        "broker.url=sentinel://s-0.ha:26379/2;sentinel://s-1.ha:26379/2",
+        "--set",
+        "broker.sentinelMaster=queues",
+    )
+    env = env_of(one(docs, "Deployment", "worker")["spec"]["template"]["spec"]["containers"][0])
+    assert env["COLLAPSE_BROKER_SENTINEL_MASTER"] == "queues"
+    (trigger,) = one(docs, "ScaledObject", "worker")["spec"]["triggers"]
+    assert trigger["type"] == "redis-sentinel"
+    assert trigger["metadata"]["addresses"] == "s-0.ha:26379,s-1.ha:26379"
+    assert trigger["metadata"]["sentinelMaster"] == "queues"
+    assert trigger["metadata"]["databaseIndex"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["redis.external.cluster=true"], "broker cannot be a Redis Cluster"),
+        (["redis.external.sentinel.addresses={s:26379}"], "masterName is required"),
+        (
+            ["redis.external.cluster=true", "broker.url=redis://b:6379/0", "redis.enabled=true"],
+            "set redis.enabled=false",
+        ),
+        (
+            [
+                "redis.external.cluster=true",
+                "broker.url=redis://b:6379/0",
+                "redis.external.sentinel.addresses={s:26379}",
+                "redis.external.sentinel.masterName=m",
+            ],
+            "exclude each other",
+        ),
+        (["broker.url=sentinel://s:26379/0"], "broker.sentinelMaster"),
+        (["broker.url=redis://b:6379/0", "broker.sentinelMaster=m"], "broker.sentinelMaster"),
+        (["settings.broker_url=redis://b:6379/0"], "broker_url"),
+    ],
+)
+def test_contradictory_redis_values_fail(args: list[str], message: str) -> None:
+    external = ["redis.enabled=false", "redis.external.url=redis://r:6379"]
+    sets = [arg for a in [*external, *args] for arg in ("--set", a)]
+    result = run_helm("template", RELEASE, *sets)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
 # --- settings -----------------------------------------------------------------------------
 
 
@@ -350,6 +457,30 @@ def test_settings_configmap_is_accepted_by_the_application(
     settings = Settings()
     assert settings.redis_url == env["COLLAPSE_REDIS_URL"]
     assert settings.windows == {"15m": 900, "1h": 3600, "24h": 86400}
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_pod_environment_is_accepted_by_the_application(
+    value_set: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings from a pod's whole environment (secrets as placeholders): the topology the
+    chart renders (cluster, sentinel, separate broker) is one the application accepts."""
+    docs = rendered(value_set)
+    data = one(docs, "ConfigMap", "settings")["data"]
+    for key in [k for k in os.environ if k.startswith("COLLAPSE_")]:
+        monkeypatch.delenv(key)
+    for name, spec in pod_specs(docs):
+        if name.startswith("StatefulSet/"):
+            continue
+        env = {**data, **env_of(spec["containers"][0])}
+        for key, value in env.items():
+            if key.startswith("COLLAPSE_"):
+                monkeypatch.setenv(key, value if isinstance(value, str) else "placeholder")
+        settings = Settings()
+        assert settings.redis_mode == {
+            "external-cluster": "cluster",
+            "external-sentinel": "sentinel",
+        }.get(value_set, "standalone"), name
 
 
 def test_secret_settings_cannot_be_put_in_the_configmap() -> None:
@@ -561,6 +692,10 @@ def test_pod_disruption_budgets_and_network_policies() -> None:
         "serviceMonitor.interval=30 seconds",
         "gpuWorker.gpus=0",
         "redis.external.url=http://redis:6379",
+        "redis.external.url=redis://user:password@redis:6379/0",
+        "broker.url=amqp://rabbit:5672",
+        "broker.url=sentinel://s",
+        "redis.external.sentinel.addresses={no-port}",
         "auth.redisPassword=two words",
     ],
 )

@@ -96,6 +96,67 @@ redis-password
 {{- end -}}
 {{- end -}}
 
+{{/* Store topology: standalone (one server, the chart's or external), cluster or sentinel. */}}
+{{- define "cm.storeMode" -}}
+{{- $ext := .Values.redis.external -}}
+{{- if .Values.redis.enabled -}}
+standalone
+{{- else if $ext.cluster -}}
+cluster
+{{- else if $ext.sentinel.addresses -}}
+sentinel
+{{- else -}}
+standalone
+{{- end -}}
+{{- end -}}
+
+{{/* Contradictions in the redis and broker values fail the render, with the fix in the message. */}}
+{{- define "cm.checkRedis" -}}
+{{- $ext := .Values.redis.external -}}
+{{- if and .Values.redis.enabled (or $ext.cluster $ext.sentinel.addresses) -}}
+{{- fail "redis.external.cluster and redis.external.sentinel apply to an external Redis: set redis.enabled=false" -}}
+{{- end -}}
+{{- if and $ext.cluster $ext.sentinel.addresses -}}
+{{- fail "redis.external.cluster and redis.external.sentinel.addresses exclude each other" -}}
+{{- end -}}
+{{- if and $ext.sentinel.addresses (not $ext.sentinel.masterName) -}}
+{{- fail "redis.external.sentinel.masterName is required with redis.external.sentinel.addresses" -}}
+{{- end -}}
+{{- if and (eq (include "cm.storeMode" .) "cluster") (not .Values.broker.url) -}}
+{{- fail "the Celery broker cannot be a Redis Cluster (Celery's Redis transport does not support cluster mode): set broker.url to a standalone or Sentinel-managed Redis" -}}
+{{- end -}}
+{{- if ne (hasPrefix "sentinel://" .Values.broker.url) (not (empty .Values.broker.sentinelMaster)) -}}
+{{- fail "broker.sentinelMaster goes with a sentinel:// broker.url, and only with one" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Secret and key of the sentinels' own password; empty secret name: none. */}}
+{{- define "cm.sentinelPasswordSecret" -}}
+{{- .Values.redis.external.sentinel.existingSecret -}}
+{{- end -}}
+
+{{/*
+Where the Celery queues live, for KEDA: dict with mode (standalone | sentinel), url (parsed:
+scheme, host, path), addresses (sentinels, comma-separated), master, secret and key of the
+password (empty secret: none).
+*/}}
+{{- define "cm.brokerTarget" -}}
+{{- $broker := .Values.broker -}}
+{{- $ext := .Values.redis.external -}}
+{{- if hasPrefix "sentinel://" $broker.url -}}
+{{- $hosts := list -}}
+{{- range (splitList ";" $broker.url) }}{{ if . }}{{ $hosts = append $hosts (urlParse .).host }}{{ end }}{{ end -}}
+{{- $first := urlParse (first (splitList ";" $broker.url)) -}}
+{{- toJson (dict "mode" "sentinel" "url" (dict "scheme" "redis" "host" "" "path" $first.path) "addresses" (join "," $hosts) "master" $broker.sentinelMaster "secret" $broker.existingSecret "key" $broker.passwordKey) -}}
+{{- else if $broker.url -}}
+{{- toJson (dict "mode" "standalone" "url" (urlParse $broker.url) "secret" $broker.existingSecret "key" $broker.passwordKey) -}}
+{{- else if eq (include "cm.storeMode" .) "sentinel" -}}
+{{- toJson (dict "mode" "sentinel" "url" (urlParse (include "cm.redisUrl" .)) "addresses" (join "," $ext.sentinel.addresses) "master" $ext.sentinel.masterName "secret" (include "cm.redisPasswordSecret" .) "key" (include "cm.redisPasswordKey" .)) -}}
+{{- else -}}
+{{- toJson (dict "mode" "standalone" "url" (urlParse (include "cm.redisUrl" .)) "secret" (include "cm.redisPasswordSecret" .) "key" (include "cm.redisPasswordKey" .)) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* A setting value as env text: maps and lists as JSON. */}}
 {{- define "cm.settingValue" -}}
 {{- if or (kindIs "map" .) (kindIs "slice" .) -}}
@@ -126,6 +187,38 @@ checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha
     secretKeyRef:
       name: {{ $pw }}
       key: {{ include "cm.redisPasswordKey" . }}
+{{- end }}
+{{- $ext := .Values.redis.external }}
+{{- if eq (include "cm.storeMode" .) "cluster" }}
+- name: COLLAPSE_REDIS_CLUSTER
+  value: "true"
+{{- else if eq (include "cm.storeMode" .) "sentinel" }}
+- name: COLLAPSE_REDIS_SENTINELS
+  value: {{ join "," $ext.sentinel.addresses | quote }}
+- name: COLLAPSE_REDIS_SENTINEL_MASTER
+  value: {{ $ext.sentinel.masterName | quote }}
+{{- end }}
+{{- with include "cm.sentinelPasswordSecret" . }}
+- name: COLLAPSE_REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $ext.sentinel.passwordKey }}
+{{- end }}
+{{- with .Values.broker.url }}
+- name: COLLAPSE_BROKER_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.broker.sentinelMaster }}
+- name: COLLAPSE_BROKER_SENTINEL_MASTER
+  value: {{ . | quote }}
+{{- end }}
+{{- if and .Values.broker.url .Values.broker.existingSecret }}
+- name: COLLAPSE_BROKER_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.broker.existingSecret }}
+      key: {{ .Values.broker.passwordKey }}
 {{- end }}
 - name: COLLAPSE_API_TOKEN
   valueFrom:
