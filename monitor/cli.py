@@ -167,6 +167,7 @@ def _register_commands() -> None:
         cli_exporter,
         cli_pipeline,
         cli_report,
+        cli_store,
         cli_study,
     )
 
@@ -179,6 +180,7 @@ def _register_commands() -> None:
     cli_report.register(app)
     cli_compare.register(app)
     cli_study.register(app)
+    cli_store.register(app)
 
 
 _register_commands()

@@ -114,7 +114,7 @@ class Demo:
         self._pinned = False
         self._baseline_metrics: dict[str, float | int | None] = {}
         self._rate: deque[tuple[float, int]] = deque(maxlen=6)
-        self._reference: bytes | None = None
+        self._reference: tuple[int, float] | None = None
         self._traffic_errors = 0
         self.last: Snapshot | None = None
 
@@ -169,11 +169,11 @@ class Demo:
             self._step(elapsed)
 
     def _step(self, elapsed: float) -> None:
-        from monitor.pipeline.windows import compact_model
+        from monitor.pipeline.windows import compact_model, maintain_model
 
         now = time.time()
         compact_model(self.store, MODEL)
-        self.store.expire_buckets(MODEL, now)
+        maintain_model(self.store, MODEL, now)
         if not self._pinned and elapsed >= self.plan.pin_at:
             self._pin(elapsed)
         self._enter(self.plan.phase(elapsed, self._pinned), elapsed)
@@ -228,15 +228,16 @@ class Demo:
 
     def _refresh_reference(self) -> None:
         """NC4 at capture counts against the class means of the latest evaluation."""
-        from monitor.pipeline.reference import decode_reference
+        from monitor.pipeline.reference import load_reference
 
-        blob = self.store.reference(MODEL)
-        if blob is None or blob == self._reference:
+        decoded = load_reference(self.store, MODEL)
+        if decoded is None:
             return
-        self._reference = blob
-        decoded = decode_reference(blob)
-        if decoded is not None:
-            self.probe.set_reference(*decoded)
+        key = (decoded[0].numel(), float(decoded[1].sum()))
+        if key == self._reference:
+            return
+        self._reference = key
+        self.probe.set_reference(*decoded)
 
     def _report_transition(self, change: Transition, elapsed: float) -> None:
         if change.new is AlertState.firing:

@@ -18,6 +18,7 @@ from monitor.pipeline.reference import encode_reference
 from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import window_stats
 from monitor.stats import CollapseStats
+from monitor.store.base import REFERENCE_STATE
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ class Evaluator:
             if snapshot.ok and stats is not None and not reference_done:
                 # The shortest window with data gives the means NC4 is counted against.
                 kept = stats.classes(min_count=settings.min_count)
-                store.put_reference(model, encode_reference(kept.class_ids, kept.means()))
+                store.write_state(
+                    model, REFERENCE_STATE, encode_reference(kept.class_ids, kept.sums, kept.counts)
+                )
                 reference_done = True
         store.meta_setdefault(model, "first_evaluation", repr(now))
         return snapshots

@@ -6,7 +6,6 @@ import logging
 import math
 import threading
 import time
-import uuid
 
 from monitor.alerts.alertmanager import AlertmanagerClient
 from monitor.alerts.verdicts import VerdictTracker
@@ -15,7 +14,6 @@ from monitor.evaluate.evaluator import Evaluator
 from monitor.evaluate.snapshot import Snapshot
 from monitor.pipeline.celery_app import TASK_EVALUATE, app
 from monitor.pipeline.runtime import Runtime, get_runtime
-from monitor.store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -59,17 +57,12 @@ def claim_evaluation(runtime: Runtime, model: str, now: float | None = None) -> 
     `collapse.evaluate` every interval; the first task of a slot takes a per-model lock with
     SET NX EX and the others skip, so snapshots, history and alert updates are not doubled.
     The slot is wall-clock time divided by the interval, so beats out of phase still share
-    it. The embedded MemoryStore has one process and no second beat: always run.
+    it.
     """
-    store = runtime.store
-    if not isinstance(store, RedisStore):
-        return True
     interval = runtime.settings.evaluation_interval
     now = time.time() if now is None else now
     slot = math.floor(now / interval)
-    key = store.keys(model).evaluation_lock(slot)
-    ttl = max(1, math.ceil(2 * interval))
-    return bool(store.client.set(key, uuid.uuid4().hex, nx=True, ex=ttl))
+    return runtime.store.claim(model, f"evaluate:{slot}", max(1, math.ceil(2 * interval)))
 
 
 _alerts: tuple[VerdictTracker, AlertmanagerClient] | None = None

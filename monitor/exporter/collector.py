@@ -28,14 +28,13 @@ from typing import Any
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis.exceptions import RedisClusterException
 
 from monitor.config import Settings
 from monitor.exporter import COUNTERS, FAMILY_HELP, METRIC_HELP, PREFIX, RESERVED_NAMES, custom_help
-from monitor.pipeline.celery_app import QUEUES
 from monitor.pipeline.ingest import UNKNOWN_MODEL
 from monitor.store.base import Store
-from monitor.store.keys import LEVELS, MODEL_NAME
-from monitor.store.redis_store import RedisStore
+from monitor.store.keys import MODEL_NAME
 
 __all__ = ["CollapseCollector", "label_text", "metric_suffix"]
 
@@ -44,8 +43,8 @@ log = logging.getLogger(__name__)
 TOP_DRIFT_LIMIT = 20  # series per model and window: the `token` label's cardinality bound
 TOKEN_MAX_CHARS = 32
 LABEL_MAX_CHARS = 64
-MAX_PARTIALS_MEASURED = 10_000  # pending partials whose memory a scrape adds up
-STORE_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OSError)
+# A cluster client raises RedisClusterException (not a RedisError) when no node answers.
+STORE_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException, OSError)
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_]")
 
 
@@ -123,17 +122,15 @@ class CollapseCollector(Collector):
         *,
         clock: Callable[[], float] = time.time,
         budget_seconds: float = 1.5,
+        queue_depths: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.store = store
+        self.queue_depths = queue_depths  # the broker's queues; None: not exported
         self.settings = settings
         self.clock = clock
         self.budget_seconds = budget_seconds
         self._was_up: bool | None = None  # only to log transitions once, never read by output
-        self._secrets = [
-            s.get_secret_value()
-            for s in (settings.redis_password, settings.api_token)
-            if s is not None and s.get_secret_value()
-        ]
+        self._secrets = settings.secret_values()
 
     # ------------------------------------------------------------------ collect
     def collect(self) -> Iterator[Metric]:
@@ -180,55 +177,15 @@ class CollapseCollector(Collector):
             models.append(view)
         deadline.check()
         unknown = store.counters(UNKNOWN_MODEL)
-        queues: dict[str, int] = {}
-        if isinstance(store, RedisStore):
-            pipe = store.client.pipeline(transaction=False)
-            for queue in QUEUES:
-                pipe.llen(queue)
-            depths = pipe.execute(raise_on_error=False)  # a WRONGTYPE key hides one queue only
-            queues = {q: int(n) for q, n in zip(QUEUES, depths, strict=True) if isinstance(n, int)}
+        queues = self.queue_depths() if self.queue_depths is not None else {}
         for view in models:  # best effort: past the budget, or refused, memory is left out
             if deadline.expired():
                 break
             try:
-                view.memory_bytes = self._memory(view.model, view.pending)
+                view.memory_bytes = store.memory_bytes(view.model)
             except redis.ResponseError as exc:  # e.g. MEMORY disabled on a managed Redis
                 log.debug("memory of %s not measured: %s", view.model, exc)
         return _StoreView(self.clock(), models, unknown, queues)
-
-    def _memory(self, model: str, pending: int) -> int:
-        """Bytes Redis accounts to the model's keys, found from its indexes (no SCAN).
-
-        SCAN would walk the whole keyspace, millions of dedup markers included, on every
-        scrape; the indexes name every key that holds statistics or snapshots in two round
-        trips. The per-batch `seen` markers (a few bytes each) are left out.
-        """
-        store = self.store
-        if not isinstance(store, RedisStore):
-            return store.memory_bytes(model)
-        k = store.keys(model)
-        pipe = store.client.pipeline(transaction=False)
-        for level in LEVELS:
-            pipe.zrange(k.bucket_index(level), 0, -1)
-        pipe.hkeys(k.baselines)
-        if pending:  # ZRANGE 0 -1 would list every id if more arrived since the count
-            pipe.zrange(k.pending, 0, min(pending, MAX_PARTIALS_MEASURED) - 1)
-        found = pipe.execute()
-        levels, baselines = found[: len(LEVELS)], found[len(LEVELS)]
-        partials = found[len(LEVELS) + 1] if pending else []
-        keys = [k.pending, k.baselines, k.counters, k.meta, k.reference]
-        for level, starts in zip(LEVELS, levels, strict=True):
-            keys.append(k.bucket_index(level))
-            keys += [k.bucket(level, int(s)) for s in starts]
-        for raw in baselines:
-            keys += [k.baseline(raw.decode()), k.calibration(raw.decode())]
-        for window in self.settings.windows:
-            keys += [k.snapshot(window), k.history(window)]
-        keys += [k.partial(raw.decode()) for raw in partials]
-        pipe = store.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.memory_usage(key, samples=0)
-        return sum(int(n or 0) for n in pipe.execute())
 
 
 def _parse_snapshot(raw: str | None, model: str, window: str) -> dict[str, Any] | None:

@@ -15,22 +15,20 @@ Why it looks like this:
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
 
-import redis
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from monitor import __version__
 from monitor.config import Settings
 from monitor.errors import InvalidInput
 from monitor.exporter.collector import STORE_ERRORS, CollapseCollector
-from monitor.pipeline.runtime import bucket_policy, redis_ssl_options
+from monitor.pipeline.celery_app import QUEUES
+from monitor.pipeline.runtime import broker_client, bucket_policy, redis_client
 from monitor.store.base import Store
 from monitor.store.redis_store import RedisStore
 
@@ -52,24 +50,33 @@ def exporter_store(settings: Settings) -> RedisStore:
             "the exporter reads snapshots from Redis: set COLLAPSE_REDIS_URL (embedded mode "
             "has no shared store to export)",
         )
-    kwargs: dict[str, Any] = {
-        "socket_timeout": 1.0,
-        "socket_connect_timeout": 1.0,
-        "retry": Retry(NoBackoff(), 0),
-        "health_check_interval": 0,
-        **redis_ssl_options(settings),
-    }
-    if settings.redis_password is not None:
-        kwargs["password"] = settings.redis_password.get_secret_value()
-    client = redis.Redis.from_url(settings.redis_url, **kwargs)
+    client = redis_client(settings, io_timeout=1.0)
     return RedisStore(client, bucket_policy(settings), settings.redis_key_prefix)
 
 
+def queue_depth_reader(settings: Settings) -> Callable[[], dict[str, int]] | None:
+    """LLEN of each Celery queue on the broker (1 s timeouts); None in embedded mode."""
+    broker = broker_client(settings, io_timeout=1.0)
+    if broker is None:
+        return None
+
+    def read() -> dict[str, int]:
+        pipe = broker.pipeline(transaction=False)
+        for queue in QUEUES:
+            pipe.llen(queue)
+        depths = pipe.execute(raise_on_error=False)  # a WRONGTYPE key hides one queue only
+        return {q: int(n) for q, n in zip(QUEUES, depths, strict=True) if isinstance(n, int)}
+
+    return read
+
+
 def create_exporter_app(settings: Settings, store: Store | None = None) -> FastAPI:
-    """The exporter's ASGI app; `store` defaults to `exporter_store(settings)`."""
+    """The exporter's ASGI app; `store` defaults to `exporter_store(settings)`; queue depths
+    come from the broker (`broker_url`, else the store's Redis) when one is configured."""
     store = store if store is not None else exporter_store(settings)
     registry = CollectorRegistry(auto_describe=False)  # never collects at registration
-    registry.register(CollapseCollector(store, settings))
+    collector = CollapseCollector(store, settings, queue_depths=queue_depth_reader(settings))
+    registry.register(collector)
     app = FastAPI(
         title="collapse-monitor exporter",
         version=__version__,

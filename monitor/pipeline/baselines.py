@@ -8,6 +8,7 @@ producing meaningless drift numbers.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Iterable
@@ -18,9 +19,11 @@ from safetensors.torch import load, save
 from monitor.errors import IncompatibleStats, InvalidInput
 from monitor.metrics.drift import BucketSums, bucket_sums
 from monitor.pipeline.registry import ModelRegistry, ModelShape
-from monitor.pipeline.windows import window_buckets
+from monitor.pipeline.windows import bucket_globals, maintain_model, read_state
 from monitor.stats import CollapseStats
-from monitor.store.base import Store
+from monitor.stats.fields import GLOBAL_FIELD, Globals, decode_globals, field_chunks
+from monitor.stats.fields import VERSION as STORE_FORMAT
+from monitor.store.base import Store, window_state
 from monitor.store.keys import check_model_name
 
 
@@ -32,6 +35,29 @@ def stats_options_hash(shape: ModelShape) -> str:
         "second_moment": shape.second_moment,
     }
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stamp(
+    registry: ModelRegistry, model: str, g: Globals, classes: int, source: str
+) -> dict[str, object]:
+    shape = registry.shape(model)
+    if (g.num_classes, g.dim) != (shape.vocab_size, shape.dim):
+        raise IncompatibleStats(
+            f"statistics of vocabulary {g.num_classes} x dim {g.dim} do not fit model "
+            f"{model!r} ({shape.vocab_size} x {shape.dim})"
+        )
+    return {
+        "model": model,
+        "vocab_size": shape.vocab_size,
+        "dim": shape.dim,
+        "second_moment": g.second_moment,
+        "settings_hash": stats_options_hash(shape),
+        "source": source,
+        "sample_count": g.sample_count,
+        "class_count": classes,
+        "created": time.time(),
+        "store_format": STORE_FORMAT,
+    }
 
 
 def pin_stats(
@@ -47,25 +73,16 @@ def pin_stats(
 ) -> dict[str, object]:
     """Pin `stats` as baseline `name` of `model`; returns its stamp."""
     check_model_name(name)
-    shape = registry.shape(model)
-    if (stats.num_classes, stats.dim) != (shape.vocab_size, shape.dim):
-        raise IncompatibleStats(
-            f"statistics of vocabulary {stats.num_classes} x dim {stats.dim} do not fit model "
-            f"{model!r} ({shape.vocab_size} x {shape.dim})"
-        )
-    meta: dict[str, object] = {
-        "model": model,
-        "vocab_size": shape.vocab_size,
-        "dim": shape.dim,
-        "second_moment": stats.has_second_moment,
-        "settings_hash": stats_options_hash(shape),
-        "source": source,
-        "sample_count": stats.sample_count,
-        "class_count": stats.touched_classes,
-        "created": time.time(),
-    }
+    chunks = field_chunks(stats)
+    g = Globals.decode(next(chunks)[GLOBAL_FIELD])
+    meta = _stamp(registry, model, g, stats.touched_classes, source)
     store.pin_baseline(
-        model, name, stats.to_bytes(), meta, replace=replace, calibration=calibration
+        model,
+        name,
+        itertools.chain([{GLOBAL_FIELD: g.encode()}], chunks),
+        meta,
+        replace=replace,
+        calibration=calibration,
     )
     return meta
 
@@ -80,22 +97,31 @@ def pin_window(
     *,
     replace: bool = False,
 ) -> dict[str, object]:
-    """Pin the current statistics of a rolling window, with its buckets' calibration sums."""
-    parts = window_buckets(store, model, seconds)
-    if not parts or sum(p.sample_count for p in parts) == 0:
-        raise InvalidInput("insufficient_data", f"window {window} of {model!r} holds no samples")
-    with_rff = all(p.rff_sum is not None for p in parts)
-    calibration = encode_calibration([bucket_sums(p) for p in parts]) if with_rff else None
-    return pin_stats(
-        store,
-        registry,
-        model,
-        name,
-        CollapseStats.merged(parts),
-        source=f"window:{window}",
-        replace=replace,
-        calibration=calibration,
-    )
+    """Pin the current state of a rolling window, with its buckets' calibration sums.
+
+    The window's fields are copied chunk by chunk under the state lock, never parsed or held
+    whole, so pinning a 4 GB window costs one pass and bounded memory.
+    """
+    check_model_name(name)
+    maintain_model(store, model)
+    state = window_state(window)
+    with store.locked(model):
+        g = decode_globals(store.state_field(model, state, GLOBAL_FIELD))
+        if g is None or g.sample_count == 0:
+            raise InvalidInput(
+                "insufficient_data", f"window {window} of {model!r} holds no samples"
+            )
+        classes = store.state_size(model, state) - g.non_row_fields()
+        meta = _stamp(registry, model, g, classes, f"window:{window}")
+        buckets = [
+            BucketSums(b.sample_count, torch.from_numpy(b.rff_sum), b.rff_sq)
+            for b in bucket_globals(store, model, seconds)
+            if b.rff_sum is not None
+        ]
+        calibration = encode_calibration(buckets) if g.rff is not None and buckets else None
+        chunks = (dict(chunk) for chunk in store.scan_state(model, state))
+        store.pin_baseline(model, name, chunks, meta, replace=replace, calibration=calibration)
+    return meta
 
 
 def pin_batches(
@@ -176,4 +202,7 @@ def load_baseline(
         raise IncompatibleStats(
             f"baseline {name!r} was pinned under other statistics settings; pin it again"
         )
-    return CollapseStats.from_bytes(found.blob), meta
+    stats = read_state(store, model, found.state)
+    if stats is None:
+        raise InvalidInput("unknown_baseline", f"baseline {name!r} of {model!r} has no data")
+    return stats, meta

@@ -9,6 +9,7 @@ from monitor.errors import InvalidInput
 from monitor.pipeline.payload import FeatureBatch, decode_batch
 from monitor.pipeline.registry import ModelRegistry
 from monitor.stats import CollapseStats
+from monitor.stats.fields import to_fields
 from monitor.stats.validation import check_batch
 from monitor.store.base import Store
 
@@ -51,7 +52,7 @@ def store_partial(
 ) -> IngestResult:
     """Write the partial once under `batch_id`; a repeat (redelivery) only counts a duplicate."""
     samples = stats.sample_count
-    stored = store.put_partial(model, batch_id, stats.to_bytes(), ts, samples)
+    stored = store.put_partial(model, batch_id, to_fields(stats), ts, samples)
     return IngestResult(model, batch_id, samples, stored)
 
 

@@ -5,30 +5,55 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from monitor.store.base import Store
+from monitor.store.base import REFERENCE_STATE, Store
 
 _REFRESH_SECONDS = 60.0
 _cache: dict[str, tuple[float, Any]] = {}
 _lock = threading.Lock()
 
 
-def encode_reference(class_ids: torch.Tensor, means: torch.Tensor) -> bytes:
-    return save(
-        {
-            "class_ids": class_ids.to("cpu", torch.int64).contiguous(),
-            "means": means.to("cpu", torch.float64).contiguous(),
-        }
-    )
+_CHUNK_BYTES = 32 * 2**20  # one field of means stays far below the 64 MB value limit
 
 
-def decode_reference(blob: bytes) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(class_ids, means), or None for a blob that is not a valid reference."""
+def encode_reference(
+    class_ids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor
+) -> Iterator[dict[bytes, bytes]]:
+    """The reference as fields `<j>`: safetensors blocks of class ids and their means, each
+    under 32 MB, so a reference of 128k classes at d = 4,096 (4.2 GB) is stored split. The
+    means are computed block by block from the sums, never as a whole second K x d matrix."""
+    ids = class_ids.to("cpu", torch.int64)
+    rows = max(1, _CHUNK_BYTES // (8 * max(int(sums.shape[1]), 1)))
+    for j, start in enumerate(range(0, max(int(ids.numel()), 1), rows)):
+        part = slice(start, start + rows)
+        means = sums[part].to("cpu", torch.float64) / counts[part].to("cpu", torch.float64)[:, None]
+        block = {"class_ids": ids[part].contiguous(), "means": means.contiguous()}
+        yield {str(j).encode(): save(block)}
+
+
+def load_reference(store: Store, model: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(class_ids, means) of the last evaluation, or None before one (or when unreadable)."""
+    blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with store.locked(model):
+        for chunk in store.scan_state(model, REFERENCE_STATE):
+            for name, blob in chunk:
+                decoded = _decode_block(blob)
+                if decoded is None or not name.isdigit():
+                    return None
+                blocks[int(name)] = decoded
+    if not blocks:
+        return None
+    ordered = [blocks[j] for j in sorted(blocks)]
+    return torch.cat([i for i, _ in ordered]), torch.cat([m for _, m in ordered])
+
+
+def _decode_block(blob: bytes) -> tuple[torch.Tensor, torch.Tensor] | None:
     try:
         arrays = load(blob)
     except SafetensorError:
@@ -49,8 +74,7 @@ def nc4_reference(store: Store, model: str, lm: Any) -> Any:
         cached = _cache.get(model)
         if cached is not None and now - cached[0] < _REFRESH_SECONDS:
             return cached[1]
-    blob = store.reference(model)
-    decoded = None if blob is None else decode_reference(blob)
+    decoded = load_reference(store, model)
     reference = None
     if decoded is not None:
         reference = NC4Reference.from_head(lm.get_output_embeddings(), decoded[0], decoded[1])

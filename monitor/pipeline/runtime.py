@@ -44,6 +44,7 @@ def bucket_policy(settings: Settings) -> BucketPolicy:
         coarse_retention=max(longest, settings.coarse_bucket_seconds),
         partial_ttl=settings.partial_ttl_seconds,
         seen_ttl=2 * settings.partial_ttl_seconds,
+        windows=tuple(sorted(settings.windows.items(), key=lambda kv: (kv[1], kv[0]))),
     )
 
 
@@ -225,9 +226,7 @@ class Runtime:
         policy = bucket_policy(self.settings)
         if self.settings.embedded:
             return MemoryStore(policy)
-        # RedisStore is annotated with redis.Redis; a RedisCluster serves the same calls as
-        # long as each script and transaction stays in one model's slot (docs/operations.md).
-        client = cast(redis.Redis, redis_client(self.settings))
+        client = redis_client(self.settings)
         return RedisStore(client, policy, self.settings.redis_key_prefix)
 
     @cached_property

@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from monitor.config import Settings
-from monitor.pipeline.windows import window_stats
+from monitor.pipeline.windows import window_summary
 from monitor.store.base import Store
 
 
@@ -36,16 +36,9 @@ def model_status(store: Store, settings: Settings, model: str) -> ModelStatus:
     now = time.time()
     windows = []
     for label, seconds in settings.windows.items():
-        current = window_stats(store, model, label, seconds, now=now)
-        stats = current.stats
+        summary = window_summary(store, model, label, seconds)
         windows.append(
-            WindowStatus(
-                label,
-                seconds,
-                stats.sample_count if stats else 0,
-                stats.touched_classes if stats else 0,
-                current.buckets,
-            )
+            WindowStatus(label, seconds, summary.sample_count, summary.class_count, summary.buckets)
         )
     oldest = store.oldest_pending(model)
     last = None

@@ -19,7 +19,7 @@ from monitor.errors import InvalidInput
 from monitor.pipeline.celery_app import TASK_COMPACT, TASK_EMBED, TASK_INGEST, app
 from monitor.pipeline.embed import embed_payload
 from monitor.pipeline.runtime import get_runtime
-from monitor.pipeline.windows import compact_model
+from monitor.pipeline.windows import compact_model, maintain_model
 
 log = logging.getLogger(__name__)
 _compact_lock = threading.Lock()
@@ -54,11 +54,11 @@ def embed_texts(payload: dict[str, Any]) -> dict[str, Any]:
 
 @app.task(name=TASK_COMPACT)  # type: ignore[untyped-decorator]
 def compact() -> dict[str, int]:
-    """Merge pending partials into buckets and drop expired buckets, for every model."""
+    """Merge pending partials into buckets and windows, slide the windows, drop old buckets."""
     runtime = get_runtime()
     merged = 0
     with _compact_lock:
         for model in runtime.store.models():
             merged += compact_model(runtime.store, model).partials
-            runtime.store.expire_buckets(model, time.time())
+            maintain_model(runtime.store, model, time.time())
     return {"partials": merged}

@@ -10,7 +10,7 @@ from typing import Any
 from monitor.alerts.thresholds import AlertingSettings
 from monitor.errors import IncompatibleStats, InvalidInput
 from monitor.evaluate.snapshot import Snapshot
-from monitor.pipeline.windows import window_stats
+from monitor.pipeline.windows import read_state, window_stats
 from monitor.report.data import ReportData
 from monitor.report.periods import alert_periods
 from monitor.stats import CollapseStats
@@ -53,7 +53,7 @@ def from_store(
         ) from None
     latest = snapshots[-1]
     notes: list[str] = []
-    current = window_stats(store, model, window, latest.window_seconds, now=latest.timestamp).stats
+    current = window_stats(store, model, window, latest.window_seconds).stats
     if current is None:
         notes.append(f"The statistics of window {window} have expired from the store.")
     baseline = _baseline(store, model, latest, current, notes)
@@ -91,9 +91,12 @@ def _baseline(
         notes.append(f"Baseline {name!r} is no longer pinned.")
         return None
     try:
-        stats = CollapseStats.from_bytes(found.blob)
+        stats = read_state(store, model, found.state)
     except (InvalidInput, IncompatibleStats, ValueError) as exc:
         notes.append(f"Baseline {name!r} is unreadable: {exc}")
+        return None
+    if stats is None:
+        notes.append(f"Baseline {name!r} is no longer pinned.")
         return None
     if current is not None and (stats.num_classes, stats.dim) != (
         current.num_classes,

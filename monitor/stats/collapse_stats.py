@@ -280,9 +280,9 @@ class CollapseStats:
     def _load_rows(
         self, class_ids: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, sq: torch.Tensor
     ) -> None:
-        """Install validated per-class rows into empty statistics (used by deserialisation)."""
-        if self._size:
-            raise RuntimeError("_load_rows needs empty statistics")
+        """Install validated rows of classes not present yet (deserialisation, in chunks)."""
+        if bool((self._slot[class_ids.to(self.device)] >= 0).any()):
+            raise RuntimeError("_load_rows got a class that already has a row")
         slots = self._slots_for(class_ids.to(self.device))
         self._counts[slots] = counts.to(self.device)
         self._sums[slots] = sums.to(self.device, _F64)

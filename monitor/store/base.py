@@ -1,34 +1,66 @@
-"""What every store offers (`Store`), and the bucket arithmetic both implementations share.
+"""What every store offers (`Store`), and the bucket and window arithmetic both implementations
+share.
 
-A store moves opaque blobs: it never parses statistics. Compaction takes the merge function
-from the pipeline, so the store knows nothing of metric formulas or of the stats format.
+Statistics are stored split into fields (a Redis hash per state: partial, bucket, window,
+baseline), so no value grows with the vocabulary and a merge touches only the fields the new
+data touches. A store never parses those fields: it adds and subtracts them through the
+`FieldAlgebra` the pipeline hands it, so it knows nothing of the statistics format or of metric
+formulas.
+
+States, named by `StateRef` strings: `bucket:<level>:<start>`, `window:<label>`,
+`baseline:<name>`, `reference`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
 from monitor.errors import CollapseMonitorError
 
-MergeFn = Callable[[Sequence[bytes]], bytes]
+Fields = Mapping[bytes, bytes]
+Chunk = list[tuple[bytes, bytes]]
+
+
+class FieldAlgebra(Protocol):
+    """How field values add up; `monitor.stats.fields.StatsAlgebra` is the real one."""
+
+    def combine(
+        self,
+        fields: Sequence[bytes],
+        current: Sequence[bytes | None],
+        delta: Sequence[bytes],
+        sign: int,
+    ) -> list[bytes | None]:
+        """`current + sign * delta` per field; None deletes the field (it became empty)."""
+        ...
+
+    def merge_all(self, parts: Iterable[Mapping[bytes, bytes]]) -> dict[bytes, bytes]: ...
 
 
 @dataclass(frozen=True)
 class BucketPolicy:
-    """Two levels of time buckets: fine ones for short windows, coarse ones for long windows.
+    """Two levels of time buckets, and the windows kept incrementally on top of them.
 
-    A partial lands in one fine and one coarse bucket, so a 24-hour window sums 24 hourly
-    buckets instead of 288 five-minute ones, and fine buckets can expire after an hour.
+    A partial lands in one fine and one coarse bucket and in every window whose span covers
+    its bucket. A window of `seconds` on level L holds exactly the buckets of L whose start is
+    at or after `start(L, now - seconds)`: maintenance subtracts the buckets that slid out, so
+    evaluating a window reads one state, and a bucket is kept only while a window may still
+    need to subtract it.
     """
 
     fine_seconds: int = 300
-    coarse_seconds: int = 3600
+    coarse_seconds: int = 10800
     fine_retention: int = 3600
     coarse_retention: int = 86400
     partial_ttl: int = 86400
     seen_ttl: int = 2 * 86400
+    windows: tuple[tuple[str, int], ...] = ()
+    group_bytes: int = 64 * 2**20  # soft bound on the new data one compaction step merges
+    rebuild_seconds: int = 86400  # windows are rebuilt exactly from buckets this often
+    lock_seconds: float = 60.0  # the state lock expires this long after its last refresh
 
     def __post_init__(self) -> None:
         if self.fine_seconds < 1 or self.coarse_seconds % self.fine_seconds:
@@ -50,6 +82,11 @@ class BucketPolicy:
         """Fine buckets while they are still kept for the whole window, else coarse ones."""
         return "fine" if window_seconds <= self.fine_retention else "coarse"
 
+    def window_since(self, window_seconds: int, now: float) -> int:
+        """First bucket start a window of `window_seconds` includes at `now`."""
+        level = self.level_for(window_seconds)
+        return self.start(level, now - window_seconds)
+
     def expired_before(self, level: str, now: float) -> float:
         """Buckets of `level` starting before this are past retention and may be dropped."""
         return now - self.retention(level) - self.length(level)
@@ -65,24 +102,67 @@ class CompactionResult:
     buckets: int = 0
     retries: int = 0
     seconds: float = 0.0
+    deferred: bool = False  # the state lock was held (a read or maintenance): try again later
+
+
+@dataclass(frozen=True)
+class MaintenanceResult:
+    subtracted: int = 0  # buckets that slid out of a window and were subtracted from it
+    rebuilt: int = 0  # windows rebuilt exactly from their buckets
+    dropped: int = 0  # buckets past retention deleted
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class WindowState:
+    """Where a window stands: the first bucket it holds, and whether it must be rebuilt."""
+
+    seconds: int
+    level: str
+    since: int
+    built: float
+    dirty: bool = False
 
 
 @dataclass(frozen=True)
 class Baseline:
+    """A pinned baseline's stamp; its statistics are the state `baseline:<name>`."""
+
     name: str
-    blob: bytes
     meta: dict[str, object]
     calibration: bytes | None = None  # per-bucket sums that calibrate drift thresholds
 
+    @property
+    def state(self) -> str:
+        return baseline_state(self.name)
+
+
+def bucket_state(level: str, start: int) -> str:
+    return f"bucket:{level}:{start}"
+
+
+def window_state(label: str) -> str:
+    return f"window:{label}"
+
+
+def baseline_state(name: str) -> str:
+    return f"baseline:{name}"
+
+
+REFERENCE_STATE = "reference"
+
 
 class Store(Protocol):
-    """Storage of partials, buckets, baselines, snapshots and counters, per model."""
+    """Storage of partials, buckets, windows, baselines, snapshots and counters, per model."""
 
     policy: BucketPolicy
 
     def ping(self) -> bool: ...
 
-    def put_partial(self, model: str, batch_id: str, blob: bytes, ts: float, samples: int) -> bool:
+    # ------------------------------------------------------------ ingestion
+    def put_partial(
+        self, model: str, batch_id: str, fields: Fields, ts: float, samples: int
+    ) -> bool:
         """Write a batch's statistics once and count its samples in the same atomic step.
 
         False if the id was seen before: nothing changes but the `batches_duplicate` counter.
@@ -93,25 +173,48 @@ class Store(Protocol):
 
     def oldest_pending(self, model: str) -> float | None: ...
 
-    def compact(self, model: str, merge: MergeFn, *, limit: int = 64) -> CompactionResult:
-        """Merge pending partials into their buckets atomically; safe to run concurrently."""
+    def compact(
+        self, model: str, algebra: FieldAlgebra, *, limit: int = 64, now: float | None = None
+    ) -> CompactionResult:
+        """Add pending partials to their buckets and windows atomically, exactly once."""
         ...
 
-    def window_blobs(self, model: str, level: str, since: int) -> list[bytes]:
-        """Blobs of the buckets of `level` whose start is at or after `since`."""
+    def maintain(self, model: str, algebra: FieldAlgebra, now: float) -> MaintenanceResult:
+        """Slide every window to `now`, rebuild the ones that need it, drop old buckets."""
         ...
+
+    # ---------------------------------------------------------------- reads
+    def locked(self, model: str) -> AbstractContextManager[None]:
+        """Hold the model's state lock: no compaction or maintenance changes a state meanwhile.
+
+        Reads of a large state happen in chunks; under this lock they see one consistent state.
+        """
+        ...
+
+    def state_field(self, model: str, state: str, field: bytes) -> bytes | None: ...
+
+    def state_size(self, model: str, state: str) -> int:
+        """Number of fields of a state (0 when it does not exist)."""
+        ...
+
+    def scan_state(self, model: str, state: str, *, max_bytes: int = 32 * 2**20) -> Iterator[Chunk]:
+        """All fields of a state, in chunks of about `max_bytes` (never the whole at once)."""
+        ...
+
+    def write_state(self, model: str, state: str, chunks: Iterable[Fields]) -> None:
+        """Replace a state (baseline, reference) with these fields; atomic for readers."""
+        ...
+
+    def windows(self, model: str) -> dict[str, WindowState]: ...
 
     def bucket_starts(self, model: str, level: str) -> list[int]: ...
 
-    def expire_buckets(self, model: str, now: float) -> int:
-        """Drop buckets past their level's retention (keys also carry TTLs)."""
-        ...
-
+    # ------------------------------------------------------------ baselines
     def pin_baseline(
         self,
         model: str,
         name: str,
-        blob: bytes,
+        chunks: Iterable[Fields],
         meta: dict[str, object],
         *,
         replace: bool,
@@ -124,6 +227,7 @@ class Store(Protocol):
 
     def unpin_baseline(self, model: str, name: str) -> bool: ...
 
+    # ------------------------------------------------- snapshots and counters
     def put_snapshot(self, model: str, window: str, document: str, *, history: int) -> None: ...
 
     def snapshot(self, model: str, window: str) -> str | None: ...
@@ -136,7 +240,9 @@ class Store(Protocol):
 
     def models(self) -> list[str]: ...
 
-    def memory_bytes(self, model: str) -> int: ...
+    def memory_bytes(self, model: str) -> int:
+        """Memory the store accounts to the model's statistics, snapshots and indexes."""
+        ...
 
     def meta_setdefault(self, model: str, field: str, value: str) -> str:
         """The model's value of `field`, set to `value` first if it had none (atomic)."""
@@ -144,12 +250,32 @@ class Store(Protocol):
 
     def meta(self, model: str) -> dict[str, str]: ...
 
-    def put_reference(self, model: str, blob: bytes) -> None:
-        """Class means of the last evaluation, for NC4 counted at ingestion."""
+    def claim(self, model: str, name: str, ttl: float) -> bool:
+        """True for the first caller of `name` within `ttl` seconds (SET NX EX)."""
         ...
-
-    def reference(self, model: str) -> bytes | None: ...
 
 
 class BaselineExists(CollapseMonitorError):
     """A baseline of that name is pinned already (pass replace=True to overwrite)."""
+
+
+class StoreBusy(CollapseMonitorError):
+    """The model's state lock stayed held past the wait (a long read or maintenance)."""
+
+
+class LegacyStoreFormat(CollapseMonitorError):
+    """The store holds statistics written by an older release, in a format this one refuses."""
+
+
+def chunked(fields: Fields, max_bytes: int) -> Iterator[dict[bytes, bytes]]:
+    """Split a field mapping into chunks of about `max_bytes` (one field may exceed it)."""
+    chunk: dict[bytes, bytes] = {}
+    size = 0
+    for name, value in fields.items():
+        chunk[name] = value
+        size += len(name) + len(value)
+        if size >= max_bytes:
+            yield chunk
+            chunk, size = {}, 0
+    if chunk:
+        yield chunk

@@ -51,27 +51,35 @@ class ModelKeys:
         return f"{self.base}:seen:{batch_id}"
 
     def partial(self, batch_id: str) -> str:
-        return f"{self.base}:partial:{batch_id}"
+        """A batch's statistics: a hash of fields (store format 2)."""
+        return f"{self.base}:rows:partial:{batch_id}"
+
+    def state(self, state: str) -> str:
+        """A bucket, window, baseline or reference: a hash of fields (store format 2)."""
+        return f"{self.base}:rows:{state}"
+
+    def staging(self, state: str, token: str) -> str:
+        """Where a replacement of `state` is written before it is renamed into place."""
+        return f"{self.base}:staging:{state}:{token}"
 
     @property
     def pending(self) -> str:
         return f"{self.base}:pending"
 
-    def bucket(self, level: str, start: int) -> str:
-        return f"{self.base}:bucket:{level}:{start}"
-
     def bucket_index(self, level: str) -> str:
-        return f"{self.base}:buckets:{level}"
-
-    def baseline(self, name: str) -> str:
-        return f"{self.base}:baseline:{name}"
-
-    def calibration(self, name: str) -> str:
-        return f"{self.base}:baseline:{name}:calibration"
+        return f"{self.base}:index:{level}"
 
     @property
-    def reference(self) -> str:
-        return f"{self.base}:reference"
+    def windows(self) -> str:
+        """Window label -> JSON of its `WindowState`."""
+        return f"{self.base}:windows"
+
+    @property
+    def state_lock(self) -> str:
+        return f"{self.base}:lock:state"
+
+    def calibration(self, name: str) -> str:
+        return f"{self.base}:calibration:{name}"
 
     @property
     def baselines(self) -> str:
@@ -91,9 +99,14 @@ class ModelKeys:
     def meta(self) -> str:
         return f"{self.base}:meta"
 
-    def evaluation_lock(self, slot: int) -> str:
-        """Taken (SET NX, expiring) by the first evaluation of evaluation-interval `slot`."""
-        return f"{self.base}:lock:evaluate:{slot}"
+    def claim(self, name: str) -> str:
+        """Taken (SET NX, expiring) by the first caller of `name`, e.g. an evaluation slot."""
+        return f"{self.base}:lock:{name}"
+
+
+def legacy_indexes(keys: ModelKeys) -> list[str]:
+    """Bucket indexes of store format 1 (one blob per bucket), to detect old data."""
+    return [f"{keys.base}:buckets:{level}" for level in LEVELS]
 
 
 def models_key(prefix: str) -> str:

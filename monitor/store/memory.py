@@ -1,32 +1,46 @@
-"""`MemoryStore`: the in-process store of embedded mode, with `RedisStore`'s behaviour."""
+"""`MemoryStore`: the in-process store of embedded mode, with `RedisStore`'s behaviour.
+
+States are dicts of fields, as Redis hashes are; one re-entrant lock serialises every
+operation, so `locked()` simply holds it for a multi-step read.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 from monitor.store.base import (
     Baseline,
     BaselineExists,
     BucketPolicy,
+    Chunk,
     CompactionResult,
-    MergeFn,
+    FieldAlgebra,
+    Fields,
+    MaintenanceResult,
+    WindowState,
+    baseline_state,
+    bucket_state,
 )
 from monitor.store.keys import LEVELS
+from monitor.store.windows import WindowPlanner
 
 
 class _ModelState:
     def __init__(self) -> None:
         self.seen: dict[str, float] = {}  # batch id -> expiry time
-        self.partials: dict[str, tuple[bytes, float]] = {}
-        self.buckets: dict[str, dict[int, bytes]] = {level: {} for level in LEVELS}
+        self.partials: dict[str, tuple[dict[bytes, bytes], float]] = {}
+        self.states: dict[str, dict[bytes, bytes]] = {}
+        self.index: dict[str, set[int]] = {level: set() for level in LEVELS}
+        self.windows: dict[str, WindowState] = {}
         self.baselines: dict[str, Baseline] = {}
         self.snapshots: dict[str, list[str]] = defaultdict(list)
         self.counters: dict[str, int] = defaultdict(int)
         self.meta: dict[str, str] = {}
-        self.reference: bytes | None = None
+        self.claims: dict[str, float] = {}
 
 
 class MemoryStore:
@@ -37,7 +51,7 @@ class MemoryStore:
     ) -> None:
         self.policy = policy or BucketPolicy()
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._models: dict[str, _ModelState] = defaultdict(_ModelState)
 
     def _now(self) -> float:
@@ -46,7 +60,9 @@ class MemoryStore:
     def ping(self) -> bool:
         return True
 
-    def put_partial(self, model: str, batch_id: str, blob: bytes, ts: float, samples: int) -> bool:
+    def put_partial(
+        self, model: str, batch_id: str, fields: Fields, ts: float, samples: int
+    ) -> bool:
         with self._lock:
             state = self._models[model]
             expiry = state.seen.get(batch_id)
@@ -54,7 +70,7 @@ class MemoryStore:
                 state.counters["batches_duplicate"] += 1
                 return False
             state.seen[batch_id] = self._now() + self.policy.seen_ttl
-            state.partials[batch_id] = (bytes(blob), float(ts))
+            state.partials[batch_id] = (dict(fields), float(ts))
             state.counters["batches_ingested"] += 1
             state.counters["samples_ingested"] += int(samples)
             return True
@@ -68,7 +84,9 @@ class MemoryStore:
             stamps = [ts for _, ts in self._models[model].partials.values()]
         return min(stamps) if stamps else None
 
-    def compact(self, model: str, merge: MergeFn, *, limit: int = 64) -> CompactionResult:
+    def compact(
+        self, model: str, algebra: FieldAlgebra, *, limit: int = 64, now: float | None = None
+    ) -> CompactionResult:
         started = time.perf_counter()
         with self._lock:
             state = self._models[model]
@@ -78,44 +96,96 @@ class MemoryStore:
                 ts = state.partials[batch_id][1]
                 key = (self.policy.start("fine", ts), self.policy.start("coarse", ts))
                 groups[key].append(batch_id)
+            planner = WindowPlanner(self.policy)
             for (fine, coarse), members in groups.items():
-                blobs = [state.partials[i][0] for i in members]
-                for level, start in (("fine", fine), ("coarse", coarse)):
-                    current = state.buckets[level].get(start)
-                    parts = blobs if current is None else [current, *blobs]
-                    state.buckets[level][start] = merge(parts)
-                for batch_id in members:
-                    del state.partials[batch_id]
+                delta = algebra.merge_all(state.partials.pop(i)[0] for i in members)
+                for target in planner.targets(fine, coarse, state.windows):
+                    _apply(state.states.setdefault(target, {}), delta, algebra, 1)
+                state.index["fine"].add(fine)
+                state.index["coarse"].add(coarse)
             return CompactionResult(
                 partials=len(ids), buckets=len(groups), seconds=time.perf_counter() - started
             )
 
-    def window_blobs(self, model: str, level: str, since: int) -> list[bytes]:
+    def maintain(self, model: str, algebra: FieldAlgebra, now: float) -> MaintenanceResult:
+        started = time.perf_counter()
+        subtracted = rebuilt = dropped = 0
         with self._lock:
-            buckets = self._models[model].buckets[level]
-            return [buckets[s] for s in sorted(buckets) if s >= since]
+            state = self._models[model]
+            planner = WindowPlanner(self.policy)
+            starts = {level: sorted(state.index[level]) for level in LEVELS}
+            steps = planner.plan(state.windows, starts, now, lambda s: s in state.states)
+            for step in steps:
+                if step.rebuild:
+                    state.states.pop(step.target, None)
+                    rebuilt += 1
+                target = state.states.setdefault(step.target, {})
+                for source, sign in step.sources:
+                    _apply(target, state.states.get(source, {}), algebra, sign)
+                    subtracted += sign < 0
+                state.windows[step.label] = step.state
+            for label in planner.unconfigured(state.windows):
+                state.states.pop(f"window:{label}", None)
+                del state.windows[label]
+            for level in LEVELS:
+                horizon = self.policy.expired_before(level, now)
+                for start in [s for s in state.index[level] if s < horizon]:
+                    state.index[level].discard(start)
+                    state.states.pop(bucket_state(level, start), None)
+                    dropped += 1
+            state.seen = {k: v for k, v in state.seen.items() if v > now}
+        return MaintenanceResult(subtracted, rebuilt, dropped, time.perf_counter() - started)
+
+    @contextmanager
+    def locked(self, model: str) -> Iterator[None]:
+        with self._lock:
+            yield
+
+    def state_field(self, model: str, state: str, field: bytes) -> bytes | None:
+        with self._lock:
+            return self._models[model].states.get(state, {}).get(field)
+
+    def state_size(self, model: str, state: str) -> int:
+        with self._lock:
+            return len(self._models[model].states.get(state, {}))
+
+    def scan_state(self, model: str, state: str, *, max_bytes: int = 32 * 2**20) -> Iterator[Chunk]:
+        with self._lock:
+            fields = sorted(self._models[model].states.get(state, {}).items())
+        chunk: Chunk = []
+        size = 0
+        for item in fields:
+            chunk.append(item)
+            size += len(item[1])
+            if size >= max_bytes:
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
+            yield chunk
+
+    def write_state(self, model: str, state: str, chunks: Iterable[Fields]) -> None:
+        fields: dict[bytes, bytes] = {}
+        for chunk in chunks:
+            fields.update(chunk)
+        with self._lock:
+            if fields:
+                self._models[model].states[state] = fields
+            else:
+                self._models[model].states.pop(state, None)
+
+    def windows(self, model: str) -> dict[str, WindowState]:
+        with self._lock:
+            return dict(self._models[model].windows)
 
     def bucket_starts(self, model: str, level: str) -> list[int]:
         with self._lock:
-            return sorted(self._models[model].buckets[level])
-
-    def expire_buckets(self, model: str, now: float) -> int:
-        dropped = 0
-        with self._lock:
-            state = self._models[model]
-            for level in LEVELS:
-                horizon = self.policy.expired_before(level, now)
-                for start in [s for s in state.buckets[level] if s < horizon]:
-                    del state.buckets[level][start]
-                    dropped += 1
-            state.seen = {k: v for k, v in state.seen.items() if v > now}
-        return dropped
+            return sorted(self._models[model].index[level])
 
     def pin_baseline(
         self,
         model: str,
         name: str,
-        blob: bytes,
+        chunks: Iterable[Fields],
         meta: dict[str, object],
         *,
         replace: bool,
@@ -125,11 +195,15 @@ class MemoryStore:
             baselines = self._models[model].baselines
             if name in baselines and not replace:
                 raise BaselineExists(f"baseline {name!r} of model {model!r} is pinned already")
-            baselines[name] = Baseline(name, bytes(blob), dict(meta), calibration)
+            self.write_state(model, baseline_state(name), chunks)
+            baselines[name] = Baseline(name, dict(meta), calibration)
 
     def baseline(self, model: str, name: str) -> Baseline | None:
         with self._lock:
-            return self._models[model].baselines.get(name)
+            state = self._models[model]
+            if baseline_state(name) not in state.states:
+                return None
+            return state.baselines.get(name)
 
     def baselines(self, model: str) -> dict[str, dict[str, object]]:
         with self._lock:
@@ -137,7 +211,9 @@ class MemoryStore:
 
     def unpin_baseline(self, model: str, name: str) -> bool:
         with self._lock:
-            return self._models[model].baselines.pop(name, None) is not None
+            state = self._models[model]
+            state.states.pop(baseline_state(name), None)
+            return state.baselines.pop(name, None) is not None
 
     def put_snapshot(self, model: str, window: str, document: str, *, history: int) -> None:
         with self._lock:
@@ -169,12 +245,11 @@ class MemoryStore:
             return sorted(self._models)
 
     def memory_bytes(self, model: str) -> int:
+        """Bytes of field names and values held for the model (no allocator overhead)."""
         with self._lock:
             state = self._models[model]
-            total = sum(len(b) for b, _ in state.partials.values())
-            total += sum(len(b) for level in state.buckets.values() for b in level.values())
-            total += sum(len(b.blob) for b in state.baselines.values())
-            return total
+            total = sum(_size(f) for f, _ in state.partials.values())
+            return total + sum(_size(fields) for fields in state.states.values())
 
     def meta_setdefault(self, model: str, field: str, value: str) -> str:
         with self._lock:
@@ -184,10 +259,27 @@ class MemoryStore:
         with self._lock:
             return dict(self._models[model].meta)
 
-    def put_reference(self, model: str, blob: bytes) -> None:
+    def claim(self, model: str, name: str, ttl: float) -> bool:
         with self._lock:
-            self._models[model].reference = bytes(blob)
+            claims = self._models[model].claims
+            now = self._now()
+            if claims.get(name, 0.0) > now:
+                return False
+            claims[name] = now + ttl
+            return True
 
-    def reference(self, model: str) -> bytes | None:
-        with self._lock:
-            return self._models[model].reference
+
+def _apply(target: dict[bytes, bytes], delta: Fields, algebra: FieldAlgebra, sign: int) -> None:
+    names = list(delta)
+    if not names:
+        return
+    merged = algebra.combine(names, [target.get(n) for n in names], [delta[n] for n in names], sign)
+    for name, value in zip(names, merged, strict=True):
+        if value is None:
+            target.pop(name, None)
+        else:
+            target[name] = value
+
+
+def _size(fields: Fields) -> int:
+    return sum(len(k) + len(v) for k, v in fields.items())

@@ -1,10 +1,12 @@
-"""`RedisStore`: partials, buckets, baselines, snapshots and counters in Redis.
+"""`RedisStore`: partials, buckets, windows, baselines, snapshots and counters in Redis.
 
 Exactly once: a partial is written by a Lua script that first checks a `seen` marker which
 outlives the partial itself, so a redelivered task finds its batch id and adds nothing, even
-after compaction removed the partial. Compaction merges partials into buckets inside
-WATCH/MULTI on the bucket and partial keys: of two racing compactors one commits and the other
-retries against the new state, and a crash before EXEC leaves everything as it was.
+after compaction removed the partial. Compaction adds partials to their buckets and windows
+inside WATCH/MULTI on the partial, state and lock keys: of two racing compactors one commits
+and the other retries against the new state, and a crash before EXEC leaves everything as it
+was. Every statistics state is a hash of fields (`monitor.stats.fields`), so a merge reads and
+writes only the classes the new data touched.
 """
 
 from __future__ import annotations
@@ -12,19 +14,31 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import redis
+from redis.cluster import RedisCluster
 from redis.exceptions import WatchError
 
 from monitor.store.base import (
     Baseline,
     BaselineExists,
     BucketPolicy,
+    Chunk,
     CompactionResult,
-    MergeFn,
+    FieldAlgebra,
+    Fields,
+    LegacyStoreFormat,
+    MaintenanceResult,
+    WindowState,
+    baseline_state,
+    bucket_state,
 )
-from monitor.store.keys import LEVELS, ModelKeys, models_key
+from monitor.store.keys import LEVELS, ModelKeys, legacy_indexes, models_key
+from monitor.store.redis_states import StateLock, StateOps
+from monitor.store.windows import WindowPlanner
 
 # The ingestion counters move in the same script as the partial, so they stay exactly once too.
 _PUT_PARTIAL = """
@@ -32,26 +46,34 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HINCRBY', KEYS[4], 'batches_duplicate', 1)
   return 0
 end
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[4])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
+for i = 6, #ARGV, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[4])
 redis.call('HINCRBY', KEYS[4], 'batches_ingested', 1)
-redis.call('HINCRBY', KEYS[4], 'samples_ingested', ARGV[6])
+redis.call('HINCRBY', KEYS[4], 'samples_ingested', ARGV[5])
 return 1
 """
 _MAX_RETRIES = 20
+RedisClient = redis.Redis | RedisCluster
+MAX_PARTIALS_MEASURED = 1000  # memory_bytes measures at most this many pending partials
 
 
 class RedisStore:
-    """The production store; `client` must be created with `decode_responses=False`."""
+    """The production store; `client` (standalone, Sentinel master or cluster) must be created
+    with `decode_responses=False`. Every multi-key step names keys of one `{model}` slot."""
 
     def __init__(
-        self, client: redis.Redis, policy: BucketPolicy | None = None, prefix: str = "cm"
+        self, client: RedisClient, policy: BucketPolicy | None = None, prefix: str = "cm"
     ) -> None:
         self.client = client
         self.policy = policy or BucketPolicy()
         self.prefix = prefix
         self._put_partial = client.register_script(_PUT_PARTIAL)
+        self._lock = StateLock(client, self.policy.lock_seconds)
+        self._ops = StateOps(client, self._lock)
 
     def keys(self, model: str) -> ModelKeys:
         return ModelKeys(self.prefix, model)
@@ -60,11 +82,15 @@ class RedisStore:
         return bool(self.client.ping())
 
     # ------------------------------------------------------------- partials
-    def put_partial(self, model: str, batch_id: str, blob: bytes, ts: float, samples: int) -> bool:
+    def put_partial(
+        self, model: str, batch_id: str, fields: Fields, ts: float, samples: int
+    ) -> bool:
         k = self.keys(model)
+        args: list[Any] = [ts, self.policy.seen_ttl, self.policy.partial_ttl, batch_id, samples]
+        for name, value in fields.items():
+            args += [name, value]
         written = self._put_partial(
-            keys=[k.seen(batch_id), k.partial(batch_id), k.pending, k.counters],
-            args=[blob, ts, self.policy.seen_ttl, self.policy.partial_ttl, batch_id, samples],
+            keys=[k.seen(batch_id), k.partial(batch_id), k.pending, k.counters], args=args
         )
         if written:
             self.client.sadd(models_key(self.prefix), model)
@@ -78,103 +104,189 @@ class RedisStore:
         return float(first[0][1]) if first else None
 
     # ----------------------------------------------------------- compaction
-    def compact(self, model: str, merge: MergeFn, *, limit: int = 64) -> CompactionResult:
+    def compact(
+        self, model: str, algebra: FieldAlgebra, *, limit: int = 64, now: float | None = None
+    ) -> CompactionResult:
         started = time.perf_counter()
         k = self.keys(model)
+        self.check_format(model)
         entries = cast(list[Any], self.client.zrange(k.pending, 0, limit - 1, withscores=True))
         groups: dict[tuple[int, int], list[str]] = defaultdict(list)
         for raw_id, ts in entries:
             key = (self.policy.start("fine", ts), self.policy.start("coarse", ts))
             groups[key].append(raw_id.decode())
-        merged = retries = 0
+        merged = retries = steps = 0
         for (fine, coarse), members in groups.items():
-            done, tries = self._compact_group(k, fine, coarse, members, merge)
-            merged += done
-            retries += tries
-        return CompactionResult(
-            partials=merged,
-            buckets=len(groups),
-            retries=retries,
-            seconds=time.perf_counter() - started,
-        )
+            while members:
+                outcome = self._compact_step(k, fine, coarse, members, algebra)
+                if outcome is None:
+                    return CompactionResult(
+                        merged, steps, retries, time.perf_counter() - started, deferred=True
+                    )
+                done, tries, members = outcome
+                merged, retries, steps = merged + done, retries + tries, steps + 1
+        return CompactionResult(merged, steps, retries, time.perf_counter() - started)
 
-    def _compact_group(
-        self, k: ModelKeys, fine: int, coarse: int, members: list[str], merge: MergeFn
-    ) -> tuple[int, int]:
-        fine_key, coarse_key = k.bucket("fine", fine), k.bucket("coarse", coarse)
-        partial_keys = [k.partial(m) for m in members]
+    def _compact_step(
+        self, k: ModelKeys, fine: int, coarse: int, members: list[str], algebra: FieldAlgebra
+    ) -> tuple[int, int, list[str]] | None:
+        """Merge a prefix of `members` (up to `group_bytes` of fields) in one transaction.
+
+        Returns (partials merged, retries, members left), or None when the state lock is held.
+        """
         for attempt in range(_MAX_RETRIES):
             with self.client.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(fine_key, coarse_key, *partial_keys)  # type: ignore[no-untyped-call]
+                    pipe.watch(k.state_lock, k.windows)
+                    if pipe.exists(k.state_lock):
+                        return None
+                    windows = _parse_windows(cast(dict[bytes, bytes], pipe.hgetall(k.windows)))
+                    planner = WindowPlanner(self.policy)
+                    targets = planner.targets(fine, coarse, windows)
+                    state_keys = [k.state(t) for t in targets]
+                    pipe.watch(*state_keys)
                     scores = cast(list[Any], pipe.zmscore(k.pending, members))
                     live = [m for m, s in zip(members, scores, strict=True) if s is not None]
                     if not live:
-                        return 0, attempt  # another compactor got there first
-                    blobs = cast(list[bytes | None], pipe.mget([k.partial(m) for m in live]))
-                    present = [b for b in blobs if b is not None]
-                    fine_cur = cast(bytes | None, pipe.get(fine_key))
-                    coarse_cur = cast(bytes | None, pipe.get(coarse_key))
+                        return 0, attempt, []  # another compactor got there first
+                    taken, parts, size = [], [], 0
+                    for member in live:
+                        pipe.watch(k.partial(member))
+                        fields = cast(dict[bytes, bytes], pipe.hgetall(k.partial(member)))
+                        taken.append(member)
+                        if fields:
+                            parts.append(fields)
+                            size += sum(len(v) for v in fields.values())
+                        if size >= self.policy.group_bytes:
+                            break
+                    delta = algebra.merge_all(parts)
+                    names = list(delta)
+                    values = [delta[n] for n in names]
+                    updates = []
+                    for key in state_keys if names else []:
+                        current = cast(list[bytes | None], pipe.hmget(key, names))
+                        updates.append((key, algebra.combine(names, current, values, 1)))
                     pipe.multi()
-                    if present:
-                        for level, key, start, cur in (
-                            ("fine", fine_key, fine, fine_cur),
-                            ("coarse", coarse_key, coarse, coarse_cur),
-                        ):
-                            parts = present if cur is None else [cur, *present]
-                            pipe.set(key, merge(parts), ex=self.policy.key_ttl(level))
+                    for key, merged in updates:
+                        StateOps.write(pipe, key, names, merged)
+                    if names:
+                        for level, start in (("fine", fine), ("coarse", coarse)):
+                            pipe.expire(
+                                k.state(bucket_state(level, start)), self.policy.key_ttl(level)
+                            )
                             pipe.zadd(k.bucket_index(level), {str(start): start})
-                    pipe.zrem(k.pending, *live)
-                    pipe.delete(*[k.partial(m) for m in live])
-                    if len(present) < len(live):  # partials that expired before compaction
-                        pipe.hincrby(k.counters, "partials_expired", len(live) - len(present))
+                    pipe.zrem(k.pending, *taken)
+                    pipe.delete(*[k.partial(m) for m in taken])
+                    if len(parts) < len(taken):  # partials that expired before compaction
+                        pipe.hincrby(k.counters, "partials_expired", len(taken) - len(parts))
                     pipe.hset(k.meta, "last_compaction", time.time())
                     pipe.execute()
-                    return len(present), attempt
+                    return len(parts), attempt, live[len(taken) :]
                 except WatchError:
                     continue
         raise RuntimeError(f"compaction of {k.model} lost {_MAX_RETRIES} races in a row")
 
-    # -------------------------------------------------------------- buckets
-    def window_blobs(self, model: str, level: str, since: int) -> list[bytes]:
+    # ---------------------------------------------------------- maintenance
+    def maintain(self, model: str, algebra: FieldAlgebra, now: float) -> MaintenanceResult:
+        started = time.perf_counter()
+        self.check_format(model)
         k = self.keys(model)
-        starts = [
-            int(s)
-            for s in cast(
-                list[bytes], self.client.zrangebyscore(k.bucket_index(level), since, "+inf")
+        planner = WindowPlanner(self.policy)
+        subtracted = rebuilt = 0
+        with self.locked(model):
+            windows = self.windows(model)
+            starts = {level: self.bucket_starts(model, level) for level in LEVELS}
+            for step in planner.plan(windows, starts, now, self._bucket_exists(k)):
+                self.client.hset(k.windows, step.label, _dump(step.dirty_state()))
+                target = k.state(step.target)
+                if step.rebuild:
+                    self.client.delete(target)
+                    rebuilt += 1
+                for source, sign in step.sources:
+                    self._ops.apply(k, k.state(source), target, algebra, sign)
+                subtracted += sum(1 for _, sign in step.sources if sign < 0)
+                self.client.hset(k.windows, step.label, _dump(step.state))
+            for label in planner.unconfigured(windows):
+                self.client.delete(k.state(f"window:{label}"))
+                self.client.hdel(k.windows, label)
+            dropped = self._drop_expired(k, now)
+        return MaintenanceResult(subtracted, rebuilt, dropped, time.perf_counter() - started)
+
+    def _bucket_exists(self, k: ModelKeys) -> Any:
+        return lambda state: bool(self.client.exists(k.state(state)))
+
+    def _drop_expired(self, k: ModelKeys, now: float) -> int:
+        dropped = 0
+        for level in LEVELS:
+            horizon = self.policy.expired_before(level, now)
+            index = k.bucket_index(level)
+            old = cast(list[bytes], self.client.zrangebyscore(index, "-inf", f"({horizon}"))
+            if old:
+                pipe = self.client.pipeline(transaction=True)
+                pipe.delete(*[k.state(bucket_state(level, int(s))) for s in old])
+                pipe.zrem(index, *old)
+                pipe.execute()
+                dropped += len(old)
+        return dropped
+
+    def check_format(self, model: str) -> None:
+        """Refuse to work on statistics of store format 1 (one blob per bucket)."""
+        k = self.keys(model)
+        if self.client.exists(*legacy_indexes(k)):
+            raise LegacyStoreFormat(
+                f"Redis holds statistics of model {model!r} in the store format of "
+                "collapse-monitor 0.1 (one blob per bucket); run `collapse-monitor store migrate` "
+                "to convert its baselines and pending batches and drop its old buckets"
             )
-        ]
-        if not starts:
-            return []
-        blobs = cast(list[bytes | None], self.client.mget([k.bucket(level, s) for s in starts]))
-        return [b for b in blobs if b is not None]
+
+    # ---------------------------------------------------------------- reads
+    @contextmanager
+    def locked(self, model: str) -> Iterator[None]:
+        key = self.keys(model).state_lock
+        if key in self._lock.held:  # re-entrant within this store
+            yield
+            return
+        self._lock.acquire(key)
+        try:
+            yield
+        finally:
+            self._lock.release(key)
+
+    def state_field(self, model: str, state: str, field: bytes) -> bytes | None:
+        return cast(bytes | None, self.client.hget(self.keys(model).state(state), field))
+
+    def state_size(self, model: str, state: str) -> int:
+        return int(self.client.hlen(self.keys(model).state(state)))
+
+    def scan_state(self, model: str, state: str, *, max_bytes: int = 32 * 2**20) -> Iterator[Chunk]:
+        k = self.keys(model)
+        return self._ops.scan(k, k.state(state), max_bytes)
+
+    def write_state(self, model: str, state: str, chunks: Iterable[Fields]) -> None:
+        k = self.keys(model)
+        staging = self._ops.stage(k, state, chunks)
+        if staging is None:
+            self.client.delete(k.state(state))
+        else:
+            self.client.rename(staging, k.state(state))
+            self.client.persist(k.state(state))
+        self.client.sadd(models_key(self.prefix), model)
+
+    def windows(self, model: str) -> dict[str, WindowState]:
+        return _parse_windows(
+            cast(dict[bytes, bytes], self.client.hgetall(self.keys(model).windows))
+        )
 
     def bucket_starts(self, model: str, level: str) -> list[int]:
         index = self.keys(model).bucket_index(level)
         return [int(s) for s in cast(list[bytes], self.client.zrange(index, 0, -1))]
-
-    def expire_buckets(self, model: str, now: float) -> int:
-        k = self.keys(model)
-        dropped = 0
-        for level in LEVELS:
-            horizon = self.policy.expired_before(level, now)
-            old = cast(
-                list[bytes], self.client.zrangebyscore(k.bucket_index(level), "-inf", f"({horizon}")
-            )
-            if old:
-                pipe = self.client.pipeline(transaction=True)
-                pipe.delete(*[k.bucket(level, int(s)) for s in old])
-                pipe.zrem(k.bucket_index(level), *old)
-                pipe.execute()
-                dropped += len(old)
-        return dropped
 
     # ------------------------------------------------------------ baselines
     def pin_baseline(
         self,
         model: str,
         name: str,
-        blob: bytes,
+        chunks: Iterable[Fields],
         meta: dict[str, object],
         *,
         replace: bool,
@@ -184,8 +296,13 @@ class RedisStore:
         document = json.dumps(meta, sort_keys=True)
         if not replace and not self.client.hsetnx(k.baselines, name, document):
             raise BaselineExists(f"baseline {name!r} of model {model!r} is pinned already")
+        staging = self._ops.stage(k, baseline_state(name), chunks)
         pipe = self.client.pipeline(transaction=True)
-        pipe.set(k.baseline(name), blob)
+        if staging is None:
+            pipe.delete(k.state(baseline_state(name)))
+        else:
+            pipe.rename(staging, k.state(baseline_state(name)))
+            pipe.persist(k.state(baseline_state(name)))
         if calibration is None:
             pipe.delete(k.calibration(name))
         else:
@@ -197,13 +314,13 @@ class RedisStore:
     def baseline(self, model: str, name: str) -> Baseline | None:
         k = self.keys(model)
         pipe = self.client.pipeline(transaction=True)
-        pipe.get(k.baseline(name))
+        pipe.exists(k.state(baseline_state(name)))
         pipe.hget(k.baselines, name)
         pipe.get(k.calibration(name))
-        blob, document, calibration = pipe.execute()
-        if blob is None or document is None:
+        exists, document, calibration = pipe.execute()
+        if not exists or document is None:
             return None
-        return Baseline(name, blob, json.loads(document), calibration)
+        return Baseline(name, json.loads(document), calibration)
 
     def baselines(self, model: str) -> dict[str, dict[str, object]]:
         raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys(model).baselines))
@@ -213,7 +330,7 @@ class RedisStore:
         k = self.keys(model)
         pipe = self.client.pipeline(transaction=True)
         pipe.hdel(k.baselines, name)
-        pipe.delete(k.baseline(name), k.calibration(name))
+        pipe.delete(k.state(baseline_state(name)), k.calibration(name))
         removed, _ = pipe.execute()
         return bool(removed)
 
@@ -253,14 +370,36 @@ class RedisStore:
         return sorted(m.decode() for m in raw)
 
     def memory_bytes(self, model: str) -> int:
-        """Redis's own accounting (MEMORY USAGE) summed over the model's keys."""
-        total = 0
-        pattern = f"{self.keys(model).base}:*"
-        for key in self.client.scan_iter(match=pattern, count=500):
-            total += int(self.client.memory_usage(key, samples=0) or 0)
-        return total
+        """Bytes Redis accounts (MEMORY USAGE) to the model's keys, found from its indexes.
 
-    # ----------------------------------------------------- meta, reference
+        SCAN would walk the whole keyspace, millions of dedup markers included, on every
+        scrape; the indexes name every key that holds statistics or snapshots in one round
+        trip. The per-batch `seen` markers (a few bytes each) are left out.
+        """
+        k = self.keys(model)
+        pipe = self.client.pipeline(transaction=False)
+        for level in LEVELS:
+            pipe.zrange(k.bucket_index(level), 0, -1)
+        pipe.hkeys(k.baselines)
+        pipe.hkeys(k.windows)
+        pipe.zrange(k.pending, 0, MAX_PARTIALS_MEASURED - 1)
+        *levels, baselines, windows, partials = pipe.execute()
+        keys = [k.pending, k.baselines, k.counters, k.meta, k.windows, k.state("reference")]
+        for level, starts in zip(LEVELS, levels, strict=True):
+            keys.append(k.bucket_index(level))
+            keys += [k.state(bucket_state(level, int(s))) for s in starts]
+        for raw in baselines:
+            keys += [k.state(baseline_state(raw.decode())), k.calibration(raw.decode())]
+        for raw in windows:
+            keys += [k.state(f"window:{raw.decode()}"), k.snapshot(raw.decode())]
+            keys.append(k.history(raw.decode()))
+        keys += [k.partial(raw.decode()) for raw in partials]
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.memory_usage(key, samples=0)
+        return sum(int(n or 0) for n in pipe.execute())
+
+    # ----------------------------------------------------------- meta, claims
     def meta_setdefault(self, model: str, field: str, value: str) -> str:
         key = self.keys(model).meta
         self.client.hsetnx(key, field, value)
@@ -271,8 +410,28 @@ class RedisStore:
         raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys(model).meta))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    def put_reference(self, model: str, blob: bytes) -> None:
-        self.client.set(self.keys(model).reference, blob)
+    def claim(self, model: str, name: str, ttl: float) -> bool:
+        key = self.keys(model).claim(name)
+        return bool(self.client.set(key, "1", nx=True, ex=max(1, int(ttl + 0.999))))
 
-    def reference(self, model: str) -> bytes | None:
-        return cast(bytes | None, self.client.get(self.keys(model).reference))
+
+def _parse_windows(raw: dict[bytes, bytes]) -> dict[str, WindowState]:
+    out = {}
+    for label, doc in raw.items():
+        try:
+            out[label.decode()] = WindowState(**json.loads(doc))
+        except (TypeError, ValueError):
+            continue  # unreadable: treated as absent, so the window is rebuilt
+    return out
+
+
+def _dump(state: WindowState) -> str:
+    return json.dumps(
+        {
+            "seconds": state.seconds,
+            "level": state.level,
+            "since": state.since,
+            "built": state.built,
+            "dirty": state.dirty,
+        }
+    )

@@ -376,7 +376,9 @@ def test_baseline_of_another_model_is_refused(runtime: Runtime, redis_server: Re
     both = Runtime(settings_for(redis_server.url, two))
     found = runtime.store.baseline("m", "base")
     assert found is not None
-    both.store.pin_baseline("m2", "copied", found.blob, found.meta, replace=False)
+    with runtime.store.locked("m"):
+        chunks = [dict(c) for c in runtime.store.scan_state("m", found.state)]
+    both.store.pin_baseline("m2", "copied", chunks, found.meta, replace=False)
     with pytest.raises(IncompatibleStats, match="pinned for model='m', but 'm2' now has"):
         load_baseline(both.store, both.registry, "m2", "copied")
 

@@ -30,7 +30,7 @@ from monitor.cli_exporter import register
 from monitor.config import Settings
 from monitor.exporter import ESTIMATED, FAMILY_HELP, METRIC_HELP
 from monitor.exporter.collector import CollapseCollector
-from monitor.exporter.server import create_exporter_app, exporter_store
+from monitor.exporter.server import create_exporter_app, exporter_store, queue_depth_reader
 from monitor.metrics.report import ESTIMATED_KEYS, REPORT_KEYS
 from monitor.pipeline.runtime import bucket_policy
 from monitor.store.memory import MemoryStore
@@ -125,7 +125,12 @@ def labels(**kw: str) -> tuple[tuple[str, str], ...]:
 def setup(redis_server: RedisServer) -> tuple[Settings, RedisStore, CollapseCollector]:
     settings = settings_for(redis_server)
     store = exporter_store(settings)
-    return settings, store, CollapseCollector(store, settings, clock=lambda: NOW)
+    depths = queue_depth_reader(settings)
+    return (
+        settings,
+        store,
+        CollapseCollector(store, settings, clock=lambda: NOW, queue_depths=depths),
+    )
 
 
 def test_catalogue_matches_metrics_md_and_report() -> None:
@@ -206,8 +211,8 @@ def test_every_metrics_key_exported_with_its_value(setup: Any) -> None:
 def test_pipeline_health(setup: Any, redis_server: RedisServer) -> None:
     _, store, collector = setup
     for i in range(3):
-        store.put_partial("m", f"b{i}", b"x" * 1000, ts=NOW - 120 + i, samples=10)
-    store.put_partial("m", "b0", b"x" * 1000, ts=NOW, samples=10)  # redelivered: duplicate
+        store.put_partial("m", f"b{i}", {b"g": b"x" * 1000}, ts=NOW - 120 + i, samples=10)
+    store.put_partial("m", "b0", {b"g": b"x" * 1000}, ts=NOW, samples=10)  # redelivered: duplicate
     store.add_counters("m", {"rejected:wrong_shape": 5, "rejected:non_finite": 2})
     store.add_counters("m", {"samples_dropped": 4})
     store.add_counters("_unknown", {"rejected:unknown_model": 9})
@@ -273,7 +278,7 @@ def test_replicas_agree(redis_server: RedisServer) -> None:
     settings = settings_for(redis_server)
     writer = exporter_store(settings)
     writer.put_snapshot("m", "1h", snapshot("m", "1h", full_metrics(1.0)), history=2)
-    writer.put_partial("m", "b1", b"y" * 100, ts=NOW - 5, samples=3)
+    writer.put_partial("m", "b1", {b"g": b"y" * 100}, ts=NOW - 5, samples=3)
     a = CollapseCollector(exporter_store(settings), settings, clock=lambda: NOW)
     b = CollapseCollector(exporter_store(settings), settings, clock=lambda: NOW)
     assert scrape_text(a) == scrape_text(b)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,9 @@ from servers import RedisServer
 from monitor.config import Settings
 from monitor.pipeline.payload import encode_batch
 from monitor.pipeline.runtime import Runtime
-from monitor.pipeline.windows import compact_model, merge_blobs, window_stats
+from monitor.pipeline.windows import ALGEBRA, compact_model, maintain_model, window_stats
 from monitor.stats import CollapseStats
+from monitor.stats.fields import from_fields, to_fields
 from monitor.store.redis_store import RedisStore
 
 VOCAB, DIM = 300, 16
@@ -138,26 +138,26 @@ def test_compaction_merges_partials_into_fine_and_coarse_buckets(
     assert_same_stats(hour, reference(data[1:]))
     assert_same_stats(day, reference(data))
     assert store.memory_bytes("m") > 0
-    # Expiry drops the old batch's fine bucket (past the 1 h fine retention) and nothing else:
-    # the 24 h window reads coarse buckets and is unchanged.
-    assert store.expire_buckets("m", now) == 1
+    # Maintenance (run by every window read) dropped the old batch's fine bucket (past the 1 h
+    # fine retention) and nothing else: the 24 h window reads coarse buckets and is unchanged.
+    assert maintain_model(store, "m", now).dropped == 0
     assert store.bucket_starts("m", "fine") == [store.policy.start("fine", now)]
     day_after = window_stats(store, "m", "24h", 86400, now=now).stats
     assert day_after is not None
     assert_same_stats(day_after, reference(data))
     coarse = {store.policy.start("coarse", t) for t in (old, now)}  # one or two (3 h buckets)
-    assert store.expire_buckets("m", now + 3 * 86400) == 1 + len(coarse)
+    assert maintain_model(store, "m", now + 3 * 86400).dropped == 1 + len(coarse)
     assert window_stats(store, "m", "24h", 86400, now=now).stats is None
 
 
-def test_merge_blobs_is_the_sum(tmp_path: Path) -> None:
+def test_merged_fields_are_the_sum() -> None:
     data = batches(3, 40, seed=4)
     parts = []
     for x, y in data:
         s = CollapseStats(VOCAB, DIM, second_moment=True)
         s.update(x, y)
-        parts.append(s.to_bytes())
-    assert_same_stats(CollapseStats.from_bytes(merge_blobs(parts)), reference(data))
+        parts.append(to_fields(s))
+    assert_same_stats(from_fields(ALGEBRA.merge_all(parts)), reference(data))
 
 
 @pytest.mark.parametrize("replace", [False, True])

@@ -49,6 +49,7 @@ NO_DATA_COMMANDS = {
     "api": "an HTTP server; it logs",
     "exporter": "an HTTP server; it logs",
     "baseline unpin": "prints one confirmation line",
+    "store migrate": "prints one summary line per model converted",
     "rules render": "its output is a Prometheus rules file (YAML), --format rules|prometheusrule",
     "dashboards push": "prints the uploaded dashboards' URLs, one per line",
     "demo": "a live run in the foreground; its results go to --out and its HTTP endpoints",
