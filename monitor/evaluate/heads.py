@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from monitor.evaluate.head_weights import read_head
 from monitor.offline.arrays import load_array
+from monitor.pipeline.embed import is_loaded
 from monitor.pipeline.runtime import Runtime
 
 
@@ -30,6 +32,17 @@ def load_head(runtime: Runtime, model: str) -> Head | None:
     """
     spec = runtime.registry.spec(model)
     head: Head | None = None
+    if spec.checkpoint is not None and not is_loaded(runtime, model):
+        from transformers import AutoTokenizer
+
+        found = read_head(spec.checkpoint)
+        if found is not None:  # the head alone, not the whole model (docs/architecture.md)
+            tokenizer = AutoTokenizer.from_pretrained(spec.checkpoint, local_files_only=True)
+
+            def decode_only(class_id: int) -> str:
+                return str(tokenizer.decode([class_id]))
+
+            return Head(found[0], found[1], decode_only)
     if spec.checkpoint is not None:
         from monitor.pipeline.embed import loaded_model
 

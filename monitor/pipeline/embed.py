@@ -40,6 +40,13 @@ def loaded_model(runtime: Runtime, name: str) -> tuple[Any, Any]:
         return _models[key]
 
 
+def is_loaded(runtime: Runtime, name: str) -> bool:
+    """Whether this process holds the model already (then its head costs nothing more)."""
+    spec = runtime.registry.spec(name)
+    with _models_lock:
+        return (spec.checkpoint, spec.device, spec.dtype) in _models
+
+
 def _torch_dtype(name: str) -> Any:
     import torch
 
