@@ -32,8 +32,18 @@ def _ingested(runtime: Runtime) -> int:
     return runtime.store.counters("m").get("batches_ingested", 0)
 
 
+def _pool_children(pid: int) -> list[int]:
+    """Process ids of the Celery pool processes under a worker's main process."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(p) for p in found.stdout.split()]
+
+
+@pytest.mark.parametrize("target", ["worker", "pool child"])
 def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(
-    redis_server: RedisServer, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    redis_server: RedisServer,
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],
+    target: str,
 ) -> None:
     env = service_env(
         redis_server.url, json.dumps(MODELS), COLLAPSE_TASK_VISIBILITY_TIMEOUT=str(VISIBILITY)
@@ -56,10 +66,16 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(
     wait_for(lambda: _ingested(runtime) >= 5, 60, "first batches ingested")
     # Kill when both workers hold an unacknowledged task: the victim dies mid-task.
     broker = redis_server.client()
+    children = _pool_children(victim.pid)
+    assert children, "the worker has no pool process"
     wait_for(lambda: broker.hlen("unacked") == 2, 30, "both workers busy", interval=0.005)
-    os.killpg(victim.pid, signal.SIGKILL)
+    if target == "worker":
+        os.killpg(victim.pid, signal.SIGKILL)
+    else:  # the pool process dies mid-task; its parent lives on and starts another
+        os.kill(children[0], signal.SIGKILL)
     done_before_kill = _ingested(runtime)
-    victim.wait(timeout=10)
+    if target == "worker":
+        victim.wait(timeout=10)
     assert done_before_kill < len(data), "the stream finished before the kill: make it longer"
 
     wait_for(lambda: _ingested(runtime) == len(data), 120, "every batch ingested", interval=0.5)
@@ -73,6 +89,8 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(
     assert current is not None
     assert_same_stats(current, reference(data))
     assert survivor.poll() is None, "the surviving worker died"
+    if target == "pool child":
+        assert victim.poll() is None, "the worker died with its pool process"
     assert broker.hlen("unacked") == 0, "a task is still unacknowledged"
 
 

@@ -10,20 +10,31 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 from typing import Any, cast
 
 import numpy as np
 import pytest
 import redis
 import torch
-from servers import RedisServer
+from servers import RedisServer, wait_for
 
 from monitor.config import Settings
 from monitor.pipeline.payload import encode_batch
 from monitor.pipeline.runtime import Runtime
-from monitor.pipeline.windows import compact_model, maintain_model, window_stats
-from monitor.stats.fields import MAX_VALUE_BYTES
-from monitor.store.base import LegacyStoreFormat
+from monitor.pipeline.windows import (
+    ALGEBRA,
+    compact_model,
+    maintain_model,
+    read_state,
+    window_stats,
+)
+from monitor.stats import CollapseStats
+from monitor.stats.fields import MAX_VALUE_BYTES, to_fields
+from monitor.store.base import BucketPolicy, LegacyStoreFormat, window_state
+from monitor.store.redis_store import RedisStore
 
 T0 = 1_800_000_000.0
 
@@ -139,8 +150,6 @@ def test_migration_keeps_baselines_buckets_and_pending_batches(redis_server: Red
     """Data laid out as release 0.1 wrote it is converted, then read as before."""
     from monitor.pipeline.baselines import load_baseline, stats_options_hash
     from monitor.pipeline.migrate import migrate_model
-    from monitor.stats import CollapseStats
-    from monitor.store.redis_store import RedisStore
 
     settings = Settings(
         redis_url=redis_server.url,
@@ -194,3 +203,62 @@ def test_migration_keeps_baselines_buckets_and_pending_batches(redis_server: Red
     assert meta["store_format"] == 2
     assert pinned.sample_count == base.sample_count
     torch.testing.assert_close(pinned.classes().sums, base.classes().sums, rtol=0, atol=0)
+
+
+FAST = BucketPolicy(
+    fine_seconds=10,
+    coarse_seconds=100,
+    fine_retention=1000,
+    coarse_retention=1000,
+    windows=(("15m", 900),),
+    lock_seconds=1.0,
+)
+
+
+def _maintain_in_child(url: str, now: float) -> None:
+    store = RedisStore(redis.Redis.from_url(url), FAST, prefix="k")
+    store.maintain("m", ALGEBRA, now)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_slide_leaves_a_window_that_is_rebuilt(
+    redis_server: RedisServer,
+) -> None:
+    store = RedisStore(redis_server.client(), FAST, prefix="k")
+    rng = np.random.default_rng(9)
+    vocab, dim, buckets = 3000, 64, 60
+    parts = []
+    for b in range(buckets):
+        s = CollapseStats(vocab, dim)
+        y = rng.choice(vocab, 600, replace=False)
+        s.update(rng.normal(size=(600, dim)), y)
+        ts = T0 + FAST.fine_seconds * b
+        store.put_partial("m", f"p{b}", to_fields(s), ts, s.sample_count)
+        parts.append((ts, s))
+    store.maintain("m", ALGEBRA, T0)
+    while store.compact("m", ALGEBRA).buckets:
+        pass
+    store.maintain("m", ALGEBRA, T0 + 600)  # the window holds all 60 buckets
+    later = T0 + 900 + 590  # now 59 of them must be subtracted
+    child = multiprocessing.get_context("spawn").Process(
+        target=_maintain_in_child, args=(redis_server.url, later)
+    )
+    child.start()
+    try:
+        wait_for(lambda: store.windows("m")["15m"].dirty, 60, "the slide started", interval=0.001)
+        os.kill(child.pid or 0, signal.SIGKILL)
+    finally:
+        child.join(timeout=10)
+    assert store.windows("m")["15m"].dirty, "the slide finished before the kill: make it longer"
+    result = store.maintain("m", ALGEBRA, later)  # waits for the dead holder's lock to expire
+    assert result.rebuilt == 1
+    got = read_state(store, "m", window_state("15m"))
+    since = FAST.window_since(900, later)
+    kept = [s for ts, s in parts if FAST.start("fine", ts) >= since]
+    assert got is not None
+    want = CollapseStats.merged(kept)
+    assert got.sample_count == want.sample_count
+    a, b = got.classes(), want.classes()
+    assert torch.equal(a.class_ids, b.class_ids)
+    assert torch.equal(a.counts, b.counts)
+    torch.testing.assert_close(a.sums, b.sums, rtol=1e-12, atol=1e-12)
