@@ -205,6 +205,36 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(
         None, description="Bearer token the HTTP API requires (required outside embedded mode)."
     )
+    api_body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds the HTTP API waits for a whole request body; a slower upload gets "
+        "408 and its connection is closed.",
+    )
+    api_max_inflight_bytes: int = Field(
+        128 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of request bodies the HTTP API holds at once (reading, parsing, "
+        "sending); past it a request gets 503 with Retry-After. At least max_payload_bytes.",
+    )
+    api_max_texts: int = Field(
+        256, ge=1, description="Texts or token-id sequences one HTTP request may carry (413)."
+    )
+    api_max_text_tokens: int = Field(
+        65536,
+        ge=1,
+        description="Token ids, or UTF-8 bytes of texts (a bound on their tokens), one HTTP "
+        "request may carry (413): bounds the embed work a request can cause.",
+    )
+    api_client_rate: float = Field(
+        20.0,
+        ge=0,
+        description="Requests per second the HTTP API admits from one client address, after "
+        "a burst of api_client_burst (429 with Retry-After past it); 0 turns the bound off.",
+    )
+    api_client_burst: int = Field(
+        40, ge=1, description="Requests one client address may send at once before the rate."
+    )
 
     min_count: int = Field(
         DEFAULT_MIN_COUNT,
