@@ -66,6 +66,7 @@ import torch
 from monitor.errors import IncompatibleStats
 from monitor.metrics.mmd import BucketSums, bucket_sums, mmd_threshold, mmd_unbiased
 from monitor.metrics.report import finite_or_none
+from monitor.metrics.rows import row_ranges, tile_rows
 from monitor.stats import CollapseStats
 
 _F64 = torch.float64
@@ -138,7 +139,9 @@ def _common_classes(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(class ids, window counts, cosine distances, base counts) of classes in both.
 
-    Classes with `n >= min_count` in each and a nonzero mean on both sides, sorted by id.
+    Classes with `n >= min_count` in each and a nonzero mean on both sides, sorted by id. The
+    means are compared a tile of classes at a time: whole mean matrices of both sides and their
+    products were five K x d float64 matrices (20 GB at K = 128,256, d = 4,096).
     """
     dev = window.device
     win = window.classes(min_count)
@@ -149,15 +152,23 @@ def _common_classes(
         return empty, empty, torch.empty(0, dtype=_F64, device=dev), empty
     pos = torch.searchsorted(base_ids, win.class_ids).clamp_max(base_ids.numel() - 1)
     found = base_ids[pos] == win.class_ids
+    where = found.nonzero().squeeze(1)  # positions in `win` of the classes both have
     pos = pos[found]
-    mu_w = win.means()[found]
-    mu_b = bas.means().to(dev)[pos]
-    norms = mu_w.norm(dim=1) * mu_b.norm(dim=1)
-    ok = norms > 0
-    cos = ((mu_w * mu_b).sum(dim=1)[ok] / norms[ok]).clamp(-1.0, 1.0)
+    common = int(where.numel())
+    cos = torch.empty(common, dtype=_F64, device=dev)
+    ok = torch.empty(common, dtype=torch.bool, device=dev)
+    base_dev = bas.storage.device
+    for start, stop in row_ranges(common, tile_rows(window.dim)):
+        mu_w = win.take_means(where[start:stop])
+        mu_b = bas.take_means(pos[start:stop].to(base_dev)).to(dev)
+        norms = mu_w.norm(dim=1) * mu_b.norm(dim=1)
+        good = norms > 0
+        ok[start:stop] = good
+        cos[start:stop] = torch.where(good, (mu_w * mu_b).sum(dim=1) / norms, 0.0)
+    cos = cos[ok].clamp(-1.0, 1.0)
     return (
-        win.class_ids[found][ok],
-        win.counts[found][ok],
+        win.class_ids[where][ok],
+        win.counts[where][ok],
         1.0 - cos,
         bas.counts.to(dev)[pos][ok],
     )
@@ -168,7 +179,14 @@ def top_drift_classes(
 ) -> list[ClassDrift]:
     """The `k` classes contributing most to `drift_class_mean_cos`, most first (ties by id)."""
     _check(window, base)
-    ids, counts, dist, base_counts = _common_classes(window, base, min_count)
+    return _top_classes(_common_classes(window, base, min_count), k)
+
+
+_Common = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _top_classes(common: _Common, k: int) -> list[ClassDrift]:
+    ids, counts, dist, base_counts = common
     if k <= 0 or ids.numel() == 0:
         return []
     contrib = counts.to(_F64) * dist / float(counts.sum())
@@ -186,8 +204,8 @@ def top_drift_classes(
     ]
 
 
-def _class_mean_cos(window: CollapseStats, base: CollapseStats, min_count: int) -> float | None:
-    _, counts, dist, _ = _common_classes(window, base, min_count)
+def _class_mean_cos(common: _Common) -> float | None:
+    _, counts, dist, _ = common
     if counts.numel() == 0:
         return None
     w = counts.to(_F64)
@@ -195,14 +213,22 @@ def _class_mean_cos(window: CollapseStats, base: CollapseStats, min_count: int) 
 
 
 def _total_trace(stats: CollapseStats) -> float:
-    """Tr Sigma_T over all samples (within + between, to avoid cancelling ||mu||^2)."""
+    """Tr Sigma_T over all samples (within + between, to avoid cancelling ||mu||^2).
+
+    Per class terms a tile at a time (the whole-matrix expression made three K x d
+    temporaries), then summed over classes in one reduction each, as before.
+    """
     counts = stats.counts.to(_F64)
     n = float(counts.sum())
-    sums = stats.sums
-    within = (stats.sq_norms - (sums * sums).sum(dim=1) / counts).clamp_min(0.0).sum()
+    sums, sq = stats.sums, stats.sq_norms
     mu = sums.sum(dim=0) / n
-    between = (counts * ((sums / counts.unsqueeze(1) - mu) ** 2).sum(dim=1)).sum()
-    return float((within + between) / n)
+    within = torch.empty_like(counts)
+    between = torch.empty_like(counts)
+    for start, stop in row_ranges(int(counts.numel()), tile_rows(stats.dim)):
+        s, c = sums[start:stop], counts[start:stop]
+        within[start:stop] = (sq[start:stop] - (s * s).sum(dim=1) / c).clamp_min(0.0)
+        between[start:stop] = c * ((s / c.unsqueeze(1) - mu) ** 2).sum(dim=1)
+    return float((within.sum() + between.sum()) / n)
 
 
 def _mean_shift(window: CollapseStats, base: CollapseStats) -> float | None:
@@ -292,15 +318,16 @@ def compute_drift(
         if len(usable) == len(base_buckets):
             threshold = mmd_threshold(usable, window.sample_count, base.sample_count, quantile)
     ratios = {f"drift_{k}_ratio": _ratio(window_metrics, base_metrics, k) for k in RATIO_KEYS}
+    common = _common_classes(window, base, min_count)
     return DriftReport(
         drift_mmd=mmd,
         drift_mmd_threshold=finite_or_none(threshold),
         drift_mean_shift=finite_or_none(_mean_shift(window, base)),
-        drift_class_mean_cos=finite_or_none(_class_mean_cos(window, base, min_count)),
+        drift_class_mean_cos=finite_or_none(_class_mean_cos(common)),
         drift_label_js=finite_or_none(_label_js(window, base)),
         drift_nc1_cdnv_ratio=ratios["drift_nc1_cdnv_ratio"],
         drift_nc2_equiangularity_std_ratio=ratios["drift_nc2_equiangularity_std_ratio"],
         drift_nc4_ncc_agreement_ratio=ratios["drift_nc4_ncc_agreement_ratio"],
         drift_effective_rank_ratio=ratios["drift_effective_rank_ratio"],
-        top_classes=top_drift_classes(window, base, k=top_k, min_count=min_count),
+        top_classes=_top_classes(common, top_k),
     )

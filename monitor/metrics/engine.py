@@ -12,10 +12,9 @@ from monitor.metrics.duality import duality, nc4_from_samples
 from monitor.metrics.geometry import anisotropy_mean_cos, effective_rank, trace_ratio
 from monitor.metrics.pairwise import PairInputs, exact_pair_metrics, sampled_pair_metrics
 from monitor.metrics.report import Estimate, MetricReport
+from monitor.metrics.rows import ClassMeans, HeadRows
 from monitor.stats import CollapseStats
 from monitor.stats.validation import ArrayLike, all_finite, as_tensor
-
-_F64 = torch.float64
 
 DEFAULT_MIN_COUNT = 2
 DEFAULT_MAX_EXACT_CLASSES = 30_000
@@ -53,9 +52,18 @@ def compute_metrics(
     """Metrics over the classes with at least `min_count` samples.
 
     `classifier` (V, d) and `bias` (V,) are the LM head, indexed by class id; NC3 and NC4 need
-    them. NC4 is measured on `eval_features` when given (subsampled above `nc4_max_samples`),
-    else taken from the hit counts capture recorded in `stats`. Pairwise metrics are exact up
-    to `max_exact_classes` classes and estimated from `pair_samples` pairs above that.
+    them. They may be in any floating dtype (an LLM head is bf16/fp16/fp32): rows are gathered
+    and upcast to float64 a tile at a time, which gives the values of a float64 copy of the
+    head without making one. NC4 is measured on `eval_features` when given (subsampled above
+    `nc4_max_samples`), else taken from the hit counts capture recorded in `stats`. Pairwise
+    metrics are exact up to `max_exact_classes` classes and estimated from `pair_samples` pairs
+    above that.
+
+    Memory above the inputs: with sampled pairs and on the statistics' own device, tiles only
+    (no K x d matrix: means, centred means and head rows are derived per tile, see
+    `monitor.metrics.rows`); with exact pairs, or another compute device, one K x d float64
+    matrix of centred means besides. Plus d x d matrices for the trace ratio and effective rank
+    when `stats` has the second moment. The statistics are only read.
     """
     started = time.perf_counter()
     if min_count < 1:
@@ -64,35 +72,36 @@ def compute_metrics(
     weight, head_bias = _check_head(stats, classifier, bias)
     kept = stats.classes(min_count=min_count)
     k = kept.num_classes
-
-    means = kept.means().to(dev)
-    centred = means - means.mean(dim=0) if k else means
+    classes = ClassMeans(kept, dev)
+    exact = k <= max_exact_classes
+    if k >= 2 and (exact or dev != kept.storage.device):
+        # The exact walk reads every tile K / tile times, and a device other than the storage's
+        # would copy every tile across each time: one (K, d) matrix of centred means instead.
+        classes.materialise()
     fields: dict[str, float | None] = {
         "anisotropy_mean_cos": anisotropy_mean_cos(stats),
         "effective_rank": effective_rank(stats, dev),
     }
     estimates: dict[str, Estimate] = {}
-    exact = True
     if k >= 2:
-        norms = centred.norm(dim=1)
+        norms = classes.centred_norms()
         fields["nc2_equinorm_cv"] = _cov(norms)
-        fields["nc1_trace_ratio"] = trace_ratio(stats, kept, centred, min_count, dev)
-        inputs = PairInputs(centred, kept.variances().to(dev), norms * norms)
-        exact = k <= max_exact_classes
+        fields["nc1_trace_ratio"] = trace_ratio(stats, kept, classes, min_count, dev)
+        inputs = PairInputs(classes, kept.variances().to(dev), norms * norms)
         if exact:
             estimates.update(exact_pair_metrics(inputs, tile=tile_size))
         else:
             estimates.update(sampled_pair_metrics(inputs, samples=pair_samples, seed=seed))
+    else:
+        exact = True
     if weight is not None and k >= 1:
-        ids = kept.class_ids.to(weight.device)
-        w_rows = weight[ids].to(dev, _F64)
-        b_rows = None if head_bias is None else head_bias[ids].to(dev, _F64)
+        head = HeadRows(weight, head_bias, kept.class_ids, dev)
         if k >= 2:
-            mean_cos, cv = duality(w_rows, centred)
+            mean_cos, cv = duality(head, classes)
             fields["nc3_duality_mean_cos"] = mean_cos
             fields["nc3_uniform_duality_cv"] = cv
         estimates["nc4_ncc_agreement"] = _nc4(
-            stats, eval_features, means, w_rows, b_rows, nc4_max_samples, seed, dev
+            stats, eval_features, classes, head, nc4_max_samples, seed, dev
         )
     return MetricReport(
         class_count=k,
@@ -114,9 +123,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
 def _nc4(
     stats: CollapseStats,
     eval_features: ArrayLike | None,
-    means: torch.Tensor,
-    w_rows: torch.Tensor,
-    b_rows: torch.Tensor | None,
+    classes: ClassMeans,
+    head: HeadRows,
     max_samples: int,
     seed: int,
     device: torch.device,
@@ -130,9 +138,7 @@ def _nc4(
             )
         if not feats.is_floating_point() or not all_finite(feats):
             raise InvalidInput("non_finite", "eval features must be finite floating point values")
-        return nc4_from_samples(
-            feats.to(device), means, w_rows, b_rows, max_samples=max_samples, seed=seed
-        )
+        return nc4_from_samples(feats.to(device), classes, head, max_samples=max_samples, seed=seed)
     if stats.nc4_total > 0:
         return Estimate(stats.nc4_hits / stats.nc4_total)
     return Estimate(None)

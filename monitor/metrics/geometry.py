@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from monitor.metrics.rows import ClassMeans, row_ranges, tile_rows
 from monitor.stats import ClassStatistics, CollapseStats
 
 _F64 = torch.float64
@@ -31,8 +32,12 @@ def effective_rank(stats: CollapseStats, device: torch.device) -> float | None:
         return None
     n = stats.sample_count
     mean = stats.total_sum.to(device) / n
-    cov = stats.second.to(device) / n - torch.outer(mean, mean)
-    eig = torch.linalg.eigvalsh((cov + cov.T) / 2).clamp_min(0.0)
+    # In place: two d x d matrices besides S (1 GB of temporaries at d = 4,096 otherwise).
+    cov = stats.second.to(device) / n
+    cov.addr_(mean, mean, alpha=-1.0)
+    sym = cov + cov.T
+    del cov
+    eig = torch.linalg.eigvalsh(sym.mul_(0.5)).clamp_min(0.0)
     total = float(eig.sum())
     if total <= 0:
         return None
@@ -44,7 +49,7 @@ def effective_rank(stats: CollapseStats, device: torch.device) -> float | None:
 def trace_ratio(
     stats: CollapseStats,
     kept: ClassStatistics,
-    centred: torch.Tensor,
+    classes: ClassMeans,
     min_count: int,
     device: torch.device,
 ) -> float | None:
@@ -55,24 +60,45 @@ def trace_ratio(
     sample, so dividing by the sample count of C' gives Sigma_W of C' exactly.
     With a larger min_count, S cannot separate the classes, and Sigma_W is pooled over every
     class with at least two samples: an estimate of C''s that assumes similar class spreads.
+    Both d x d sums are accumulated a tile of classes at a time (memory O(d^2 + tile d), not
+    the K x d scaled sums); the eigendecomposition is of a d x d matrix.
     """
     k = kept.num_classes
     if stats.second is None or k < 2:
         return None
-    everyone = stats.classes(min_count=1)
-    if min_count <= 2:
-        pooled = int(kept.counts.sum())
-    else:
-        pooled = int(everyone.counts[everyone.counts >= 2].sum())
-    scaled = everyone.sums.to(device) / everyone.counts.to(device, _F64).sqrt().unsqueeze(1)
-    within = (stats.second.to(device) - scaled.T @ scaled) / pooled
-    between = centred.T @ centred / k
-    eigval, eigvec = torch.linalg.eigh((between + between.T) / 2)
+    counts = stats.counts
+    pooled = int(kept.counts.sum()) if min_count <= 2 else int(counts[counts >= 2].sum())
+    dim = stats.dim
+    between = torch.zeros(dim, dim, dtype=_F64, device=device)
+    for start, stop in classes.tiles():
+        m = classes.centred(start, stop)
+        between.addmm_(m.T, m)
+    between = (between + between.T) / (2 * k)
+    eigval, eigvec = torch.linalg.eigh(between)
+    del between
     # The pseudo-inverse cut-off of numpy.linalg.pinv(hermitian=True): d * eps * largest.
-    cutoff = eigval.abs().max() * between.shape[0] * torch.finfo(_F64).eps
+    cutoff = eigval.abs().max() * dim * torch.finfo(_F64).eps
     keep = eigval > cutoff
     if not bool(keep.any()):
         return None
+    # sum_c s_c s_c^T / n_c over every class (the order of the statistics' rows: a sum).
+    explained = torch.zeros(dim, dim, dtype=_F64, device=device)
+    step = tile_rows(dim)
+    for start, stop in row_ranges(int(counts.numel()), step):
+        scaled = stats.sums[start:stop].to(device) / counts[start:stop].to(
+            device, _F64
+        ).sqrt().unsqueeze(1)
+        explained.addmm_(scaled.T, scaled)
+    within = stats.second.to(device) - explained
+    del explained
+    within /= pooled
     v = eigvec[:, keep]
-    projected = ((v.T @ within) * v.T).sum(dim=1)  # v_k^T Sigma_W v_k for each kept k
+    del eigvec
+    # v_k^T Sigma_W v_k for each kept k, a block of eigenvectors at a time.
+    projected = torch.cat(
+        [
+            ((v[:, a:b].T @ within) * v[:, a:b].T).sum(dim=1)
+            for a, b in row_ranges(int(v.shape[1]), step)
+        ]
+    )
     return float((projected / eigval[keep]).sum()) / k

@@ -6,9 +6,14 @@ class means of the last evaluation), so both count a hit the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 _F64 = torch.float64
+
+# (start, stop) -> (means, weight, bias) rows of those classes, float64 on the features' device.
+ClassTiles = Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
 def ncc_agreement(
@@ -38,32 +43,63 @@ def ncc_agreement(
     mu = means.to(device, _F64)
     w = weight.to(device, _F64)
     b = None if bias is None else bias.to(device, _F64)
-    mu_sq = (mu * mu).sum(dim=1)
+
+    def rows(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return mu[start:stop], w[start:stop], None if b is None else b[start:stop]
+
     k = int(mu.shape[0])
     tile = max(1, min(k, class_tile))
     chunk = max(1, max_elements // tile)
-    out = torch.empty(features.shape[0], dtype=torch.bool, device=device)
-    for start in range(0, features.shape[0], chunk):
-        h = features[start : start + chunk].to(_F64)
-        rows = h.shape[0]
-        top_logit = torch.full((rows,), -torch.inf, dtype=_F64, device=device)
-        top_class = torch.zeros(rows, dtype=torch.long, device=device)
-        near_dist = torch.full((rows,), torch.inf, dtype=_F64, device=device)
-        near_class = torch.zeros(rows, dtype=torch.long, device=device)
-        for c0 in range(0, k, tile):
-            c1 = min(c0 + tile, k)
-            logits = h @ w[c0:c1].T
-            if b is not None:
-                logits += b[c0:c1]
-            value, index = logits.max(dim=1)
-            better = value > top_logit  # strict: an equal value in a later tile loses the tie
-            top_logit = torch.where(better, value, top_logit)
-            top_class = torch.where(better, index + c0, top_class)
-            # argmin ||h - mu||^2 = argmin (||mu||^2 - 2 h.mu): ||h||^2 is the same for all.
-            dist = mu_sq[c0:c1] - 2.0 * (h @ mu[c0:c1].T)
-            value, index = dist.min(dim=1)
-            better = value < near_dist
-            near_dist = torch.where(better, value, near_dist)
-            near_class = torch.where(better, index + c0, near_class)
-        out[start : start + chunk] = top_class == near_class
+    return agreement_by_tiles(features, k, rows, class_tile=tile, chunk=chunk, block=chunk)
+
+
+def agreement_by_tiles(
+    features: torch.Tensor,
+    num_classes: int,
+    rows: ClassTiles,
+    *,
+    class_tile: int,
+    chunk: int,
+    block: int,
+) -> torch.Tensor:
+    """`ncc_agreement` with the class rows produced by `rows`, a class tile at a time.
+
+    Samples go in blocks of `block` rows (converted to float64 once per block); within a block,
+    each class tile is produced once and compared with `chunk` samples at a time (chunk x
+    class_tile values per product). With `block == chunk` this is `ncc_agreement`'s loop; a
+    larger block lets a caller whose rows are costly to produce (derived from the class sums,
+    gathered from the head and upcast) produce them once per block instead of once per chunk.
+    Each sample sees the class tiles in order, so ties still go to the lowest class index.
+    """
+    device = features.device
+    n = int(features.shape[0])
+    out = torch.empty(n, dtype=torch.bool, device=device)
+    for b0 in range(0, n, block):
+        h_block = features[b0 : b0 + block].to(_F64)
+        count = int(h_block.shape[0])
+        top_logit = torch.full((count,), -torch.inf, dtype=_F64, device=device)
+        top_class = torch.zeros(count, dtype=torch.long, device=device)
+        near_dist = torch.full((count,), torch.inf, dtype=_F64, device=device)
+        near_class = torch.zeros(count, dtype=torch.long, device=device)
+        for c0 in range(0, num_classes, class_tile):
+            mu, w, b = rows(c0, min(c0 + class_tile, num_classes))
+            mu_sq = (mu * mu).sum(dim=1)
+            for s0 in range(0, count, chunk):
+                s1 = min(s0 + chunk, count)
+                h = h_block[s0:s1]
+                logits = h @ w.T
+                if b is not None:
+                    logits += b
+                value, index = logits.max(dim=1)
+                # Strict: an equal value in a later tile loses the tie.
+                better = value > top_logit[s0:s1]
+                top_logit[s0:s1] = torch.where(better, value, top_logit[s0:s1])
+                top_class[s0:s1] = torch.where(better, index + c0, top_class[s0:s1])
+                # argmin ||h - mu||^2 = argmin (||mu||^2 - 2 h.mu): ||h||^2 is the same for all.
+                dist = mu_sq - 2.0 * (h @ mu.T)
+                value, index = dist.min(dim=1)
+                better = value < near_dist[s0:s1]
+                near_dist[s0:s1] = torch.where(better, value, near_dist[s0:s1])
+                near_class[s0:s1] = torch.where(better, index + c0, near_class[s0:s1])
+        out[b0 : b0 + count] = top_class == near_class
     return out

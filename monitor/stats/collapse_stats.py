@@ -34,26 +34,93 @@ def _scatter_add(target: torch.Tensor, rows: torch.Tensor, values: torch.Tensor)
 
 @dataclass(frozen=True)
 class ClassStatistics:
-    """The per-class rows of the classes with `n_c >= min_count`, ordered by class id."""
+    """The per-class rows of the classes with `n_c >= min_count`, ordered by class id.
+
+    `class_ids`, `counts` and `sq_norms` are copies (O(K)). The sums are not copied: at an LLM's
+    vocabulary and width one K x d float64 matrix is 4.2 GB (K = 128,256, d = 4,096), the size
+    of the statistics themselves, so `storage` is the statistics' own rows and `rows` says which
+    of them each class is (None: `storage` is exactly the K rows, in order). Read them before
+    the statistics change (update and merge write into that storage) and never write into
+    them. `sums` and `means()` build the whole (K, d) matrix for callers that want it;
+    `sum_tile`, `mean_tile`, `take_sums` and `take_means` give a few rows without it.
+    """
 
     class_ids: torch.Tensor  # (K,) int64
     counts: torch.Tensor  # (K,) int64
-    sums: torch.Tensor  # (K, d) float64, s_c = sum h
     sq_norms: torch.Tensor  # (K,) float64, q_c = sum ||h||^2
+    storage: torch.Tensor  # (S, d) float64, the statistics' sum rows (a view, not a copy)
+    rows: torch.Tensor | None = None  # (K,) int64: row of class c in `storage`; None = c
+    TILE_BYTES = 32 << 20  # bytes of rows per step of `means()` and `variances()` (not a field)
 
     @property
     def num_classes(self) -> int:
         return int(self.class_ids.numel())
 
+    @property
+    def sums(self) -> torch.Tensor:
+        """s_c = sum h, (K, d) float64: a view of the statistics when in order, else a copy."""
+        return self.storage if self.rows is None else self.storage[self.rows]
+
+    def sum_tile(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 of `sums` (a view, or a gather of those rows only)."""
+        if self.rows is None:
+            return self.storage[start:stop]
+        return self.storage[self.rows[start:stop]]
+
+    def take_sums(self, index: torch.Tensor) -> torch.Tensor:
+        """`sums[index]` without building `sums`."""
+        if self.rows is None:
+            return self.storage[index]
+        return self.storage[self.rows[index]]
+
+    def mean_tile(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 of `means()`, the same numbers."""
+        return self.sum_tile(start, stop) / self.counts[start:stop].unsqueeze(1).to(_F64)
+
+    def take_means(self, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`means()[index]` without building `means()`, the same numbers.
+
+        Into `out` (len(index), d) when given: a sampled-pair chunk calls this ~1,000 times,
+        and a fresh buffer each time (page faults on every large allocation) was 10x slower.
+        """
+        where = index if self.rows is None else self.rows[index]
+        if out is None:
+            out = self.storage.index_select(0, where)
+        else:
+            torch.index_select(self.storage, 0, where, out=out)
+        return out.div_(self.counts[index].unsqueeze(1).to(_F64))
+
     def means(self) -> torch.Tensor:
-        """mu_c = s_c / n_c, (K, d) float64."""
-        return self.sums / self.counts.unsqueeze(1).to(_F64)
+        """mu_c = s_c / n_c, (K, d) float64 (filled tile by tile: no gathered copy first)."""
+        out = torch.empty(
+            self.num_classes, self.storage.shape[1], dtype=_F64, device=self.storage.device
+        )
+        for start, stop in self._tiles():
+            torch.div(
+                self.sum_tile(start, stop),
+                self.counts[start:stop].unsqueeze(1).to(_F64),
+                out=out[start:stop],
+            )
+        return out
 
     def variances(self) -> torch.Tensor:
-        """sigma_c^2 = q_c/n_c - ||mu_c||^2 (trace of the biased class covariance), clamped at 0."""
+        """sigma_c^2 = q_c/n_c - ||mu_c||^2 (trace of the biased class covariance), clamped at 0.
+
+        Tile by tile: `sums * sums` at once would be another K x d temporary.
+        """
         n = self.counts.to(_F64)
-        mean_sq = (self.sums * self.sums).sum(dim=1) / (n * n)
+        sq_sums = torch.empty(self.num_classes, dtype=_F64, device=self.storage.device)
+        for start, stop in self._tiles():
+            s = self.sum_tile(start, stop)
+            sq_sums[start:stop] = (s * s).sum(dim=1)
+        mean_sq = sq_sums / (n * n)
         return (self.sq_norms / n - mean_sq).clamp_min(0.0)
+
+    def _tiles(self) -> list[tuple[int, int]]:
+        """Row ranges of about `TILE_BYTES` of sums each."""
+        step = max(1, self.TILE_BYTES // (8 * max(1, int(self.storage.shape[1]))))
+        k = self.num_classes
+        return [(a, min(a + step, k)) for a in range(0, k, step)]
 
 
 class CollapseStats:
@@ -135,14 +202,34 @@ class CollapseStats:
         return self._sq_norms[: self._size]
 
     def classes(self, min_count: int = 1) -> ClassStatistics:
-        """Rows of the classes with `n_c >= min_count`, sorted by class id (copies)."""
-        order = torch.argsort(self.class_ids)
-        keep = order[self.counts[order] >= min_count]
+        """Rows of the classes with `n_c >= min_count`, sorted by class id.
+
+        The O(K) vectors are copies; the sums are not (see `ClassStatistics`): when every class
+        is kept and the rows are already in class order, as after loading a blob, the result
+        reads this object's storage directly, else it holds the positions of its rows in it.
+        """
+        ids, counts = self.class_ids, self.counts
+        in_order = ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all())
+        keep = counts >= min_count
+        rows: torch.Tensor | None
+        if in_order:
+            rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)
+        else:
+            order = torch.argsort(ids)
+            rows = order[keep[order]]
+        if rows is None:
+            return ClassStatistics(
+                class_ids=ids.clone(),
+                counts=counts.clone(),
+                sq_norms=self.sq_norms.clone(),
+                storage=self.sums,
+            )
         return ClassStatistics(
-            class_ids=self.class_ids[keep].clone(),
-            counts=self.counts[keep].clone(),
-            sums=self.sums[keep].clone(),
-            sq_norms=self.sq_norms[keep].clone(),
+            class_ids=ids[rows],
+            counts=counts[rows],
+            sq_norms=self.sq_norms[rows],
+            storage=self.sums,
+            rows=rows,
         )
 
     def count_of(self, class_id: int) -> int:

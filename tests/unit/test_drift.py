@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from monitor.errors import IncompatibleStats
-from monitor.metrics import compute_metrics
+from monitor.metrics import compute_metrics, rows
 from monitor.metrics.drift import (
     DRIFT_KEYS,
     BucketSums,
@@ -351,3 +351,62 @@ def test_cuda_statistics_give_the_cpu_values() -> None:
     for key, value in cpu.items():
         if key != "drift_mmd_threshold" and value is not None:
             assert gpu[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+# ------------------------------------------------------------------------------ at scale
+def _in_batches(x: np.ndarray, y: np.ndarray, vocab: int) -> CollapseStats:
+    """Rows in first-seen order (a window merged from buckets), not in class order."""
+    s = CollapseStats(vocab, x.shape[1])
+    for part in np.array_split(np.arange(len(y)), 4):
+        s.update(torch.from_numpy(x[part]), torch.from_numpy(y[part]))
+    return s
+
+
+def test_tiles_and_row_order_change_no_drift_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compute_drift compares class means a few classes at a time and reads the statistics'
+    rows in place or gathered: every value equals the brute force from raw samples, whatever
+    the tile size and the order the rows are stored in."""
+    rng = np.random.default_rng(21)
+    vocab, d = 200, 5
+    means = rng.normal(size=(vocab, d)) + 30.0
+    yb = rng.choice(rng.choice(vocab, 80, replace=False), 700)
+    yw = rng.choice(rng.choice(vocab, 80, replace=False), 600)
+    xb = means[yb] + rng.normal(size=(len(yb), d))
+    xw = means[yw] + rng.normal(size=(len(yw), d)) + 0.2
+    window = _in_batches(xw, yw, vocab)
+    ids = window.class_ids
+    assert not bool((ids[1:] > ids[:-1]).all())
+    base = _in_batches(xb, yb, vocab)
+    sorted_window = CollapseStats.from_bytes(window.to_bytes())
+    sorted_base = CollapseStats.from_bytes(base.to_bytes())
+
+    common = [
+        c for c in range(vocab) if (yw == c).sum() >= 2 and (yb == c).sum() >= 2
+    ]  # min_count = 2 on both sides
+    assert len(common) > 10
+    weights = np.array([(yw == c).sum() for c in common], dtype=np.float64)
+    dists = []
+    for c in common:
+        mw, mb = xw[yw == c].mean(0), xb[yb == c].mean(0)
+        dists.append(1.0 - mw @ mb / (np.linalg.norm(mw) * np.linalg.norm(mb)))
+    expected_cos = float((weights * np.array(dists)).sum() / weights.sum())
+    trace = np.trace(np.cov(xb.T, bias=True))
+    expected_shift = np.linalg.norm(xw.mean(0) - xb.mean(0)) / math.sqrt(trace)
+
+    reference = compute_drift(sorted_window, sorted_base, top_k=50)
+    for tile_bytes in (8 * d, 8 * d * 3, 1 << 20):
+        monkeypatch.setattr(rows, "TILE_BYTES", tile_bytes)
+        for w, b in ((window, base), (sorted_window, base), (window, sorted_base)):
+            report = compute_drift(w, b, top_k=50)
+            assert report.drift_class_mean_cos == pytest.approx(expected_cos, rel=1e-9)
+            assert report.drift_mean_shift == pytest.approx(expected_shift, rel=1e-9)
+            for key, value in reference.as_dict().items():
+                if value is None:
+                    assert report.as_dict()[key] is None, key
+                else:
+                    assert report.as_dict()[key] == pytest.approx(value, rel=1e-12), key
+            assert [t.class_id for t in report.top_classes] == [
+                t.class_id for t in reference.top_classes
+            ]
+            for got, want in zip(report.top_classes, reference.top_classes, strict=True):
+                assert got.contribution == pytest.approx(want.contribution, rel=1e-12)

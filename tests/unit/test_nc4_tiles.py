@@ -2,7 +2,8 @@
 
 The class tiling keeps a running arg-max/arg-min across tiles; these tests make it cross many
 tiles and chunks, against a numpy brute force with explicit distances, and check that a tie
-across tiles goes to the lowest class index, as a single `argmax` would.
+across tiles goes to the lowest class index, as a single `argmax` would. `agreement_by_tiles`,
+which the engine uses with rows derived per tile, adds blocks of samples: the same decisions.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.metrics.nc4 import ncc_agreement
+from monitor.metrics.nc4 import agreement_by_tiles, ncc_agreement
 
 
 def brute_force(h: np.ndarray, mu: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
@@ -56,3 +57,36 @@ def test_a_tie_across_tiles_goes_to_the_lowest_class() -> None:
             torch.from_numpy(h), torch.from_numpy(mu), torch.from_numpy(w), class_tile=tile
         )
         assert got.tolist() == [True], tile  # argmax keeps class 3, as one untiled argmax does
+
+
+@pytest.mark.parametrize(
+    ("class_tile", "chunk", "block"), [(1, 7, 7), (5, 4, 13), (16, 9, 91), (37, 1, 40)]
+)
+def test_blocks_of_samples_match_brute_force(class_tile: int, chunk: int, block: int) -> None:
+    """`agreement_by_tiles` produces each class tile once per block of samples (the engine's
+    rows are derived from the class sums and the head per tile) and walks the block in chunks:
+    the same decisions as the brute force, whatever the block, chunk and tile sizes."""
+    rng = np.random.default_rng(class_tile + 100 * chunk)
+    k, d, n = 37, 6, 91
+    mu = rng.normal(size=(k, d))
+    w = mu + 0.8 * rng.normal(size=(k, d))
+    b = 0.3 * rng.normal(size=k)
+    h = mu[rng.integers(0, k, n)] + 0.9 * rng.normal(size=(n, d))
+    expected = brute_force(h, mu, w, b)
+    assert 0 < expected.sum() < n
+    calls: list[tuple[int, int]] = []
+
+    def rows(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        calls.append((start, stop))
+        return (
+            torch.from_numpy(mu[start:stop]),
+            torch.from_numpy(w[start:stop]),
+            torch.from_numpy(b[start:stop]),
+        )
+
+    got = agreement_by_tiles(
+        torch.from_numpy(h), k, rows, class_tile=class_tile, chunk=chunk, block=block
+    )
+    assert got.numpy().tolist() == expected.tolist()
+    blocks = -(-n // block)
+    assert len(calls) == blocks * -(-k // class_tile)  # each tile once per block
