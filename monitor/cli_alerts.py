@@ -76,11 +76,8 @@ def register(app: typer.Typer) -> None:
         if out is None:
             typer.echo(text, nl=False)
             return
-        try:
-            out.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            from monitor.errors import InvalidInput
+        from monitor.data.output import write_file
 
-            raise InvalidInput("bad_output", f"{out}: {exc.strerror or exc}") from None
+        write_file(out, text)  # a link at --out is refused; the file is replaced atomically
 
     app.add_typer(rules_app, name="rules")

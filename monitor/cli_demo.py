@@ -99,6 +99,7 @@ def _run(
 ) -> DemoResult:
     import torch
 
+    from monitor.data.output import check_output_path
     from monitor.demo import Demo, DemoOptions
     from monitor.demo.http import check_port
     from monitor.errors import InvalidInput
@@ -108,6 +109,7 @@ def _run(
             "model_not_found", f"{model} has no config.json: not a from_pretrained directory"
         )
     check_port(port)
+    check_output_path(out, directory=True)  # a link at --out: refused before the model loads
     _quiet_transformers()
     # A first-run build trains with every core (it is bounded by time, so fewer threads would
     # give a less trained model); the demo itself then runs on one intra-op thread, sized for

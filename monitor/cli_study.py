@@ -103,10 +103,12 @@ def register(app: typer.Typer) -> None:
         from transformers.utils import logging as hf_logging
 
         from monitor.config import Settings
+        from monitor.data.output import check_output_path
         from monitor.offline.study import StudyOptions, run_study
         from monitor.offline.study_output import write_study
         from monitor.offline.study_plots import write_plots
 
+        check_output_path(out, directory=True)  # a link at --out: refused before measuring
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # per-checkpoint "Loading weights" bars drown ours
         settings = Settings() if device is None else Settings(device=device)
         options = StudyOptions(

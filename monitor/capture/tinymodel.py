@@ -273,6 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    if args.out is not None:  # save_pretrained writes the files: at least no link at --out
+        from monitor.data.output import check_output_path
+        from monitor.errors import InvalidInput
+
+        try:
+            check_output_path(args.out, directory=True)
+        except InvalidInput as exc:
+            parser.exit(2, f"error: {exc}\n")
     path = (
         build_tiny_model(args.out, spec, progress=say)
         if args.out is not None

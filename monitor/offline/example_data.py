@@ -8,9 +8,13 @@ seed. Usage: `python -m monitor.offline.example_data --out DIR`.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+from monitor.data.output import OutputDir
+from monitor.errors import ExitCode, InvalidInput
 
 
 def make_example(
@@ -45,9 +49,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, array in make_example(seed=args.seed).items():
-        np.save(args.out / f"{name}.npy", array, allow_pickle=False)
+    # A link at --out is refused (exit 2, one line); each file is written whole, then renamed.
+    try:
+        with OutputDir(args.out) as out:
+            for name, array in make_example(seed=args.seed).items():
+                out.write_with(f"{name}.npy", partial(np.save, arr=array, allow_pickle=False))
+    except InvalidInput as exc:
+        parser.exit(ExitCode.BAD_INPUT, f"error: {exc}\n")
     print(f"example data written to {args.out}/")
 
 

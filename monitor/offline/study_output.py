@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 
+from monitor.data.output import OutputDir
 from monitor.metrics import REPORT_KEYS
 from monitor.offline.study import StudyResult
 
@@ -41,23 +43,29 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def _csv(rows: list[list[str]]) -> str:
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
+
+
 def write_study(result: StudyResult, out_dir: Path) -> list[Path]:
-    """Write study.csv, correlations.csv and study.json into `out_dir` (created)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write study.csv, correlations.csv and study.json into `out_dir` (created).
+
+    Through `monitor.data.output`: a symbolic link at `out_dir` is refused and each file is
+    replaced atomically.
+    """
     doc = result.to_json()
-    table = out_dir / "study.csv"
-    with table.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(ROW_COLUMNS + REPORT_KEYS)
-        for row in doc["checkpoints"]:
-            cells = [row[c] for c in ROW_COLUMNS] + [row["metrics"][k] for k in REPORT_KEYS]
-            writer.writerow([_cell(v) for v in cells])
-    corr = out_dir / "correlations.csv"
-    with corr.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CORRELATION_COLUMNS)
-        for item in doc["correlations"]:
-            writer.writerow([_cell(item[c]) for c in CORRELATION_COLUMNS])
-    js = out_dir / "study.json"
-    js.write_text(json.dumps(doc, indent=2) + "\n")
-    return [table, corr, js]
+    table: list[list[str]] = [list(ROW_COLUMNS + REPORT_KEYS)]
+    for row in doc["checkpoints"]:
+        cells = [row[c] for c in ROW_COLUMNS] + [row["metrics"][k] for k in REPORT_KEYS]
+        table.append([_cell(v) for v in cells])
+    corr: list[list[str]] = [list(CORRELATION_COLUMNS)]
+    for item in doc["correlations"]:
+        corr.append([_cell(item[c]) for c in CORRELATION_COLUMNS])
+    with OutputDir(out_dir) as out:
+        return [
+            out.write_text("study.csv", _csv(table)),
+            out.write_text("correlations.csv", _csv(corr)),
+            out.write_text("study.json", json.dumps(doc, indent=2) + "\n"),
+        ]

@@ -8,9 +8,11 @@ lengths of one architecture read as a trail. The title carries R^2 and Spearman'
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from monitor.data.output import OutputDir
 from monitor.offline.correlation import Correlation
 from monitor.offline.study import CheckpointRow, StudyResult
 
@@ -69,30 +71,33 @@ def write_plots(result: StudyResult, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     usable = {c.metric: c for c in result.correlations if c.n >= 1}
-    for corr in usable.values():
-        fig, ax = plt.subplots(figsize=(4.8, 3.6), dpi=100)
-        _draw(ax, result.rows, corr, legend=True)
-        fig.tight_layout()
-        path = out_dir / f"{corr.metric}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
-    keys = [k for k in OVERVIEW_KEYS if k in usable]
-    if keys:
-        cols = 3
-        rows_n = (len(keys) + cols - 1) // cols
-        fig, axes = plt.subplots(rows_n, cols, figsize=(12, 3.6 * rows_n), dpi=90, squeeze=False)
-        for i, ax in enumerate(axes.flat):
-            if i < len(keys):
-                _draw(ax, result.rows, usable[keys[i]], legend=i == 0)
-            else:
-                ax.axis("off")
-        fig.tight_layout()
-        path = out_dir / "overview.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+    # A link at out_dir is refused; each PNG is written whole, then renamed into place.
+    with OutputDir(out_dir) as out:
+        for corr in usable.values():
+            fig, ax = plt.subplots(figsize=(4.8, 3.6), dpi=100)
+            _draw(ax, result.rows, corr, legend=True)
+            fig.tight_layout()
+            written.append(out.write_with(f"{corr.metric}.png", partial(_save, fig)))
+            plt.close(fig)
+        keys = [k for k in OVERVIEW_KEYS if k in usable]
+        if keys:
+            cols = 3
+            rows_n = (len(keys) + cols - 1) // cols
+            fig, axes = plt.subplots(
+                rows_n, cols, figsize=(12, 3.6 * rows_n), dpi=90, squeeze=False
+            )
+            for i, ax in enumerate(axes.flat):
+                if i < len(keys):
+                    _draw(ax, result.rows, usable[keys[i]], legend=i == 0)
+                else:
+                    ax.axis("off")
+            fig.tight_layout()
+            written.append(out.write_with("overview.png", partial(_save, fig)))
+            plt.close(fig)
     return written
+
+
+def _save(figure: Any, handle: BinaryIO) -> None:
+    figure.savefig(handle, format="png")

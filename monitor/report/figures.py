@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -33,6 +33,7 @@ __all__ = [
     "Panel",
     "draw_group",
     "draw_pca",
+    "save_png",
 ]
 
 LINE_COLOR = "#1f77b4"  # every metric line: the headless-browser test looks for this blue
@@ -79,12 +80,17 @@ _RATIO_OF = {key: key.removeprefix("drift_").removesuffix("_ratio") for key in R
 
 @dataclass(frozen=True)
 class Panel:
-    """One written figure: its file, title and the metrics it shows."""
+    """One drawn figure, not yet saved: its stem, title and the metrics it shows."""
 
     stem: str
     title: str
-    path: Path
+    figure: Figure
     metrics: tuple[str, ...]
+
+
+def save_png(figure: Figure, handle: BinaryIO) -> None:
+    """The figure as PNG into an open file (monitor.data.output writes it into place)."""
+    figure.savefig(handle, format="png", dpi=DPI)
 
 
 def series(snapshots: Sequence[Snapshot], key: str) -> list[float | None]:
@@ -219,9 +225,7 @@ def _format_x(ax: Axes, data: ReportData, xs: list[float]) -> None:
         ax.set_xlim(xs[0] - pad, xs[0] + pad)
 
 
-def draw_group(
-    data: ReportData, stem: str, title: str, keys: Sequence[str], path: Path
-) -> Panel | None:
+def draw_group(data: ReportData, stem: str, title: str, keys: Sequence[str]) -> Panel | None:
     """One figure, one stacked subplot per metric with data; None if none of them has any."""
     xs = _x_values(data)
     present = [k for k in keys if any(v is not None for v in series(data.snapshots, k))]
@@ -253,8 +257,7 @@ def draw_group(
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper left", fontsize=7, framealpha=0.8)
     _format_x(axes[-1], data, xs)
-    fig.savefig(path, format="png", dpi=DPI)
-    return Panel(stem, title, path, tuple(present))
+    return Panel(stem, title, fig, tuple(present))
 
 
 def _plain(text: str) -> str:
@@ -276,8 +279,7 @@ def draw_pca(
     labelled: Sequence[int],
     names: dict[int, str],
     title: str,
-    path: Path,
-) -> Path:
+) -> Figure:
     """Baseline means (hollow grey) and current means (green), moves of labelled classes as
     arrows, on the two shared principal axes."""
     fig = Figure(figsize=(10, 8), dpi=DPI, layout="constrained")
@@ -313,5 +315,4 @@ def draw_pca(
     ax.set_title(_plain(title))
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    fig.savefig(path, format="png", dpi=DPI)
-    return path
+    return fig

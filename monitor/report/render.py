@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
+from monitor.data.output import OutputDir
 from monitor.report.data import ReportData, ReportFiles
-from monitor.report.figures import GROUPS, draw_group, draw_pca
+from monitor.report.figures import GROUPS, draw_group, draw_pca, save_png
 from monitor.report.html import Figure, render_html
 from monitor.report.pca import drift_ranking, project_means, top_drift_ids
 
@@ -31,22 +32,23 @@ def _custom_keys(data: ReportData) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def _replace(tmp: Path, final: Path) -> Path:
-    os.replace(tmp, final)  # a reader (a browser refreshing the demo's page) never sees half
-    return final
-
-
 def write_report(data: ReportData, out_dir: Path) -> ReportFiles:
     """Write `report.html` and one PNG per figure with data into `out_dir`; returns the paths.
 
     Never fails on thin data: no snapshots, a single one, no baseline or no window statistics
-    give a page with a note in place of the missing figures.
+    give a page with a note in place of the missing figures. Files go through
+    `monitor.data.output`: `out_dir` must not be a symbolic link, and each file is replaced
+    atomically (a browser refreshing the demo's page never sees half of one).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     if data.x_labels is not None and len(data.x_labels) != len(data.snapshots):
         raise ValueError(f"{len(data.x_labels)} x labels for {len(data.snapshots)} snapshots")
     if data.x_labels is None:  # oldest first, without touching the caller's object
         data = replace(data, snapshots=sorted(data.snapshots, key=lambda s: s.timestamp))
+    with OutputDir(out_dir) as out:
+        return _write(data, out)
+
+
+def _write(data: ReportData, out: OutputDir) -> ReportFiles:
     notes: list[str] = list(data.notes)
     figures: list[Figure] = []
     groups = [*GROUPS]
@@ -59,32 +61,29 @@ def write_report(data: ReportData, out_dir: Path) -> ReportFiles:
     else:
         missing: list[str] = []
         for stem, title, keys in groups:
-            tmp = out_dir / f".{stem}.png.tmp"
-            panel = draw_group(data, stem, title, keys, tmp)
+            panel = draw_group(data, stem, title, keys)
             if panel is None:
                 missing.append(title)
                 continue
-            path = _replace(tmp, out_dir / f"{stem}.png")
+            path = out.write_with(f"{stem}.png", partial(save_png, panel.figure))
             written.add(stem)
             figures.append(Figure(title, path, "Metrics: " + ", ".join(panel.metrics)))
         if missing:
             notes.append("No values in any snapshot for: " + "; ".join(missing) + ".")
-    pca = _pca(data, out_dir, notes)
+    pca = _pca(data, out, notes)
     if pca is not None:
         figures.append(pca)
         written.add(PCA_STEM)
     for stem in {s for s, _, _ in groups} | {PCA_STEM, CUSTOM_STEM}:
         if stem not in written:  # a figure from an earlier report would no longer be true
-            (out_dir / f"{stem}.png").unlink(missing_ok=True)
+            out.remove(f"{stem}.png")
     order = [k for _, _, keys in groups for k in keys] + ["drift_mmd_threshold"]
     page = render_html(data, figures, notes, order, time.time())
-    tmp_html = out_dir / f".{HTML_NAME}.tmp"
-    tmp_html.write_text(page, encoding="utf-8")
-    html = _replace(tmp_html, out_dir / HTML_NAME)
+    html = out.write_text(HTML_NAME, page)
     return ReportFiles(html=html, pngs=[f.path for f in figures])
 
 
-def _pca(data: ReportData, out_dir: Path, notes: list[str]) -> Figure | None:
+def _pca(data: ReportData, out: OutputDir, notes: list[str]) -> Figure | None:
     if data.baseline is None or data.current is None:
         what = {
             (True, True): "class statistics (baseline and window)",
@@ -110,10 +109,9 @@ def _pca(data: ReportData, out_dir: Path, notes: list[str]) -> Figure | None:
         )
         names = {}
     names.update(data.token_names or {})
-    tmp = out_dir / f".{PCA_STEM}.png.tmp"
     title = f"Class means, current window against the baseline - {data.model} ({data.window})"
-    draw_pca(projection, labelled, names, title, tmp)
-    path = _replace(tmp, out_dir / f"{PCA_STEM}.png")
+    figure = draw_pca(projection, labelled, names, title)
+    path = out.write_with(f"{PCA_STEM}.png", partial(save_png, figure))
     caption = (
         f"Both sets projected on the two principal axes of their union; arrows: the {LABELLED} "
         "most drifted tokens, from the baseline mean to the current one."
