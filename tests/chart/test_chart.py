@@ -44,6 +44,7 @@ VALUE_SETS = (
     "external-sentinel",
     "keda",
     "minimal",
+    "alerting",
 )
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.json",
@@ -212,7 +213,7 @@ def test_app_pods_have_writable_home_and_settings(value_set: str) -> None:
         assert env["HF_HOME"].startswith("/home/app/"), name
         assert "emptyDir" in volumes[mounts["/home/app"]], name
         assert "COLLAPSE_REDIS_URL" in env, name
-        assert env["COLLAPSE_API_TOKEN"]["secretKeyRef"]["key"] == "api-token", name
+        # Which secrets each component gets: test_least_privilege.py.
         assert container["envFrom"][0]["configMapRef"]["name"].endswith("-settings"), name
 
 
@@ -328,7 +329,10 @@ def test_external_redis_renders_no_statefulset_and_uses_its_secret() -> None:
             "name": "managed-redis",
             "key": "password",
         }, name
-        assert env["COLLAPSE_API_TOKEN"]["secretKeyRef"]["name"] == "collapse-monitor-auth"
+        if name.endswith("-api"):
+            assert env["COLLAPSE_API_TOKEN"]["secretKeyRef"]["name"] == "collapse-monitor-auth"
+        else:
+            assert "COLLAPSE_API_TOKEN" not in env, name
 
 
 def test_external_redis_without_url_fails() -> None:
@@ -657,6 +661,8 @@ def test_notes_render(tmp_path: Path) -> None:
     assert "settings.models is empty" in text
     assert f"svc/{FULLNAME}-api 8000" in text
     assert f"{FULLNAME}-exporter:9464/metrics" in text
+    assert f"pods in {NAMESPACE} labelled collapse-monitor/ingest-client=true" in text
+    assert "only the peers of networkPolicy.metricsFrom may scrape it" in text
     text = render_notes(tmp_path / "gpu", *value_args("gpu"))
     assert "settings.models is empty" not in text
     assert "GPU workers (embed, 1 GPU each)" in text
@@ -677,6 +683,7 @@ def test_pod_disruption_budgets_and_network_policies() -> None:
     assert "ingress" not in deny["spec"]
     api = one(docs, "NetworkPolicy", "api")
     assert api["spec"]["ingress"][0]["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    # Whom each policy admits: test_least_privilege.py.
     assert not find(rendered("minimal"), "NetworkPolicy")
     assert not find(rendered("minimal"), "PodDisruptionBudget")
 
@@ -697,6 +704,11 @@ def test_pod_disruption_budgets_and_network_policies() -> None:
         "broker.url=sentinel://s",
         "redis.external.sentinel.addresses={no-port}",
         "auth.redisPassword=two words",
+        "redis.maxmemoryPercent=150",
+        "redis.maxmemoryPercent=5",
+        "networkPolicy.apiFrom[0].pods.app=gateway",
+        "networkPolicy.metricsFrom[0].ipBlock.cidr=everyone",
+        "networkPolicy.kedaFrom=everyone",
     ],
 )
 def test_values_schema_rejects_bad_values(bad: str) -> None:

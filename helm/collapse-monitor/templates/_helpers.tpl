@@ -176,67 +176,78 @@ checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha
 {{- end }}
 {{- end -}}
 
-{{/* Environment of every collapse-monitor container. */}}
+{{/*
+Environment of a collapse-monitor container: dict "root" $ "apiToken" bool "alertmanager" bool.
+Least privilege: every component gets the Redis store's and broker's credentials (all of them
+talk to Redis); only the API gets the API token, and only a worker that consumes the
+maintenance queue (where the evaluator sends its verdicts to Alertmanager) gets the
+Alertmanager credentials, and only when settings.alertmanager_url is set.
+*/}}
 {{- define "cm.env" -}}
+{{- $root := .root -}}
 - name: COLLAPSE_REDIS_URL
-  value: {{ include "cm.redisUrl" . | quote }}
-{{- $pw := include "cm.redisPasswordSecret" . }}
+  value: {{ include "cm.redisUrl" $root | quote }}
+{{- $pw := include "cm.redisPasswordSecret" $root }}
 {{- if $pw }}
 - name: COLLAPSE_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ $pw }}
-      key: {{ include "cm.redisPasswordKey" . }}
+      key: {{ include "cm.redisPasswordKey" $root }}
 {{- end }}
-{{- $ext := .Values.redis.external }}
-{{- if eq (include "cm.storeMode" .) "cluster" }}
+{{- $ext := $root.Values.redis.external }}
+{{- if eq (include "cm.storeMode" $root) "cluster" }}
 - name: COLLAPSE_REDIS_CLUSTER
   value: "true"
-{{- else if eq (include "cm.storeMode" .) "sentinel" }}
+{{- else if eq (include "cm.storeMode" $root) "sentinel" }}
 - name: COLLAPSE_REDIS_SENTINELS
   value: {{ join "," $ext.sentinel.addresses | quote }}
 - name: COLLAPSE_REDIS_SENTINEL_MASTER
   value: {{ $ext.sentinel.masterName | quote }}
 {{- end }}
-{{- with include "cm.sentinelPasswordSecret" . }}
+{{- with include "cm.sentinelPasswordSecret" $root }}
 - name: COLLAPSE_REDIS_SENTINEL_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ . }}
       key: {{ $ext.sentinel.passwordKey }}
 {{- end }}
-{{- with .Values.broker.url }}
+{{- with $root.Values.broker.url }}
 - name: COLLAPSE_BROKER_URL
   value: {{ . | quote }}
 {{- end }}
-{{- with .Values.broker.sentinelMaster }}
+{{- with $root.Values.broker.sentinelMaster }}
 - name: COLLAPSE_BROKER_SENTINEL_MASTER
   value: {{ . | quote }}
 {{- end }}
-{{- if and .Values.broker.url .Values.broker.existingSecret }}
+{{- if and $root.Values.broker.url $root.Values.broker.existingSecret }}
 - name: COLLAPSE_BROKER_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.broker.existingSecret }}
-      key: {{ .Values.broker.passwordKey }}
+      name: {{ $root.Values.broker.existingSecret }}
+      key: {{ $root.Values.broker.passwordKey }}
 {{- end }}
+{{- if .apiToken }}
 - name: COLLAPSE_API_TOKEN
   valueFrom:
     secretKeyRef:
-      name: {{ include "cm.secretName" . }}
+      name: {{ include "cm.secretName" $root }}
       key: api-token
+{{- end }}
+{{- if .alertmanager }}
 - name: COLLAPSE_ALERTMANAGER_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ include "cm.secretName" . }}
+      name: {{ include "cm.secretName" $root }}
       key: alertmanager-password
       optional: true
 - name: COLLAPSE_ALERTMANAGER_TOKEN
   valueFrom:
     secretKeyRef:
-      name: {{ include "cm.secretName" . }}
+      name: {{ include "cm.secretName" $root }}
       key: alertmanager-token
       optional: true
+{{- end }}
 - name: HOME
   value: /home/app
 - name: HF_HOME
@@ -245,6 +256,13 @@ checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha
   value: "1"
 - name: PYTHONUNBUFFERED
   value: "1"
+{{- end -}}
+
+{{/* Whether a component with these queues sends alerts itself: dict "root" $ "queues" str. */}}
+{{- define "cm.sendsAlerts" -}}
+{{- if and .root.Values.settings.alertmanager_url (has "maintenance" (splitList "," (toString (.queues | default "")))) -}}
+true
+{{- end -}}
 {{- end -}}
 
 {{/* Volumes of every collapse-monitor pod: dict "root" $ "models" bool. */}}
@@ -311,4 +329,39 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/*
+Bytes in a Kubernetes memory quantity ("2Gi", "512Mi", "2G", "1500000000"), as an integer.
+*/}}
+{{- define "cm.quantityBytes" -}}
+{{- $q := toString . -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
+{{- $suffix := trimPrefix $number $q -}}
+{{- $factors := dict "" 1.0 "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 -}}
+{{- if or (not $number) (not (hasKey $factors $suffix)) -}}
+{{- fail (printf "not a memory quantity: %q" $q) -}}
+{{- end -}}
+{{- mulf (float64 $number) (get $factors $suffix) | floor | int64 -}}
+{{- end -}}
+
+{{/*
+maxmemory of the chart's Redis: redis.maxmemory when set, else redis.maxmemoryPercent of the
+container's memory limit. Without it Redis grows until the kernel's OOM killer ends it at the
+limit (losing whatever the AOF had not yet written); with it Redis refuses writes instead
+(noeviction) and the pipeline retries them. The margin covers the fork of AOF rewrites and
+RDB saves, and the replication and client buffers that maxmemory does not count.
+*/}}
+{{- define "cm.redisMaxmemory" -}}
+{{- $r := .Values.redis -}}
+{{- if $r.maxmemory -}}
+{{- $r.maxmemory -}}
+{{- else -}}
+{{- $limit := (($r.resources | default dict).limits | default dict).memory -}}
+{{- if not $limit -}}
+{{- fail "redis.resources.limits.memory is required to derive Redis's maxmemory (or set redis.maxmemory): without a bound Redis is killed by the kernel instead of refusing writes" -}}
+{{- end -}}
+{{- $bytes := include "cm.quantityBytes" $limit | float64 -}}
+{{- divf (mulf $bytes (float64 $r.maxmemoryPercent)) 100.0 | floor | int64 -}}
+{{- end -}}
 {{- end -}}

@@ -85,7 +85,8 @@ spec:
             - configMapRef:
                 name: {{ include "cm.fullname" $root }}-settings
           env:
-            {{- include "cm.env" $root | nindent 12 }}
+            {{- $alerts := include "cm.sendsAlerts" (dict "root" $root "queues" $v.queues) }}
+            {{- include "cm.env" (dict "root" $root "apiToken" (eq .component "api") "alertmanager" (eq $alerts "true")) | nindent 12 }}
             {{- with $v.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
