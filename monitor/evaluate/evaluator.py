@@ -12,22 +12,27 @@ from monitor.evaluate.custom import discover, run_custom
 from monitor.evaluate.heads import Head, load_head
 from monitor.evaluate.snapshot import Snapshot, TopDrift
 from monitor.metrics import MetricReport, compute_metrics
+from monitor.metrics.baseline import BaselineSummary
 from monitor.metrics.drift import BucketSums, compute_drift
 from monitor.pipeline.baselines import decode_calibration, load_baseline
 from monitor.pipeline.reference import encode_reference
 from monitor.pipeline.runtime import Runtime
-from monitor.pipeline.windows import window_stats
+from monitor.pipeline.windows import state_rows, window_stats
 from monitor.stats import CollapseStats
-from monitor.store.base import REFERENCE_STATE
+from monitor.store.base import REFERENCE_STATE, baseline_state
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class _Baseline:
+    """A baseline as the evaluator keeps it: metrics and a summary, not its K x d class sums
+    (those are streamed from the store when drift compares class means)."""
+
     name: str
     meta: dict[str, object]
-    stats: CollapseStats
+    state: str
+    summary: BaselineSummary
     metrics: dict[str, float | int | None]
     buckets: list[BucketSums]
 
@@ -105,9 +110,11 @@ class Evaluator:
         top: list[TopDrift] = []
         base_doc = None
         if baseline is not None:
+            store = self.runtime.store
             drift = compute_drift(
                 stats,
-                baseline.stats,
+                baseline.summary,
+                base_rows=lambda: state_rows(store, model, baseline.state),
                 window_metrics=metrics,
                 base_metrics=baseline.metrics,
                 base_buckets=baseline.buckets,
@@ -131,7 +138,7 @@ class Evaluator:
             base_doc = {
                 "name": baseline.name,
                 "created": baseline.meta.get("created"),
-                "sample_count": baseline.stats.sample_count,
+                "sample_count": baseline.summary.sample_count,
                 "source": baseline.meta.get("source"),
             }
         snapshot = replace(
@@ -169,11 +176,15 @@ class Evaluator:
         key = (name, pinned[name].get("created"))
         cached = self._baselines.get(model)
         if cached is None or cached[0] != key:
+            self._baselines.pop(model, None)  # the old one's memory goes before the new loads
             stats, meta = load_baseline(store, registry, model, name)
             found = store.baseline(model, name)
             buckets = decode_calibration(found.calibration if found else None)
             metrics = dict(self._metrics(stats, head).as_dict())
-            cached = (key, _Baseline(name, meta, stats, metrics, buckets))
+            summary = BaselineSummary.of(stats)
+            del stats  # only the summary stays: O(K + d), not K x d
+            state = found.state if found else baseline_state(name)
+            cached = (key, _Baseline(name, meta, state, summary, metrics, buckets))
             self._baselines[model] = cached
         return cached[1]
 

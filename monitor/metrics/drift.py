@@ -57,13 +57,18 @@ Assumptions and limits of the threshold: see `monitor.metrics.mmd`. A limit of t
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from monitor.errors import IncompatibleStats
+from monitor.metrics.baseline import (
+    BaselineSummary,
+    ClassRows,
+    common_classes_streamed,
+    mean_shift,
+)
 from monitor.metrics.mmd import BucketSums, bucket_sums, mmd_threshold, mmd_unbiased
 from monitor.metrics.report import finite_or_none
 from monitor.metrics.rows import row_ranges, tile_rows
@@ -212,39 +217,7 @@ def _class_mean_cos(common: _Common) -> float | None:
     return float((w * dist).sum() / w.sum())
 
 
-def _total_trace(stats: CollapseStats) -> float:
-    """Tr Sigma_T over all samples (within + between, to avoid cancelling ||mu||^2).
-
-    Per class terms a tile at a time (the whole-matrix expression made three K x d
-    temporaries), then summed over classes in one reduction each, as before.
-    """
-    counts = stats.counts.to(_F64)
-    n = float(counts.sum())
-    sums, sq = stats.sums, stats.sq_norms
-    mu = sums.sum(dim=0) / n
-    within = torch.empty_like(counts)
-    between = torch.empty_like(counts)
-    for start, stop in row_ranges(int(counts.numel()), tile_rows(stats.dim)):
-        s, c = sums[start:stop], counts[start:stop]
-        within[start:stop] = (sq[start:stop] - (s * s).sum(dim=1) / c).clamp_min(0.0)
-        between[start:stop] = c * ((s / c.unsqueeze(1) - mu) ** 2).sum(dim=1)
-    return float((within.sum() + between.sum()) / n)
-
-
-def _mean_shift(window: CollapseStats, base: CollapseStats) -> float | None:
-    n_w = int(window.counts.sum()) if window.touched_classes else 0
-    n_b = int(base.counts.sum()) if base.touched_classes else 0
-    if n_w == 0 or n_b == 0:
-        return None
-    trace = _total_trace(base)
-    if not trace > 0:
-        return None
-    mu_w = window.total_sum / n_w
-    mu_b = base.total_sum.to(window.device) / n_b
-    return float((mu_w - mu_b).norm()) / math.sqrt(trace)
-
-
-def _label_js(window: CollapseStats, base: CollapseStats) -> float | None:
+def _label_js(window: CollapseStats, base: CollapseStats | BaselineSummary) -> float | None:
     """Jensen-Shannon divergence in bits between n_c/N of window and base, over the union."""
     dev = window.device
     n_w = float(window.counts.sum()) if window.touched_classes else 0.0
@@ -274,7 +247,7 @@ def _ratio(window: MetricValues | None, base: MetricValues | None, key: str) -> 
     return finite_or_none(float(num) / float(den))
 
 
-def _check(window: CollapseStats, base: CollapseStats) -> None:
+def _check(window: CollapseStats, base: CollapseStats | BaselineSummary) -> None:
     if window.num_classes != base.num_classes or window.dim != base.dim:
         raise IncompatibleStats(
             f"cannot compare statistics of (num_classes, dim) ({window.num_classes}, "
@@ -282,19 +255,21 @@ def _check(window: CollapseStats, base: CollapseStats) -> None:
         )
 
 
-def _mmd(window: CollapseStats, base: CollapseStats) -> float | None:
+def _mmd(window: CollapseStats, base: BaselineSummary) -> float | None:
     if window.rff_sum is None or base.rff_sum is None or window.rff != base.rff:
         return None
     if window.sample_count < 2 or base.sample_count < 2:
         return None
-    return finite_or_none(mmd_unbiased(bucket_sums(window), bucket_sums(base)))
+    base_sums = BucketSums(base.sample_count, base.rff_sum.to(_F64), base.rff_sq)
+    return finite_or_none(mmd_unbiased(bucket_sums(window), base_sums))
 
 
 # --------------------------------------------------------------------------- entry point
 def compute_drift(
     window: CollapseStats,
-    base: CollapseStats,
+    base: CollapseStats | BaselineSummary,
     *,
+    base_rows: Callable[[], Iterable[ClassRows]] | None = None,
     window_metrics: MetricValues | None = None,
     base_metrics: MetricValues | None = None,
     base_buckets: Sequence[BucketSums] | None = None,
@@ -305,24 +280,32 @@ def compute_drift(
     """Every drift metric of `window` against `base` (see the module docstring).
 
     `window_metrics`/`base_metrics` are `MetricReport.as_dict()` of each, for the ratios;
-    `base_buckets` are the baseline's per-bucket RFF sums, for the MMD threshold. Raises
-    IncompatibleStats when vocabulary size or dimension differ.
+    `base_buckets` are the baseline's per-bucket RFF sums, for the MMD threshold. `base` may be
+    a `BaselineSummary` (no class sums held): then `base_rows()` streams its class rows for the
+    one per-class comparison. Raises IncompatibleStats when vocabulary size or dimension differ.
     """
     _check(window, base)
     if min_count < 1:
         raise ValueError(f"min_count must be at least 1, got {min_count}")
-    mmd = _mmd(window, base)
+    if isinstance(base, CollapseStats):
+        common = _common_classes(window, base, min_count)
+        summary = BaselineSummary.of(base)
+    elif base_rows is None:
+        raise ValueError("a BaselineSummary needs base_rows, the stream of its class rows")
+    else:
+        common = common_classes_streamed(window, base_rows(), min_count)
+        summary = base
+    mmd = _mmd(window, summary)
     threshold = None
     if mmd is not None and base_buckets and base.rff is not None:
         usable = [b for b in base_buckets if b.rff_sum.numel() == base.rff.features]
         if len(usable) == len(base_buckets):
             threshold = mmd_threshold(usable, window.sample_count, base.sample_count, quantile)
     ratios = {f"drift_{k}_ratio": _ratio(window_metrics, base_metrics, k) for k in RATIO_KEYS}
-    common = _common_classes(window, base, min_count)
     return DriftReport(
         drift_mmd=mmd,
         drift_mmd_threshold=finite_or_none(threshold),
-        drift_mean_shift=finite_or_none(_mean_shift(window, base)),
+        drift_mean_shift=finite_or_none(mean_shift(window, summary)),
         drift_class_mean_cos=finite_or_none(_class_mean_cos(common)),
         drift_label_js=finite_or_none(_label_js(window, base)),
         drift_nc1_cdnv_ratio=ratios["drift_nc1_cdnv_ratio"],

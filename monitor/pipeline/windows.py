@@ -8,15 +8,18 @@ preallocated `CollapseStats` (docs/architecture.md, "Windows").
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from monitor.stats import CollapseStats
 from monitor.stats.fields import (
     GLOBAL_FIELD,
     Globals,
+    Rows,
     StatsAlgebra,
     StatsBuilder,
     decode_globals,
+    decode_rows,
 )
 from monitor.store.base import (
     CompactionResult,
@@ -61,6 +64,21 @@ def read_state(store: Store, model: str, state: str) -> CollapseStats | None:
         for chunk in store.scan_state(model, state):
             builder.add(chunk)
         return builder.finish()
+
+
+def state_rows(
+    store: Store, model: str, state: str, *, max_bytes: int = 32 * 2**20
+) -> Iterator[Rows]:
+    """The class rows of a stored state, chunk by chunk, under the state lock: for comparisons
+    that must not hold a second K x d matrix (drift against a large baseline)."""
+    with store.locked(model):
+        g = decode_globals(store.state_field(model, state, GLOBAL_FIELD))
+        if g is None:
+            return
+        for chunk in store.scan_state(model, state, max_bytes=max_bytes):
+            rows = decode_rows(chunk, g)
+            if rows is not None:
+                yield rows
 
 
 @dataclass(frozen=True)

@@ -310,6 +310,43 @@ def decode_globals(blob: bytes | None) -> Globals | None:
     return None if blob is None else Globals.decode(blob)
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Class rows of one chunk, decoded and checked (float64 sums, int64 counts)."""
+
+    class_ids: torch.Tensor
+    counts: torch.Tensor
+    sq_norms: torch.Tensor
+    sums: torch.Tensor
+
+
+def decode_rows(chunk: Iterable[tuple[bytes, bytes]], globals_: Globals) -> Rows | None:
+    """The class rows among `chunk`'s fields (others are skipped); None when there are none."""
+    dtype = _row_dtype(globals_.dim)
+    ids: list[int] = []
+    values: list[bytes] = []
+    for field, value in chunk:
+        if is_row(field):
+            ids.append(int(field))
+            values.append(value)
+    if not ids:
+        return None
+    if any(len(v) != dtype.itemsize for v in values):
+        raise IncompatibleStats("a class row of the wrong width")
+    rows = np.frombuffer(b"".join(values), dtype=dtype)
+    class_ids = torch.tensor(ids, dtype=torch.int64)
+    if int(class_ids.min()) < 0 or int(class_ids.max()) >= globals_.num_classes:
+        raise IncompatibleStats("a class row outside the vocabulary")
+    counts = torch.from_numpy(rows["n"].copy())
+    if int(counts.min()) < 1:
+        raise IncompatibleStats("a class row with no samples")
+    sums = torch.from_numpy(np.ascontiguousarray(rows["s"]))
+    sq = torch.from_numpy(rows["q"].copy())
+    if not (bool(torch.isfinite(sums).all()) and bool(torch.isfinite(sq).all())):
+        raise IncompatibleStats("non-finite values in class rows")
+    return Rows(class_ids, counts, sq, sums)
+
+
 class StatsBuilder:
     """Rebuilds `CollapseStats` from fields arriving in chunks (a store streams them).
 
@@ -324,36 +361,18 @@ class StatsBuilder:
             g.num_classes, g.dim, second_moment=g.second_moment, rff=g.rff, device=device
         )
         self.stats._reserve(min(max(rows, 0), g.num_classes))
-        self._dtype = _row_dtype(g.dim)
         self._step = block_rows(g.dim)
 
     def add(self, chunk: Iterable[tuple[bytes, bytes]]) -> None:
-        ids: list[int] = []
-        values: list[bytes] = []
-        for field, value in chunk:
-            if is_row(field):
-                ids.append(int(field))
-                values.append(value)
-            elif field.startswith(BLOCK_PREFIX):
+        items = list(chunk)
+        for field, value in items:
+            if field.startswith(BLOCK_PREFIX):
                 self._add_block(field, value)
-            elif field != GLOBAL_FIELD:
+            elif field != GLOBAL_FIELD and not is_row(field):
                 raise IncompatibleStats(f"unknown statistics field {field[:40]!r}")
-        if not ids:
-            return
-        if any(len(v) != self._dtype.itemsize for v in values):
-            raise IncompatibleStats("a class row of the wrong width")
-        rows = np.frombuffer(b"".join(values), dtype=self._dtype)
-        class_ids = torch.tensor(ids, dtype=torch.int64)
-        if int(class_ids.min()) < 0 or int(class_ids.max()) >= self.globals.num_classes:
-            raise IncompatibleStats("a class row outside the vocabulary")
-        counts = torch.from_numpy(rows["n"].copy())
-        if int(counts.min()) < 1:
-            raise IncompatibleStats("a class row with no samples")
-        sums = torch.from_numpy(np.ascontiguousarray(rows["s"]))
-        sq = torch.from_numpy(rows["q"].copy())
-        if not (bool(torch.isfinite(sums).all()) and bool(torch.isfinite(sq).all())):
-            raise IncompatibleStats("non-finite values in class rows")
-        self.stats._load_rows(class_ids, counts, sums, sq)
+        rows = decode_rows(items, self.globals)
+        if rows is not None:
+            self.stats._load_rows(rows.class_ids, rows.counts, rows.sums, rows.sq_norms)
 
     def _add_block(self, field: bytes, value: bytes) -> None:
         second = self.stats.second
