@@ -208,8 +208,8 @@ class Settings(BaseSettings):
     api_body_timeout: float = Field(
         30.0,
         gt=0,
-        description="Seconds the HTTP API waits for a whole request body; a slower upload gets "
-        "408 and its connection is closed.",
+        description="Seconds the HTTP API waits for a request's head (else the connection is "
+        "closed) and again for its whole body (else 408 and the connection is closed).",
     )
     api_max_inflight_bytes: int = Field(
         128 * 1024 * 1024,

@@ -1,4 +1,11 @@
-"""`MonitorClient`: how a Python producer (a gateway, the probe's sink) feeds the pipeline."""
+"""`MonitorClient`: how a Python producer (a gateway, the probe's sink) feeds the pipeline.
+
+Exactly once across failures rests on the batch id: it is fixed before the first send, every
+retry sends the same id, and the store's `seen` marker counts an id once. A send can fail after
+the broker stored the message (the answer was lost, or the socket timed out after the write),
+so a failed submission raises `SubmitError` carrying the ids: retry with
+`batch_id=err.batch_id` and whatever did arrive is not counted twice.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import redis
 import torch
+from kombu.exceptions import OperationalError
 
 from monitor.config import Settings
+from monitor.errors import CollapseMonitorError
 from monitor.pipeline.celery_app import TASK_EMBED, TASK_INGEST, create_app
 from monitor.pipeline.payload import SCHEMA_VERSION, encode_batch
 from monitor.pipeline.runtime import Runtime, get_runtime
@@ -19,6 +29,21 @@ if TYPE_CHECKING:
 
 
 _FLOAT16_MAX = 6.0e4
+SEND_TIMEOUT = 10.0  # seconds a broker socket may stay silent before a send fails
+# What a send to an unreachable or silent broker raises (after Celery's own retries).
+UNSENT = (OperationalError, redis.RedisError, OSError)
+
+
+class SubmitError(CollapseMonitorError):
+    """A submission's send failed after Celery's retries; part of it may have arrived.
+
+    `batch_id` is the submission's id: pass it back as `batch_id=` to retry safely. `batch_ids`
+    are the ids of its batches (one per `max_batch_samples` rows or `texts_per_task` texts).
+    """
+
+    def __init__(self, message: str, batch_id: str, batch_ids: list[str]) -> None:
+        super().__init__(message)
+        self.batch_id, self.batch_ids = batch_id, batch_ids
 
 
 def _numpy(a: Any) -> np.ndarray:
@@ -31,16 +56,45 @@ class MonitorClient:
     """Sends batches to the Celery queues (or runs them in-process in embedded mode).
 
     Large submissions are split into batches of at most `max_batch_samples` rows, each with a
-    batch id derived from the caller's, so a retried submission is still counted once.
+    batch id derived from the caller's, so a retried submission is still counted once. Without a
+    caller's id one is generated before the first send and returned (or carried by
+    `SubmitError`). A broker that stops answering fails a send after `send_timeout` seconds per
+    try (Celery retries a few times with the same message) instead of hanging the producer.
     """
 
-    def __init__(self, settings: Settings | None = None, runtime: Runtime | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        runtime: Runtime | None = None,
+        *,
+        send_timeout: float = SEND_TIMEOUT,
+    ) -> None:
         self.settings = settings if settings is not None else Settings()
         # Embedded mode runs the work in this process on its runtime; otherwise Celery.
         self.runtime = (
             runtime if runtime is not None else (get_runtime() if self.settings.embedded else None)
         )
         self.app = None if self.settings.embedded else create_app(self.settings)
+        if self.app is not None:
+            self.app.conf.broker_transport_options = {
+                **(self.app.conf.broker_transport_options or {}),
+                "socket_timeout": send_timeout,
+            }
+
+    def _send_all(self, task: str, base: str, parts: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        """Send every part in order; on failure `SubmitError` names the ids to retry with."""
+        ids = [part for part, _ in parts]
+        for part, payload in parts:
+            try:
+                self._send(task, payload)
+            except UNSENT as exc:
+                raise SubmitError(
+                    f"batch {part} not confirmed by the broker ({type(exc).__name__}); it may "
+                    f"still arrive: retry with batch_id={base!r} (counted once)",
+                    base,
+                    ids,
+                ) from exc
+        return ids
 
     def _send(self, task: str, payload: dict[str, Any]) -> None:
         if self.app is not None:
@@ -76,7 +130,7 @@ class MonitorClient:
             x = x.astype(np.float16)
         base = batch_id or uuid.uuid4().hex
         step = self.settings.max_batch_samples
-        ids: list[str] = []
+        parts: list[tuple[str, dict[str, Any]]] = []
         for i, start in enumerate(range(0, max(len(y), 1), step)):
             part = base if len(y) <= step else f"{base}.{i}"
             payload = encode_batch(
@@ -87,9 +141,8 @@ class MonitorClient:
                 ts=ts,
                 nc4=nc4 if i == 0 else None,
             )
-            self._send(TASK_INGEST, payload)
-            ids.append(part)
-        return ids
+            parts.append((part, payload))
+        return self._send_all(TASK_INGEST, base, parts)
 
     def submit_texts(
         self,
@@ -107,7 +160,7 @@ class MonitorClient:
         key, items = ("texts", list(texts)) if texts is not None else ("token_ids", token_ids)
         assert items is not None
         base = batch_id or uuid.uuid4().hex
-        ids: list[str] = []
+        parts: list[tuple[str, dict[str, Any]]] = []
         for i, start in enumerate(range(0, len(items), texts_per_task)):
             part = base if len(items) <= texts_per_task else f"{base}.{i}"
             payload: dict[str, Any] = {"v": SCHEMA_VERSION, "model": model, "batch_id": part}
@@ -116,9 +169,8 @@ class MonitorClient:
             payload[key] = [
                 list(s) if key == "token_ids" else s for s in items[start : start + texts_per_task]
             ]
-            self._send(TASK_EMBED, payload)
-            ids.append(part)
-        return ids
+            parts.append((part, payload))
+        return self._send_all(TASK_EMBED, base, parts)
 
 
 class PipelineSink:

@@ -55,6 +55,8 @@ def make_settings(**overrides: Any) -> Settings:
         "models": MODELS,
         "max_payload_bytes": LIMIT,
         "max_batch_samples": 64,
+        "api_client_rate": 0,  # the rate bound has its own tests; the fuzzers send many
+        "api_max_text_tokens": 4096,  # under the body limit, so the bound itself is reached
     }
     values.update(overrides)
     return Settings(**values)
@@ -127,6 +129,7 @@ def test_good_batch_lands_as_one_partial_with_exact_stats(
         response = client.post(URL, content=packed, headers={"content-type": "application/msgpack"})
     assert response.status_code == 202, response.text
     assert response.json() == {"batch_id": "b-1", "samples": 6, "queued": True}
+    assert response.headers["x-batch-id"] == "b-1"
     assert runtime.store.pending_count("m") == 1
     expected = CollapseStats(50, 8)
     expected.update(x, y)
@@ -155,8 +158,10 @@ def test_repeated_batch_id_is_counted_once(client: TestClient, runtime: Runtime)
 
 def test_generated_batch_ids_differ(client: TestClient) -> None:
     x, y = arrays()
-    ids = {client.post(URL, json=body(x, y)).json()["batch_id"] for _ in range(2)}
+    responses = [client.post(URL, json=body(x, y)) for _ in range(2)]
+    ids = {r.json()["batch_id"] for r in responses}
     assert len(ids) == 2
+    assert {r.headers["x-batch-id"] for r in responses} == ids
 
 
 # ------------------------------------------------------------------------ refused
@@ -199,6 +204,11 @@ BAD_JSON: list[tuple[str, Any, int, str, int]] = [
     ("too_many", body(*arrays(n=65)), 413, "oversized_batch", 64),
     ("texts_features_only", {"texts": ["hello"]}, 400, "no_checkpoint", 1),
     ("empty_texts", {"texts": []}, 400, "empty_batch", 1),
+    ("lone_surrogate", {"texts": ["ok", "\ud800"]}, 400, "invalid_text", 2),
+    ("surrogate_batch_id", _with(batch_id="\udfff"), 400, "invalid_batch_id", 6),
+    ("too_many_texts", {"texts": ["a"] * 257}, 413, "too_many_texts", 64),
+    ("too_many_text_bytes", {"texts": ["\u00e9" * 2049]}, 413, "too_many_tokens", 1),
+    ("too_many_token_ids", {"token_ids": [[1] * 2100] * 2}, 413, "too_many_tokens", 2),
 ]
 
 
@@ -306,7 +316,9 @@ def test_missing_or_wrong_token_is_401(
     assert response.status_code == 401
     assert error_of(response) == "unauthorized"
     assert response.headers["www-authenticate"].startswith("Bearer")
-    assert rt.store.counters("m")["rejected:unauthorized"] == 1
+    # Counted, but under no model: a client without the token cannot move a model's series.
+    assert rt.store.counters("_unknown")["rejected:unauthorized"] == 1
+    assert rt.store.counters("m") == {}
 
 
 def test_unreachable_broker_answers_503_quickly(remote: tuple[FastAPI, Runtime]) -> None:
@@ -316,8 +328,15 @@ def test_unreachable_broker_answers_503_quickly(remote: tuple[FastAPI, Runtime])
     response = TestClient(api).post(URL, json=body(x, y), headers=AUTH)
     assert time.monotonic() - started < 5.0
     assert response.status_code == 503
-    assert error_of(response) == "broker_unavailable"
+    assert response.headers["retry-after"] == "5"
+    document = response.json()
+    assert document["error"]["reason"] == "broker_unavailable"
+    # The id the API fixed before sending: the send may still land, the retry must reuse it.
+    assert document["batch_id"] == response.headers["x-batch-id"]
+    assert len(document["batch_id"]) == 32
     assert rt.store.counters("m")["rejected:broker_unavailable"] == 1
+    given = TestClient(api).post(URL, json=body(x, y, batch_id="mine-1"), headers=AUTH)
+    assert (given.status_code, given.json()["batch_id"]) == (503, "mine-1")
 
 
 def test_queue_mode_enqueues_binary_payloads(remote: tuple[FastAPI, Runtime]) -> None:
