@@ -64,9 +64,7 @@ class Evaluator:
             if snapshot.ok and stats is not None and not reference_done:
                 # The shortest window with data gives the means NC4 is counted against.
                 kept = stats.classes(min_count=settings.min_count)
-                store.write_state(
-                    model, REFERENCE_STATE, encode_reference(kept.class_ids, kept.sums, kept.counts)
-                )
+                store.write_state(model, REFERENCE_STATE, encode_reference(kept, stats.dim))
                 reference_done = True
         store.meta_setdefault(model, "first_evaluation", repr(now))
         return snapshots

@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from monitor.stats import ClassStatistics
 from monitor.store.base import REFERENCE_STATE, Store
 
 _REFRESH_SECONDS = 60.0
@@ -22,18 +23,16 @@ _lock = threading.Lock()
 _CHUNK_BYTES = 32 * 2**20  # one field of means stays far below the 64 MB value limit
 
 
-def encode_reference(
-    class_ids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor
-) -> Iterator[dict[bytes, bytes]]:
+def encode_reference(kept: ClassStatistics, dim: int) -> Iterator[dict[bytes, bytes]]:
     """The reference as fields `<j>`: safetensors blocks of class ids and their means, each
     under 32 MB, so a reference of 128k classes at d = 4,096 (4.2 GB) is stored split. The
     means are computed block by block from the sums, never as a whole second K x d matrix."""
-    ids = class_ids.to("cpu", torch.int64)
-    rows = max(1, _CHUNK_BYTES // (8 * max(int(sums.shape[1]), 1)))
-    for j, start in enumerate(range(0, max(int(ids.numel()), 1), rows)):
-        part = slice(start, start + rows)
-        means = sums[part].to("cpu", torch.float64) / counts[part].to("cpu", torch.float64)[:, None]
-        block = {"class_ids": ids[part].contiguous(), "means": means.contiguous()}
+    ids = kept.class_ids.to("cpu", torch.int64)
+    rows = max(1, _CHUNK_BYTES // (8 * max(dim, 1)))
+    for j, start in enumerate(range(0, int(ids.numel()), rows)):
+        stop = min(start + rows, int(ids.numel()))
+        means = kept.mean_tile(start, stop).to("cpu", torch.float64)
+        block = {"class_ids": ids[start:stop].contiguous(), "means": means.contiguous()}
         yield {str(j).encode(): save(block)}
 
 
