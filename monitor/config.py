@@ -171,6 +171,31 @@ class Settings(BaseSettings):
         "requeues the rest and exits (Celery's soft shutdown: it waits the whole time; keep it "
         "below the pod's terminationGracePeriodSeconds).",
     )
+    task_max_retries: int = Field(
+        10,
+        ge=0,
+        description="Retries of an ingest or embed task that failed on infrastructure (Redis "
+        "out of memory, connection lost, timeout) before it is dead-lettered.",
+    )
+    task_retry_backoff: float = Field(
+        1.0, gt=0, description="Seconds before the first such retry; doubled on each next one."
+    )
+    task_retry_backoff_max: float = Field(
+        120.0,
+        gt=0,
+        description="Longest wait between retries (at most half of task_visibility_timeout).",
+    )
+    dead_letter_limit: int = Field(
+        1000,
+        ge=1,
+        description="Dead letters kept on the broker (list `<redis_key_prefix>:dead_letters`, "
+        "newest first); older ones are trimmed, their counters stay.",
+    )
+    dead_letter_body_bytes: int = Field(
+        65536,
+        ge=256,
+        description="Bytes of a dead letter's message kept for inspection (the rest is cut).",
+    )
     compaction_interval: float = Field(
         30.0, gt=0, description="Seconds between compaction runs of beat."
     )
