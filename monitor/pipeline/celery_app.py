@@ -7,6 +7,12 @@ work, no result backend (results are not used; nothing large travels back).
 
 The broker is `broker_url` or the store's Redis, standalone or behind Sentinel (kombu's
 `sentinel://` transport); never a Redis Cluster, which Celery's Redis transport cannot use.
+
+Nothing the broker hands over ends the worker: its transport and consumer are the guarded ones
+of `monitor.pipeline.broker` (a poison message is dead-lettered and the worker goes on), and a
+broker that answers with an error (out of memory: every command of a MULTI is refused)
+reconnects with backoff like a lost connection instead of stopping the worker
+(`broker_channel_error_retry`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
+from kombu.transport import TRANSPORT_ALIASES
 from pydantic import SecretStr
 
 from monitor.config import NO_CLUSTER_BROKER, Settings
@@ -82,10 +89,28 @@ def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
     return {"master_name": master, "sentinel_kwargs": sentinel_kwargs}
 
 
+GUARDED_TRANSPORTS = {
+    "redis": "monitor.pipeline.broker:GuardedRedisTransport",
+    "rediss": "monitor.pipeline.broker:GuardedRedisTransport",
+    "sentinel": "monitor.pipeline.broker:GuardedSentinelTransport",
+}
+
+
+def use_guarded_transports() -> None:
+    """Resolve the redis://, rediss:// and sentinel:// schemes to the guarded transports.
+
+    Through kombu's scheme table rather than Celery's `broker_transport`, which would name the
+    class in every log line and banner where the broker URL (`redis://...`) belongs.
+    """
+    TRANSPORT_ALIASES.update(GUARDED_TRANSPORTS)
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     ssl_options = broker_ssl_options(settings)
     config: dict[str, Any] = {
         "broker_url": broker_url(settings),
+        "worker_consumer": "monitor.pipeline.broker:GuardedConsumer",
+        "broker_channel_error_retry": True,
         "result_backend": None,
         "task_ignore_result": True,
         "task_serializer": "msgpack",
@@ -94,7 +119,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "event_serializer": "json",
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "task_acks_on_failure_or_timeout": True,  # bad input is counted once, not redelivered
+        # Bad input is counted once, not redelivered. Infrastructure failures never reach
+        # Celery's failure path: the tasks retry them or dead-letter them (pipeline.tasks).
+        "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
         # With SIGTERM remapped to a cold shutdown (the `worker` command does), this is a
@@ -137,6 +164,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings if settings is not None else Settings()
+    use_guarded_transports()
     app = Celery("collapse_monitor", include=["monitor.pipeline.tasks", "monitor.evaluate.tasks"])
     app.conf.update(celery_config(settings))
     return app
