@@ -31,23 +31,44 @@ def process_evaluator() -> Evaluator:
 
 @app.task(name=TASK_EVALUATE)  # type: ignore[untyped-decorator]
 def evaluate() -> dict[str, int]:
-    """Evaluate every declared model (one model's failure does not stop the others), then
-    send the verdicts to Alertmanager when a direct URL is configured."""
+    """Evaluate every declared model, then send the verdicts to Alertmanager when a direct URL
+    is configured.
+
+    Each model on its own: whatever one model's evaluation raises (a refused store read, a
+    corrupted state, a bug in a custom metric) is logged and counted
+    (`evaluation_failures`), and the next model is evaluated all the same.
+    """
     evaluator = process_evaluator()
+    runtime = evaluator.runtime
     snapshots: list[Snapshot] = []
-    for model in evaluator.runtime.registry.names:
-        if not claim_evaluation(evaluator.runtime, model):
-            log.info("evaluation of %s skipped: already done in this interval", model)
-            continue
+    failed = 0
+    for model in runtime.registry.names:
         try:
+            if not claim_evaluation(runtime, model):
+                log.info("evaluation of %s skipped: already done in this interval", model)
+                continue
             snapshots += evaluator.evaluate_model(model)
         except CollapseMonitorError as exc:
+            failed += 1
             log.warning("evaluation of %s failed: %s", model, exc)
+            count_failure(runtime, model)
+        except Exception:
+            failed += 1
+            log.exception("evaluation of %s failed; the other models go on", model)
+            count_failure(runtime, model)
     alerts = process_alerts()
     if alerts is not None:
         tracker, client = alerts
         client.update(tracker.firing(snapshots))
-    return {"snapshots": len(snapshots)}
+    return {"snapshots": len(snapshots), "failed": failed}
+
+
+def count_failure(runtime: Runtime, model: str) -> None:
+    """Count one failed evaluation of `model`, best effort: the store may be what failed."""
+    try:
+        runtime.store.add_counters(model, {"evaluation_failures": 1})
+    except Exception as exc:
+        log.warning("evaluation failure of %s not counted: %s", model, exc)
 
 
 def claim_evaluation(runtime: Runtime, model: str, now: float | None = None) -> bool:

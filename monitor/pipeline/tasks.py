@@ -14,6 +14,9 @@ What happens to a batch task (`collapse.ingest_features`, `collapse.embed_texts`
 Nothing is acknowledged without one of these records. When even the record cannot be written
 (the store refuses the count, the broker refuses the retry), the message stays with the broker
 and comes back: retried after the longest backoff, or redelivered after the visibility timeout.
+
+Maintenance loops over models; one model's failure is logged and counted
+(`compaction_failures`) and never stops the others.
 """
 
 from __future__ import annotations
@@ -248,11 +251,28 @@ def embed_texts(payload: dict[str, Any], uncounted: object = None) -> dict[str, 
 
 @app.task(name=TASK_COMPACT)  # type: ignore[untyped-decorator]
 def compact() -> dict[str, int]:
-    """Merge pending partials into buckets and windows, slide the windows, drop old buckets."""
+    """Merge pending partials into buckets and windows, slide the windows, drop old buckets.
+
+    Each model on its own: a model whose compaction or maintenance raises is logged and
+    counted (`compaction_failures`), and the next model is compacted all the same.
+    """
     runtime = get_runtime()
-    merged = 0
+    merged = failed = 0
     with _compact_lock:
         for model in runtime.store.models():
-            merged += compact_model(runtime.store, model).partials
-            maintain_model(runtime.store, model, time.time())
-    return {"partials": merged}
+            try:
+                merged += compact_model(runtime.store, model).partials
+                maintain_model(runtime.store, model, time.time())
+            except Exception:
+                failed += 1
+                log.exception("compaction of %s failed; the other models go on", model)
+                _count_failure(runtime, model, "compaction_failures")
+    return {"partials": merged, "failed": failed}
+
+
+def _count_failure(runtime: Runtime, model: str, counter: str) -> None:
+    """Count a maintenance failure of `model`, best effort (the store may be what failed)."""
+    try:
+        runtime.store.add_counters(model, {counter: 1})
+    except Exception as exc:
+        log.warning("%s of %s not counted: %s", counter, model, exc)

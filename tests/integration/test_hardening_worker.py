@@ -25,7 +25,7 @@ from servers import RedisServer, service_env, start_worker, stop_process, wait_f
 from test_pipeline_redis import MODELS, assert_same_stats, batches, reference
 
 from monitor.config import Settings
-from monitor.pipeline.celery_app import TASK_INGEST
+from monitor.pipeline.celery_app import TASK_COMPACT, TASK_EVALUATE, TASK_INGEST, create_app
 from monitor.pipeline.client import MonitorClient
 from monitor.pipeline.deadletter import read_dead_letters
 from monitor.pipeline.runtime import Runtime
@@ -379,6 +379,63 @@ def test_a_failure_that_persists_is_dead_lettered_once_and_counted(
     assert runtime.store.counters("m").get("dead_letters:retries_exhausted") == 2
     assert broker.llen("ingest") == 0
     assert broker.hlen("unacked") == 0
+    _assert_never_crashed(worker, log)
+
+
+# --------------------------------------------------------------- isolation between models
+ISOLATED = [
+    {"name": "a-bad", "vocab_size": 300, "dim": 16, "second_moment": True},
+    {"name": "b-good", "vocab_size": 300, "dim": 16, "second_moment": True},
+]
+
+
+def test_one_models_failing_maintenance_never_blocks_another(
+    redis_server: RedisServer, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Model a-bad's window table is corrupted (a string where a hash belongs), so its
+    compaction and evaluation raise; b-good, after it in both loops, is compacted and
+    evaluated all the same, and a-bad's failures are counted."""
+    env = service_env(redis_server.url, json.dumps(ISOLATED))
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, log, queues="ingest,maintenance")
+    processes.append(worker)
+    wait_for(lambda: _ready(log), 60, "celery worker")
+    settings = Settings(redis_url=redis_server.url, models=ISOLATED)  # type: ignore[arg-type]
+    runtime, client = Runtime(settings), MonitorClient(settings)
+    data = batches(4, 50, seed=14)
+    for i, (x, y) in enumerate(data):
+        client.submit_features("a-bad" if i % 2 else "b-good", x, y, batch_id=f"iso-{i}")
+    wait_for(
+        lambda: _ingested(runtime, "a-bad") == 2 and _ingested(runtime, "b-good") == 2,
+        30,
+        "both models ingested",
+    )
+    redis_server.client().set(runtime.store.keys("a-bad").windows, "corrupted")
+
+    app = create_app(settings)
+    app.send_task(TASK_COMPACT)
+    wait_for(lambda: runtime.store.pending_count("b-good") == 0, 30, "b-good compacted")
+    good = window_stats(runtime.store, "b-good", "1h", 3600).stats
+    assert good is not None
+    assert_same_stats(good, reference(data[0::2]))
+    wait_for(
+        lambda: runtime.store.counters("a-bad").get("compaction_failures", 0) >= 1,
+        10,
+        "a-bad's compaction failure counted",
+    )
+    assert runtime.store.pending_count("a-bad") == 2  # its partials wait, nothing lost
+
+    app.send_task(TASK_EVALUATE)
+    wait_for(lambda: runtime.store.snapshot("b-good", "1h") is not None, 60, "b-good evaluated")
+    wait_for(
+        lambda: runtime.store.counters("a-bad").get("evaluation_failures", 0) >= 1,
+        10,
+        "a-bad's evaluation failure counted",
+    )
+    assert runtime.store.snapshot("a-bad", "1h") is None
+    text = _log_text(log)
+    assert "compaction of a-bad failed; the other models go on" in text
+    assert "evaluation of a-bad failed" in text
     _assert_never_crashed(worker, log)
 
 
