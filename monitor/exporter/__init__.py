@@ -107,6 +107,15 @@ FAMILY_HELP: dict[str, str] = {
     "lost data (bad).",
     "samples_rejected": "Samples refused by reason (bad input, unknown model, limits); a "
     "rising rate is bad.",
+    "dead_letters": "Messages dead-lettered by reason (poison broker messages, retries "
+    "exhausted, task errors), kept on the broker list <prefix>:dead_letters; any increase is "
+    "bad.",
+    "ingest_failures": "Ingest or embed attempts that failed on infrastructure, by reason "
+    "(oom, connection, timeout, ...), each retried; a sustained rate is bad.",
+    "compaction_failures": "Compaction or window maintenance runs of the model that failed "
+    "(other models went on); a sustained rate is bad.",
+    "evaluation_failures": "Evaluations of the model that failed (other models went on); a "
+    "sustained rate is bad.",
     "pending_partials": "Per-batch partials waiting for compaction; growing = compaction falls "
     "behind (bad).",
     "compaction_lag_seconds": "Age of the oldest uncompacted partial (0 when none); rising = "
@@ -122,7 +131,17 @@ COUNTERS = (
     "samples_dropped",
     "partials_expired",
     "samples_rejected",
+    "dead_letters",
+    "ingest_failures",
+    "compaction_failures",
+    "evaluation_failures",
 )
+# Counters with a `reason` label: the counters-hash field prefix of each.
+REASON_COUNTERS = {
+    "samples_rejected": "rejected:",
+    "dead_letters": "dead_letters:",
+    "ingest_failures": "ingest_failures:",
+}
 # Names a custom metric key must not take: it would collide with a family defined here.
 RESERVED_NAMES: frozenset[str] = frozenset(
     {PREFIX + n for n in FAMILY_HELP}

@@ -31,7 +31,16 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisClusterException
 
 from monitor.config import Settings
-from monitor.exporter import COUNTERS, FAMILY_HELP, METRIC_HELP, PREFIX, RESERVED_NAMES, custom_help
+from monitor.exporter import (
+    COUNTERS,
+    FAMILY_HELP,
+    METRIC_HELP,
+    PREFIX,
+    REASON_COUNTERS,
+    RESERVED_NAMES,
+    custom_help,
+)
+from monitor.pipeline.deadletter import DEAD_LETTER_REASONS, FAILURE_REASONS
 from monitor.pipeline.ingest import UNKNOWN_MODEL
 from monitor.store.base import Store
 from monitor.store.keys import MODEL_NAME
@@ -294,34 +303,56 @@ def _add_top_drift(family: GaugeMetricFamily, labels: list[str], entries: object
         family.add_metric([*labels, token, str(class_id)], distance)
 
 
+# Reasons shown at 0 before the first one: Prometheus's increase() cannot see a series that is
+# born at 1, so an alert on "any increase" would miss the first dead letter.
+KNOWN_REASONS: dict[str, tuple[str, ...]] = {
+    "dead_letters": DEAD_LETTER_REASONS,
+    "ingest_failures": FAILURE_REASONS,
+}
+
+
 def _health_families(view: _StoreView) -> Iterator[Metric]:
-    counters = {name: _counter(name, ["model"]) for name in COUNTERS if name != "samples_rejected"}
-    rejected = _counter("samples_rejected", ["model", "reason"])
+    counters = {name: _counter(name, ["model"]) for name in COUNTERS if name not in REASON_COUNTERS}
+    by_reason = {name: _counter(name, ["model", "reason"]) for name in REASON_COUNTERS}
     pending = _gauge("pending_partials", ["model"])
     lag = _gauge("compaction_lag_seconds", ["model"])
     memory = _gauge("store_memory_bytes", ["model"])
     for model in view.models:
         for name, family in counters.items():
             family.add_metric([model.model], float(model.counters.get(name, 0)))
-        _add_rejected(rejected, model.model, model.counters)
+        for name, family in by_reason.items():
+            _add_by_reason(family, name, model.model, model.counters)
         pending.add_metric([model.model], float(model.pending))
         oldest = model.oldest_pending
         lag.add_metric([model.model], 0.0 if oldest is None else max(view.now - oldest, 0.0))
         if model.memory_bytes is not None:
             memory.add_metric([model.model], float(model.memory_bytes))
-    _add_rejected(rejected, UNKNOWN_MODEL, view.unknown_counters)
+    for name, family in by_reason.items():
+        _add_by_reason(family, name, UNKNOWN_MODEL, view.unknown_counters)
     queues = _gauge("queue_depth", ["queue"])
     for queue, depth in view.queues.items():
         queues.add_metric([queue], float(depth))
-    families: list[Metric] = [*counters.values(), rejected, pending, lag, memory, queues]
+    families: list[Metric] = [
+        *counters.values(),
+        *by_reason.values(),
+        pending,
+        lag,
+        memory,
+        queues,
+    ]
     yield from (f for f in families if f.samples)
 
 
-def _add_rejected(family: CounterMetricFamily, model: str, counters: dict[str, int]) -> None:
-    by_reason: dict[str, float] = {}
-    for name, value in sorted(counters.items()):
-        if name.startswith("rejected:"):
-            reason = label_text(name.removeprefix("rejected:"), LABEL_MAX_CHARS)
-            by_reason[reason] = by_reason.get(reason, 0.0) + float(value)
-    for reason, total in by_reason.items():
+def _add_by_reason(
+    family: CounterMetricFamily, name: str, model: str, counters: dict[str, int]
+) -> None:
+    """One series per reason of counter `name` (fields `<prefix><reason>` of the counters
+    hash), plus the known reasons at 0; reasons are sanitised label text."""
+    prefix = REASON_COUNTERS[name]
+    totals: dict[str, float] = dict.fromkeys(KNOWN_REASONS.get(name, ()), 0.0)
+    for field_name, value in sorted(counters.items()):
+        if field_name.startswith(prefix):
+            reason = label_text(field_name.removeprefix(prefix), LABEL_MAX_CHARS)
+            totals[reason] = totals.get(reason, 0.0) + float(value)
+    for reason, total in totals.items():
         family.add_metric([model, reason], total)

@@ -242,6 +242,47 @@ def test_pipeline_health(setup: Any, redis_server: RedisServer) -> None:
     }
 
 
+def test_failure_counters_show_every_known_reason_from_zero(setup: Any) -> None:
+    """Dead letters, infrastructure failures and maintenance failures, from the counters hash.
+    Known reasons are exported at 0 before the first one: increase() cannot see a series that
+    is born at 1, so an alert on any increase would miss the first dead letter."""
+    from monitor.pipeline.deadletter import DEAD_LETTER_REASONS, FAILURE_REASONS
+
+    _, store, collector = setup
+    families = parse(scrape_text(collector))
+    dead = series(families, "collapse_dead_letters_total")
+    assert dead == {
+        labels(model=model, reason=reason): 0.0
+        for model in ("m", "idle", "_unknown")
+        for reason in DEAD_LETTER_REASONS
+    }
+    failures = series(families, "collapse_ingest_failures_total")
+    assert set(failures) == {
+        labels(model=model, reason=reason)
+        for model in ("m", "idle", "_unknown")
+        for reason in FAILURE_REASONS
+    }
+    for name in ("collapse_compaction_failures_total", "collapse_evaluation_failures_total"):
+        assert series(families, name) == {labels(model="m"): 0.0, labels(model="idle"): 0.0}
+
+    store.add_counters("m", {"dead_letters:retries_exhausted": 2, "ingest_failures:oom": 7})
+    store.add_counters("m", {"compaction_failures": 3, "evaluation_failures": 1})
+    store.add_counters("m", {"ingest_failures:a-new\nreason": 1})  # sanitised, not dropped
+    store.add_counters("_unknown", {"dead_letters:undecodable_message": 4})
+    families = parse(scrape_text(collector))
+    assert families["collapse_dead_letters"].type == "counter"
+    dead = series(families, "collapse_dead_letters_total")
+    assert dead[labels(model="m", reason="retries_exhausted")] == 2.0
+    assert dead[labels(model="_unknown", reason="undecodable_message")] == 4.0
+    assert dead[labels(model="idle", reason="retries_exhausted")] == 0.0
+    failures = series(families, "collapse_ingest_failures_total")
+    assert failures[labels(model="m", reason="oom")] == 7.0
+    assert failures[labels(model="m", reason="a-new\\nreason")] == 1.0
+    compaction = series(families, "collapse_compaction_failures_total")
+    assert compaction == {labels(model="m"): 3.0, labels(model="idle"): 0.0}
+    assert series(families, "collapse_evaluation_failures_total")[labels(model="m")] == 1.0
+
+
 def test_top_drift_is_bounded_and_sanitised(setup: Any) -> None:
     _, store, collector = setup
     tokens = [" the", "line\nbreak", "tab\there", "\x00nul", "x" * 200, "ü∑ok", ""]
