@@ -7,9 +7,10 @@ Why the expressions look the way they do:
   client, which builds the same set with `alert_labels`, deduplicates against the rule engine.
 - Upper bounds take `max`, lower bounds `min` over replicas: the pessimistic reading.
 - A metric that cannot be computed has no sample, so its rules stay quiet rather than firing on
-  a fake 0; the pipeline rules (stale snapshots, stopped ingestion, store down, exporter absent)
-  are what catches a monitor that went blind, and the compaction rules (lag, pending partials
-  growing) one that falls behind.
+  a fake 0; the pipeline rules (`monitor.alerts.pipeline_alerts`: stale snapshots, stopped
+  ingestion, store down, exporter absent) are what catches a monitor that went blind, the
+  compaction rules (lag, pending partials growing) one that falls behind, and the failure
+  rules (dead letters, ingestion, compaction or evaluation failing) one that breaks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from monitor.alerts.common import PREFIX, duration_seconds, number, rule
+from monitor.alerts.pipeline_alerts import pipeline_rules
 from monitor.alerts.thresholds import (
     ALERT_NAME,
     AbsoluteBound,
@@ -25,13 +28,11 @@ from monitor.alerts.thresholds import (
     DriftBound,
     PredictiveBound,
     RelativeBound,
-    duration_seconds,
 )
 from monitor.errors import InvalidInput
 
 __all__ = ["alert_labels", "alert_names", "render_prometheus_rule", "render_rules", "to_yaml"]
 
-PREFIX = "collapse_"
 SEVERITIES = ("warning", "critical")
 BY_SERIES = "model, window"
 VALUE = '{{ $value | printf "%.3g" }}'
@@ -77,9 +78,7 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _number(value: float) -> str:
-    """A bound as PromQL text: shortest exact float form (`1.5`, `1e-05`)."""
-    return repr(float(value))
+_number = number
 
 
 def _selector(metric: str, matchers: Mapping[str, str]) -> str:
@@ -116,17 +115,7 @@ def _rule(
     summary: str,
     description: str,
 ) -> dict[str, Any]:
-    return {
-        "alert": alert,
-        "expr": expr,
-        "for": for_,
-        "labels": {"severity": severity},
-        "annotations": {
-            "summary": summary,
-            "description": description,
-            "runbook_url": f"{alerting.runbook_base_url}#{alert.lower()}",
-        },
-    }
+    return rule(alerting.runbook_base_url, alert, expr, for_, severity, summary, description)
 
 
 def _bounded_rule(
@@ -186,134 +175,6 @@ def _drift_rule(alerting: AlertingSettings, bound: DriftBound) -> dict[str, Any]
     )
 
 
-def _pipeline_rules(alerting: AlertingSettings) -> list[dict[str, Any]]:
-    p = alerting.pipeline
-    rules: list[dict[str, Any]] = []
-    if p.snapshot_stale.enabled:
-        seconds = p.snapshot_stale.intervals * alerting.evaluation_interval_seconds
-        rules.append(
-            _rule(
-                alerting,
-                "CollapseSnapshotStale",
-                f"time() - max by ({BY_SERIES}) ({PREFIX}snapshot_timestamp_seconds)"
-                f" > {_number(seconds)}",
-                p.snapshot_stale.for_,
-                p.snapshot_stale.severity,
-                f"No fresh metric snapshot for {WHERE}",
-                "The latest snapshot of model {{ $labels.model }} (window {{ $labels.window }}) is "
-                '{{ $value | printf "%.0f" }} s old, more than '
-                f"{p.snapshot_stale.intervals:g} evaluation intervals ({seconds:g} s): the "
-                "evaluator (beat or its worker) stopped, and every collapse gauge is frozen.",
-            )
-        )
-    if p.ingestion_stopped.enabled:
-        r = p.ingestion_stopped
-        counter = f"{PREFIX}samples_ingested_total"
-        rules.append(
-            _rule(
-                alerting,
-                "CollapseIngestionStopped",
-                f"(max by (model) (rate({counter}[{r.rate_window}])) == 0)"
-                f" and (max by (model) (increase({counter}[{r.lookback}])) > 0)"
-                f" unless on () (max({PREFIX}store_up) == 0)",
-                r.for_,
-                r.severity,
-                "No samples ingested for {{ $labels.model }}",
-                "Model {{ $labels.model }} ingested samples within the last "
-                f"{r.lookback} but none in the last {r.rate_window} (for {r.for_}): traffic, "
-                "capture, the queue or the ingest workers stopped. Windows now age out.",
-            )
-        )
-    if p.rejection_rate.enabled:
-        r2 = p.rejection_rate
-        rej = (
-            f"sum by (model) (max by (model, reason) "
-            f"(rate({PREFIX}samples_rejected_total[{r2.rate_window}])))"
-        )
-        ing = f"max by (model) (rate({PREFIX}samples_ingested_total[{r2.rate_window}]))"
-        expr = f"({rej} / ({rej} + ({ing} or {rej} * 0))) > {_number(r2.ratio)}"
-        if r2.min_rate > 0:
-            expr = f"({expr}) and ({rej} > {_number(r2.min_rate)})"
-        rules.append(
-            _rule(
-                alerting,
-                "CollapseRejectionRateHigh",
-                expr,
-                r2.for_,
-                r2.severity,
-                "Many samples rejected for {{ $labels.model }}",
-                f"A fraction {VALUE} of the samples for model {{{{ $labels.model }}}} were "
-                f"rejected over {r2.rate_window} (bound {r2.ratio:g}); see "
-                "collapse_samples_rejected_total by reason. A client sends bad or mis-shaped "
-                "data, or samples for a model that is not configured.",
-            )
-        )
-    if p.compaction_lag.enabled:
-        r3 = p.compaction_lag
-        rules.append(
-            _rule(
-                alerting,
-                "CollapseCompactionLagging",
-                f"max by (model) ({PREFIX}compaction_lag_seconds) > {_number(r3.max_seconds)}",
-                r3.for_,
-                r3.severity,
-                "Compaction falls behind for {{ $labels.model }}",
-                "The oldest uncompacted partial of model {{ $labels.model }} is "
-                '{{ $value | printf "%.0f" }} s old, more than '
-                f"{r3.max_seconds:g} s for {r3.for_}: compaction stopped or is too slow, or "
-                "batches waited that long in the ingest or embed queue (the lag counts from "
-                "the batch's timestamp). The windows miss recent traffic; partials left past "
-                "their TTL expire unmerged.",
-            )
-        )
-    if p.pending_growth.enabled:
-        r4 = p.pending_growth
-        pending = f"{PREFIX}pending_partials"
-        rules.append(
-            _rule(
-                alerting,
-                "CollapsePendingPartialsGrowing",
-                f"(max by (model) ({pending}) > {_number(r4.min_count)})"
-                f" and (max by (model) (deriv({pending}[{r4.range}])) > 0)",
-                r4.for_,
-                r4.severity,
-                "Partials pile up faster than compaction merges them for {{ $labels.model }}",
-                'Model {{ $labels.model }} has {{ $value | printf "%.0f" }} partials '
-                "waiting for compaction, "
-                f"above {r4.min_count:g}, and their number has trended up over {r4.range} for "
-                f"{r4.for_}: compaction cannot keep up with ingestion, Redis memory grows and "
-                "the windows fall further behind.",
-            )
-        )
-    if p.store_down.enabled:
-        rules.append(
-            _rule(
-                alerting,
-                "CollapseStoreDown",
-                f"max({PREFIX}store_up) == 0",
-                p.store_down.for_,
-                p.store_down.severity,
-                "collapse-monitor cannot read its Redis store",
-                f"No exporter replica could read the store for {p.store_down.for_}: no snapshot "
-                "or pipeline gauge is exported and collapse alerts cannot fire.",
-            )
-        )
-    if p.exporter_absent.enabled:
-        rules.append(
-            _rule(
-                alerting,
-                "CollapseExporterAbsent",
-                f"absent({PREFIX}store_up)",
-                p.exporter_absent.for_,
-                p.exporter_absent.severity,
-                "collapse-monitor exporter is not scraped",
-                f"Prometheus has had no collapse_store_up series for {p.exporter_absent.for_}: "
-                "the exporter is down or not scraped, so every collapse alert is blind.",
-            )
-        )
-    return rules
-
-
 def render_rules(alerting: AlertingSettings) -> dict[str, Any]:
     """A Prometheus rules file (`groups:`): collapse, drift and pipeline groups."""
     bounds: list[AbsoluteBound | RelativeBound | PredictiveBound] = [
@@ -328,7 +189,7 @@ def render_rules(alerting: AlertingSettings) -> dict[str, Any]:
         for suffix, rules in (
             ("collapse", collapse),
             ("drift", drift),
-            ("pipeline", _pipeline_rules(alerting)),
+            ("pipeline", pipeline_rules(alerting)),
         )
         if rules
     ]

@@ -10,7 +10,8 @@ Kinds of bound, each a list so a metric can have a warning and a critical tier u
 - `predictive`: `predict_linear` of a metric reaching a bound within `horizon` (early warning).
 - `drift`: `drift_mmd` above `factor` times its calibrated `drift_mmd_threshold`.
 - `pipeline`: the monitor's own health (stale snapshots, stopped ingestion, rejections, store,
-  compaction falling behind).
+  compaction falling behind, dead letters, failing ingestion, compaction or evaluation), in
+  `monitor.alerts.pipeline_alerts`.
 
 Metric names are METRICS.md keys without the `collapse_` prefix (a given prefix is stripped).
 """
@@ -24,6 +25,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from monitor.alerts.common import DURATION, Severity, duration_seconds
+from monitor.alerts.pipeline_alerts import PipelineAlerts
 from monitor.data.files import read_structured
 from monitor.errors import InvalidInput
 
@@ -41,28 +44,18 @@ __all__ = [
     "load_alerting",
 ]
 
-Severity = Literal["warning", "critical"]
 DEFAULT_RUNBOOK_BASE_URL = (
     "https://github.com/collapse-monitor/collapse-monitor/blob/main/docs/operations.md"
 )
 ALERT_NAME = re.compile(r"^Collapse[A-Z][A-Za-z0-9]*$")
 METRIC_KEY = re.compile(r"^[a-z_][a-z0-9_]*$")
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-DURATION = r"^([0-9]+(ms|s|m|h|d|w|y))+$"
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 RATIO_KEYS = (
     "drift_nc1_cdnv_ratio",
     "drift_nc2_equiangularity_std_ratio",
     "drift_nc4_ncc_agreement_ratio",
     "drift_effective_rank_ratio",
 )
-
-
-def duration_seconds(text: str) -> float:
-    """Seconds of a Prometheus duration such as `1h30m` (predict_linear takes seconds)."""
-    if not re.fullmatch(DURATION, text):
-        raise ValueError(f"not a Prometheus duration: {text!r}")
-    return sum(int(n) * _UNIT_SECONDS[u] for n, u in re.findall(r"([0-9]+)(ms|s|m|h|d|w|y)", text))
 
 
 class _Rule(BaseModel):
@@ -158,105 +151,6 @@ class DriftBound(_Rule):
     """`collapse_drift_mmd > factor * collapse_drift_mmd_threshold` for `for`."""
 
     factor: float = Field(1.0, gt=0, description="Multiple of the calibrated threshold.")
-
-
-class PipelineRule(BaseModel):
-    """One pipeline alert's switch, severity and pending time."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    enabled: bool = True
-    severity: Severity = "warning"
-    for_: str = Field("15m", alias="for", pattern=DURATION)
-
-
-class StaleRule(PipelineRule):
-    """No fresh snapshot for `intervals` evaluation intervals."""
-
-    for_: str = Field("1m", alias="for", pattern=DURATION)
-    intervals: float = Field(3.0, gt=1.0, description="Evaluation intervals without a snapshot.")
-
-
-class IngestionStoppedRule(PipelineRule):
-    """Ingestion rate zero over `rate_window`, for a model that ingested within `lookback`."""
-
-    rate_window: str = Field("10m", pattern=DURATION)
-    lookback: str = Field(
-        "24h",
-        pattern=DURATION,
-        description="A model counts as active if it ingested within this; idle models stay quiet.",
-    )
-
-
-class RejectionRule(PipelineRule):
-    """rejected / (ingested + rejected) above `ratio`, with at least `min_rate` rejections/s."""
-
-    for_: str = Field("10m", alias="for", pattern=DURATION)
-    rate_window: str = Field("10m", pattern=DURATION)
-    ratio: float = Field(0.05, gt=0, lt=1)
-    min_rate: float = Field(
-        0.01, ge=0, description="Rejections per second below which the ratio is ignored."
-    )
-
-
-class StoreDownRule(PipelineRule):
-    """`collapse_store_up == 0` on every exporter replica: the monitor is blind."""
-
-    severity: Severity = "critical"
-    for_: str = Field("2m", alias="for", pattern=DURATION)
-
-
-class ExporterAbsentRule(PipelineRule):
-    """No `collapse_store_up` series at all: the exporter is down or not scraped."""
-
-    severity: Severity = "critical"
-    for_: str = Field("10m", alias="for", pattern=DURATION)
-
-
-class CompactionLagRule(PipelineRule):
-    """The oldest uncompacted partial older than `max_seconds`: windows miss recent data.
-
-    The lag counts from the batch's own timestamp (set by the producer), so time spent waiting
-    in the ingest or embed queue shows here too, not only a compactor that stopped.
-    """
-
-    for_: str = Field("10m", alias="for", pattern=DURATION)
-    max_seconds: float = Field(
-        300.0,
-        gt=0,
-        description="Lag bound: 10 compaction intervals (30 s) and one fine bucket (300 s).",
-    )
-
-
-class PendingGrowthRule(PipelineRule):
-    """Pending partials trending up over `range` while above `min_count`: compaction cannot
-    keep up. A burst that compaction drains drops below `min_count` or stops growing."""
-
-    range: str = Field("15m", pattern=DURATION, description="Samples the slope is fitted on.")
-    min_count: float = Field(
-        1000.0,
-        ge=0,
-        description="Pending partials below which growth is ignored (a healthy backlog is at "
-        "most one compaction interval of batches).",
-    )
-
-
-class PipelineAlerts(BaseModel):
-    """The monitor's own health: without these, a broken pipeline looks like a healthy model.
-
-    One class per alert, each with its own defaults, so a file that overrides only `for` keeps
-    the alert's default severity.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    snapshot_stale: StaleRule = Field(default_factory=StaleRule)
-    ingestion_stopped: IngestionStoppedRule = Field(default_factory=IngestionStoppedRule)
-    rejection_rate: RejectionRule = Field(default_factory=RejectionRule)
-    store_down: StoreDownRule = Field(default_factory=StoreDownRule)
-    exporter_absent: ExporterAbsentRule = Field(default_factory=ExporterAbsentRule)
-    compaction_lag: CompactionLagRule = Field(default_factory=CompactionLagRule)
-    pending_growth: PendingGrowthRule = Field(default_factory=PendingGrowthRule)
 
 
 def _absolute() -> list[AbsoluteBound]:

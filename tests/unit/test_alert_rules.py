@@ -182,6 +182,53 @@ def _compaction_cases(e: Expect) -> list[Case]:
     ]  # fmt: skip
 
 
+def _failure_cases(e: Expect) -> list[Case]:
+    """Dead letters fire on any increase; ingestion, compaction and evaluation failures fire
+    only when they keep coming for longer than their range, never on one burst."""
+    dead, dl_alert = "collapse_dead_letters_total", "CollapseDeadLetters"
+    cases = [
+        _case([_series(dead, "0+0x5 1+0x40", model="bad", reason="retries_exhausted",
+                       instance="a"),  # one dead letter at 6m, seen by two replicas
+               _series(dead, "0+0x5 1+0x40", model="bad", reason="retries_exhausted",
+                       instance="b"),
+               _series(dead, "7+0x45", model="old", reason="task_error"),  # long ago: quiet
+               _series(dead, "0+0x45", model="good", reason="undecodable_message"),
+               _series(dead, "0+0x20 3+0x25", model="_unknown", reason="undecodable_message")],
+              ("5m", dl_alert, []),
+              ("8m", dl_alert, [e(dl_alert, "warning", 1, window="")]),
+              ("25m", dl_alert, [e(dl_alert, "warning", 3, model="_unknown", window="")]),
+              ("40m", dl_alert, [])),  # resolved 15m after the last one
+    ]  # fmt: skip
+    for counter, alert, reasons, per_minute in (
+        ("collapse_ingest_failures_total", "CollapseIngestionFailing", ("oom", "timeout"), 30),
+        ("collapse_compaction_failures_total", "CollapseCompactionFailing", (None,), 20),
+        ("collapse_evaluation_failures_total", "CollapseEvaluationFailing", (None,), 20),
+    ):
+        series = []
+        for i, reason in enumerate(reasons):
+            extra = {"reason": reason} if reason else {}
+            rate = 2 if i == 0 else 1  # per minute; the firing value is their 10m sum
+            series += [
+                _series(counter, f"0+{rate}x60", model="bad", instance="a", **extra),
+                _series(counter, f"0+{rate}x60", model="bad", instance="b", **extra),
+            ]
+            series += [
+                _series(counter, "0+0x10 5+0x50", model="burst", **extra),  # 10m true
+                _series(counter, "0+0x60", model="good", **extra),
+            ]
+        firing = [e(alert, "warning", per_minute, window="")]
+        cases.append(
+            _case(
+                series,
+                ("12m", alert, []),
+                ("20m", alert, firing),
+                ("25m", alert, firing),
+                ("45m", alert, firing),
+            )
+        )
+    return cases
+
+
 def _cases(rules: dict[str, Any]) -> list[Case]:
     e = Expect(rules)
     w, c = ["warning"], ["warning", "critical"]
@@ -221,6 +268,7 @@ def _cases(rules: dict[str, Any]) -> list[Case]:
         drift,
         *_pipeline_cases(e),
         *_compaction_cases(e),
+        *_failure_cases(e),
     ]  # fmt: skip
 
 
@@ -373,6 +421,48 @@ def test_compaction_rules_follow_their_settings() -> None:
     for bad in ({"min_count": -1}, {"range": "soon"}):
         with pytest.raises(InvalidInput):
             load_alerting({"pipeline": {"pending_growth": bad}})
+
+
+def test_failure_rules_follow_their_settings() -> None:
+    names = ("CollapseDeadLetters", "CollapseIngestionFailing", "CollapseCompactionFailing",
+             "CollapseEvaluationFailing")  # fmt: skip
+    default = default_alerting()
+    found = [_pipeline_rule(default, n) for n in names]
+    assert all(r is not None for r in found)
+    dead, ingest, compaction, evaluation = (r for r in found if r is not None)
+    assert dead["expr"] == (
+        "sum by (model) (max by (model, reason) (increase(collapse_dead_letters_total[15m]))) > 0"
+    )
+    assert (dead["for"], dead["labels"]["severity"]) == ("0s", "warning")
+    assert ingest["expr"] == (
+        "sum by (model) (max by (model, reason) "
+        "(increase(collapse_ingest_failures_total[10m]))) > 0.0"
+    )
+    assert compaction["expr"] == (
+        "max by (model) (increase(collapse_compaction_failures_total[10m])) > 0.0"
+    )
+    assert "collapse_evaluation_failures_total[10m]" in evaluation["expr"]
+    for rule in (ingest, compaction, evaluation):
+        assert (rule["for"], rule["labels"]["severity"]) == ("15m", "warning")
+    custom = load_alerting({"pipeline": {
+        "dead_letters": {"range": "1h", "severity": "critical"},
+        "ingestion_failures": {"range": "5m", "min_count": 10, "for": "20m"},
+        "evaluation_failures": {"enabled": False},
+    }})  # fmt: skip
+    rule = _pipeline_rule(custom, "CollapseDeadLetters")
+    assert rule is not None
+    assert "[1h]" in rule["expr"]
+    assert rule["labels"]["severity"] == "critical"
+    assert "in the last 1h" in rule["annotations"]["description"]
+    rule = _pipeline_rule(custom, "CollapseIngestionFailing")
+    assert rule is not None
+    assert rule["expr"].endswith("[5m]))) > 10.0")
+    assert rule["for"] == "20m"
+    assert _pipeline_rule(custom, "CollapseEvaluationFailing") is None
+    assert alert_names(custom) == [n for n in alert_names(default) if n != names[3]]
+    for bad in ({"range": "soon"}, {"min_count": -1}, {"for": "5 m"}, {"unknown": 1}):
+        with pytest.raises(InvalidInput):
+            load_alerting({"pipeline": {"compaction_failures": bad}})
 
 
 @pytest.mark.parametrize(
