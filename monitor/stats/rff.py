@@ -5,6 +5,14 @@
 2007). With several bandwidths the D features are split evenly between them, approximating the
 mean of their kernels. The map is rebuilt from its config alone, so the baseline and every
 window of a model use exactly the same features without shipping the matrix around.
+
+The projection runs in float32 (float64 made the features 10x the cost of the rest of an
+update), which has two edges: inputs must fit float32 (`validation.check_values` refuses the
+rest), and a sum of in-range products can still overflow it (3e38 in every coordinate). Rows
+whose float32 projection is not finite are projected again in float64, where any float32-range
+input with a bandwidth in `BANDWIDTH_RANGE` stays finite, so `phi` is always finite: the cost
+of float64 is paid only by the rows that need it. Bandwidths are bounded so that
+`omega = N(0, 1) / sigma` is a normal float32 number.
 """
 
 from __future__ import annotations
@@ -16,7 +24,19 @@ from functools import lru_cache
 
 import torch
 
+from monitor.stats.validation import all_finite
+
 _F64 = torch.float64
+_F32 = torch.float32
+# Bandwidths whose float32 weights N(0,1)/sigma (sigma from b/2 to 2b) stay normal numbers
+# (float32 spans 1.2e-38..3.4e38) with ample margin; the median heuristic is clamped into it.
+BANDWIDTH_RANGE = (1e-30, 1e30)
+
+
+def valid_bandwidth(value: float) -> bool:
+    """A finite bandwidth the float32 map can use (within `BANDWIDTH_RANGE`)."""
+    low, high = BANDWIDTH_RANGE
+    return math.isfinite(value) and low <= value <= high
 
 
 @dataclass(frozen=True)
@@ -29,8 +49,10 @@ class RFFConfig:
     def __post_init__(self) -> None:
         if self.dim < 1 or self.features < 2 or self.features % 2:
             raise ValueError("RFF needs dim >= 1 and an even number of features >= 2")
-        if not self.bandwidths or any(not (b > 0 and math.isfinite(b)) for b in self.bandwidths):
-            raise ValueError(f"RFF bandwidths must be positive, got {self.bandwidths}")
+        if not self.bandwidths or not all(valid_bandwidth(b) for b in self.bandwidths):
+            raise ValueError(
+                f"RFF bandwidths must be finite and within {BANDWIDTH_RANGE}, got {self.bandwidths}"
+            )
         if self.features < len(self.bandwidths):
             raise ValueError("need at least one feature per bandwidth")
 
@@ -57,23 +79,32 @@ class RFFConfig:
 
 
 @lru_cache(maxsize=16)
-def _weights(config: RFFConfig, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _weights(
+    config: RFFConfig, device: str, dtype: torch.dtype = _F32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(omega, phase) drawn in float64 from the seed, then cast: one map in every dtype."""
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     omega = torch.randn(config.features, config.dim, generator=gen, dtype=_F64)
     groups = torch.arange(config.features) * len(config.bandwidths) // config.features
     scale = torch.tensor(config.bandwidths, dtype=_F64)[groups]
     omega /= scale.unsqueeze(1)
     phase = torch.rand(config.features, generator=gen, dtype=_F64) * (2 * math.pi)
-    # float32 projection: the features estimate a kernel anyway, and float64 made them 10x
-    # the cost of the rest of an update. Sums are accumulated in float64 by the caller.
-    return omega.to(device, torch.float32), phase.to(device, torch.float32)
+    return omega.to(device, dtype), phase.to(device, dtype)
 
 
 def rff_features(x: torch.Tensor, config: RFFConfig) -> torch.Tensor:
-    """phi(x) for rows of x, (N, D) float32 on x's device."""
+    """phi(x) for rows of x, (N, D) float32 on x's device, finite for float32-range input.
+
+    Sums are accumulated in float64 by the caller.
+    """
     omega, phase = _weights(config, str(x.device))
-    projected = torch.addmm(phase, x.to(torch.float32), omega.T)
-    return torch.cos(projected) * math.sqrt(2.0 / config.features)
+    projected = torch.addmm(phase, x.to(_F32), omega.T)
+    phi = torch.cos(projected)
+    if not all_finite(projected):  # the float32 sum overflowed: redo those rows in float64
+        bad = (~torch.isfinite(projected)).any(dim=1)
+        omega64, phase64 = _weights(config, str(x.device), _F64)
+        phi[bad] = torch.cos(torch.addmm(phase64, x[bad].to(_F64), omega64.T)).to(_F32)
+    return phi * math.sqrt(2.0 / config.features)
 
 
 def median_bandwidth(x: torch.Tensor, *, max_samples: int = 1000, seed: int = 0) -> float:

@@ -2,6 +2,14 @@
 
 Every check runs before the statistics change, so a refused batch leaves them untouched. Each
 failure is an `InvalidInput` whose `reason` is the label the pipeline counts rejections by.
+
+Feature values must be finite *and* lie within the float32 range (`FLOAT32_MAX`), whatever
+dtype they arrive in: the random-feature map projects in float32, so a finite float64 value
+beyond it (1e39) became inf there and NaN in the sums, and poisoned every state it was merged
+into. Inside that range every later step stays finite: squares (<= 1.2e77) and their sums in
+float64, the float32 projection (rows that overflow it are redone in float64, `rff.py`), and
+the median-heuristic bandwidth. Refusing at the door, with its own reason, is the one check
+every path (HTTP, Celery message, embed worker, baseline import) passes through.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from monitor.errors import InvalidInput
 ArrayLike: TypeAlias = torch.Tensor | np.ndarray
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # largest feature magnitude accepted
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -46,13 +55,37 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(smallest)) and bool(torch.isfinite(largest))
 
 
+def check_values(x: torch.Tensor, what: str = "features") -> None:
+    """Refuse NaN/Inf (`non_finite`) and magnitudes beyond float32 (`value_out_of_range`).
+
+    One aminmax pass decides in the common case; the rows at fault are counted only for the
+    message of a refusal.
+    """
+    if x.numel() == 0 or not x.is_floating_point():
+        return
+    smallest, largest = (float(v) for v in torch.aminmax(x))
+    if smallest >= -FLOAT32_MAX and largest <= FLOAT32_MAX:  # also False for NaN
+        return
+    rows = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(-1, 1)
+    finite = torch.isfinite(rows)
+    if not bool(finite.all()):
+        bad_rows = int((~finite).any(dim=1).sum())
+        raise InvalidInput("non_finite", f"{what} contain NaN or Inf in {bad_rows} row(s)")
+    bad_rows = int((rows.abs() > FLOAT32_MAX).any(dim=1).sum())
+    raise InvalidInput(
+        "value_out_of_range",
+        f"{what} exceed the float32 range (|value| <= {FLOAT32_MAX:.4g}) in {bad_rows} row(s)",
+    )
+
+
 def check_batch(
     features: ArrayLike, labels: ArrayLike, *, dim: int, num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate a batch; returns (features, labels) as tensors, unconverted.
 
     Raises `InvalidInput` naming the first problem found: shape, dtype, empty batch, mismatched
-    lengths, labels outside `[0, num_classes)`, or non-finite features.
+    lengths, labels outside `[0, num_classes)`, non-finite features, or features beyond the
+    float32 range.
     """
     x = as_tensor(features, "features")
     y = as_tensor(labels, "labels")
@@ -84,7 +117,5 @@ def check_batch(
             "label_out_of_range",
             f"label {bad} is outside the vocabulary [0, {num_classes})",
         )
-    if not all_finite(x):
-        bad_rows = int((~torch.isfinite(x)).any(dim=1).sum())
-        raise InvalidInput("non_finite", f"features contain NaN or Inf in {bad_rows} row(s)")
+    check_values(x)
     return x, y

@@ -49,7 +49,17 @@ def test_the_map_is_a_function_of_its_config() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"features": 3}, {"features": 0}, {"bandwidths": ()}, {"bandwidths": (0.0,)}, {"dim": 0}],
+    [
+        {"features": 3},
+        {"features": 0},
+        {"bandwidths": ()},
+        {"bandwidths": (0.0,)},
+        {"bandwidths": (math.inf,)},
+        {"bandwidths": (math.nan,)},
+        {"bandwidths": (4e39,)},  # its float32 weights would underflow to 0
+        {"bandwidths": (1e-40,)},  # ... or overflow to inf
+        {"dim": 0},
+    ],
 )
 def test_invalid_configs_are_refused(kwargs: dict[str, object]) -> None:
     args: dict[str, object] = {"dim": 4, **kwargs}
@@ -102,3 +112,26 @@ def test_median_heuristic() -> None:
     assert median_bandwidth(x) == 2.0  # distances 1, 2, 3
     with pytest.raises(ValueError, match="identical"):
         median_bandwidth(torch.zeros(4, 2))
+
+
+def test_rows_whose_float32_projection_overflows_are_projected_in_float64() -> None:
+    """3e38 fits float32, but a sum of such products does not: those rows (and only those)
+    are projected again in float64, so phi stays finite and equals the exact map there."""
+    config = RFFConfig(dim=6, features=64, bandwidths=(0.5, 1.0, 2.0), seed=2)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    x[[2, 5]] = 3e38
+    x[5, ::2] = -3e38
+    phi = rff_features(x, config)
+    assert phi.dtype == torch.float32
+    assert bool(torch.isfinite(phi).all())
+    scale = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)[torch.arange(64) * 3 // 64]
+    gen = torch.Generator().manual_seed(2)  # the map's own draws, in float64
+    omega = torch.randn(64, 6, generator=gen, dtype=torch.float64) / scale.unsqueeze(1)
+    phase = torch.rand(64, generator=gen, dtype=torch.float64) * (2 * math.pi)
+    # cos of arguments near 1e39 is a function of their last bits: the same float64 op is the spec.
+    exact = torch.cos(torch.addmm(phase, x[[2, 5]], omega.T)) * math.sqrt(2.0 / 64)
+    torch.testing.assert_close(phi[[2, 5]].double(), exact, rtol=0, atol=1e-7)
+    plain = x.clone()
+    plain[[2, 5]] = 0.0
+    others = [0, 1, 3, 4, 6]
+    assert torch.equal(rff_features(plain, config)[others], phi[others])  # float32 path untouched

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from typing import Any
 
@@ -13,6 +14,8 @@ from safetensors.torch import save as st_save
 
 from monitor import CollapseStats
 from monitor.errors import IncompatibleStats, InvalidInput
+from monitor.stats import RFFConfig
+from monitor.stats.validation import FLOAT32_MAX, check_batch, check_values
 
 REL = 1e-9
 
@@ -402,7 +405,13 @@ def _bad_inputs() -> dict[str, tuple[str, Any, Any]]:
     high_y[-1] = V
     neg_y = good_y.copy()
     neg_y[-1] = -1
+    big_x = good_x.copy()
+    big_x[2, 1] = 1e39  # finite in float64, inf in the float32 random-feature step
+    huge_x = good_x.copy()
+    huge_x[0, 0] = -1e300  # its square overflows float64 too
     return {
+        "beyond_float32": ("value_out_of_range", big_x, good_y),
+        "beyond_float32_negative": ("value_out_of_range", huge_x, good_y),
         "nan": ("non_finite", nan_x, good_y),
         "inf": ("non_finite", inf_x, good_y),
         "neg_inf": ("non_finite", ninf_x, good_y),
@@ -424,7 +433,12 @@ def test_bad_input_is_refused_without_side_effects(name: str, as_torch: bool) ->
     reason, x, y = _bad_inputs()[name]
     if as_torch:
         x, y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-    for stats in (_populated(), CollapseStats(num_classes=V, dim=D, second_moment=True)):
+    rff = RFFConfig(dim=D, features=16, bandwidths=(1.0,))
+    for stats in (
+        _populated(),
+        CollapseStats(num_classes=V, dim=D, second_moment=True),
+        CollapseStats(num_classes=V, dim=D, rff=rff),
+    ):
         before, state = stats.to_bytes(), snapshot(stats)
         with pytest.raises(InvalidInput) as info:
             stats.update(x, y)
@@ -461,3 +475,35 @@ def test_accepts_integer_label_dtypes(label_dtype: Any) -> None:
     ref = CollapseStats(num_classes=V, dim=D)
     ref.update(X, y.astype(np.int64))
     assert stats.to_bytes() == ref.to_bytes()
+
+
+def test_range_refusals_name_the_rows_at_fault() -> None:
+    x = np.ones((5, D))
+    x[[1, 3], 0] = 3.5e38
+    with pytest.raises(InvalidInput, match=r"float32 range .* in 2 row\(s\)") as info:
+        check_batch(x, np.arange(5), dim=D, num_classes=V)
+    assert info.value.reason == "value_out_of_range"
+    x[4, 1] = np.nan  # non-finite is named first: it is the worse problem
+    with pytest.raises(InvalidInput, match=r"NaN or Inf in 1 row\(s\)") as info:
+        check_batch(x, np.arange(5), dim=D, num_classes=V)
+    assert info.value.reason == "non_finite"
+    check_values(torch.tensor([[FLOAT32_MAX, -FLOAT32_MAX]], dtype=torch.float64))  # the edge
+    check_values(torch.full((2, 3), 65504.0, dtype=torch.float16))
+    check_values(torch.full((2, 3), 3e38, dtype=torch.bfloat16))
+
+
+def test_values_at_the_float32_edge_keep_every_sum_finite() -> None:
+    """The largest accepted values, in every dtype, give finite statistics (random features
+    included: their float32 projection overflows and is redone in float64)."""
+    rff = RFFConfig(dim=D, features=32, bandwidths=(0.5, 1.0, 2.0))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        edge = min(FLOAT32_MAX, float(torch.finfo(dtype).max))  # bfloat16 rounds 3.4028e38 up
+        x = torch.full((6, D), edge, dtype=dtype)
+        x[::2] *= -1
+        stats = CollapseStats(num_classes=V, dim=D, second_moment=True, rff=rff)
+        stats.update(x, torch.arange(6))
+        assert stats.rff_sum is not None
+        for value in (stats.sums, stats.sq_norms, stats.second, stats.unit_sum, stats.rff_sum):
+            assert value is not None
+            assert bool(torch.isfinite(value).all()), dtype
+        assert math.isfinite(stats.rff_sq)
