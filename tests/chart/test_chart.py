@@ -715,3 +715,31 @@ def test_values_schema_rejects_bad_values(bad: str) -> None:
     result = run_helm("template", RELEASE, "--set", bad)
     assert result.returncode != 0, f"--set {bad} rendered"
     assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+
+
+# Set through other chart values (redis.*, broker.*, secrets), never as plain settings.
+SETTINGS_FROM_OTHER_VALUES = {
+    "redis_url",
+    "redis_password",
+    "redis_cluster",
+    "redis_sentinels",
+    "redis_sentinel_master",
+    "redis_sentinel_password",
+    "broker_url",
+    "broker_password",
+    "broker_sentinel_master",
+    "alertmanager_password",
+    "alertmanager_token",
+    "api_token",
+}
+
+
+def test_every_setting_can_be_set_through_the_chart() -> None:
+    """The values schema refuses unknown settings, so a new setting must be listed there."""
+    from monitor.config import Settings
+
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    listed = set(schema["properties"]["settings"]["properties"])
+    missing = sorted(set(Settings.model_fields) - listed - SETTINGS_FROM_OTHER_VALUES)
+    assert not missing, f"values.schema.json settings lack {missing}"
+    assert not listed & SETTINGS_FROM_OTHER_VALUES
