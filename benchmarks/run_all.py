@@ -98,7 +98,10 @@ def machine_description() -> str:
 
 # Scripts besides bench_*.py, and the arguments of their smoke runs (default: --quick).
 EXTRA_SCRIPTS = ("profile_hotspots.py", "probe_overhead.py")
-QUICK_ARGS = {"probe_overhead.py": ["--reps", "3", "--big-reps", "2", "--tiny-random"]}
+QUICK_ARGS = {
+    "probe_overhead.py": ["--reps", "3", "--big-reps", "2", "--tiny-random"],
+    "bench_store_scale.py": ["--tiny"],
+}
 
 
 def run_script(script: Path, quick: bool) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,36 @@ def test_exact_pairs_with_masked_pairs_in_every_tile_position(tile: int, duplica
         # engine's and this cosine round differently; CDNV is recomputed exactly.
         rel = 1e-5 if "log_energy" in key else 1e-9
         assert got[key].value == pytest.approx(value, rel=rel), key
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_bench_store_scale_tiny_runs_every_phase(tmp_path: Path) -> None:
+    """The store benchmark's smoke run (as run_all --quick runs it): real Redis, workers and
+    beat, the old store in a child; every phase reports, and the counts add up."""
+    out = tmp_path / "store.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_store_scale.py", "--tiny", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for phrase in (
+        "sustained ingest + compaction",
+        "arrival -> snapshot `24h`",
+        "largest Redis value",
+        "Redis memory of the model (after growth",
+        "`window_stats` of a window of K = 2,000 classes",
+        "| window K | classes the batches touch",
+    ):
+        assert phrase in proc.stdout, phrase
+    result = json.loads(out.read_text())
+    sent = result["throughput"]["samples"]
+    assert result["throughput"]["memory"]["window_counts"] == {"15m": sent, "1h": sent, "24h": sent}
+    new, old = result["growth"]["stages"], result["before"]["stages"]
+    assert [s["classes"] for s in new] == [s["classes"] for s in old] == [100, 400]
+    assert result["read"]["classes"] == 2_000
+    assert len(result["latency"]["to_last"]) == result["latency"]["batches"]
