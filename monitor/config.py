@@ -159,6 +159,13 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest encoded submission accepted."
     )
+    max_clock_skew_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="Samples stamped further than this in the future are refused "
+        "(future_timestamp); samples older than the longest window's first bucket are refused "
+        "as stale_timestamp, since no window could hold them.",
+    )
     task_visibility_timeout: int = Field(
         3600,
         ge=1,

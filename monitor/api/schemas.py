@@ -2,10 +2,11 @@
 
 The models do two jobs: they are the OpenAPI document producers in other languages read, and they
 check the *structure* of a body (which keys, of which JSON types). The finer rules (dtype names,
-shape arithmetic, batch-id syntax, label range, finite values) are deliberately left to the
-shared decoder (`monitor.pipeline.payload.decode_batch`, `monitor.stats.validation`), so an
-HTTP client and a Celery producer are refused with the same reason slugs. Constraints that the
-decoder enforces appear in the schema only as documentation (`json_schema_extra`).
+shape arithmetic, batch-id syntax, label range, finite and float32-range values, time bounds,
+NC4 counts) are deliberately left to the shared decoder (`monitor.pipeline.payload.decode_batch`,
+`monitor.stats.validation`, gathered by `Ingestor.validate`), so an HTTP client and a Celery
+producer are refused with the same reason slugs. Constraints that the decoder enforces appear
+in the schema only as documentation (`json_schema_extra`, descriptions).
 
 A refusal is a `Refused(reason, message)`; its HTTP status follows from the reason (`STATUS`,
 400 otherwise), and every refusal leaves as the same `ErrorBody`.
@@ -28,7 +29,7 @@ from pydantic.config import JsonDict
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from monitor.pipeline.payload import FEATURE_DTYPES, LABEL_DTYPES, SCHEMA_VERSION
+from monitor.pipeline.payload import FEATURE_DTYPES, LABEL_DTYPES, SCHEMA_VERSION, claimed_rows
 from monitor.store.keys import BATCH_ID
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ class _Common(BaseModel):
     ts: float | None = Field(
         None,
         allow_inf_nan=False,
-        description="Unix seconds the samples belong to (their time bucket); default: receipt.",
+        description="Unix seconds the samples belong to (their time bucket); default: receipt. "
+        "At most max_clock_skew_seconds ahead of the server's clock (else future_timestamp) "
+        "and no older than the first bucket of the longest window (else stale_timestamp).",
     )
 
 
@@ -97,8 +100,10 @@ class Nc4Counts(BaseModel):
 
     model_config = _STRICT
 
-    hits: int = Field(ge=0)
-    total: int = Field(ge=0)
+    hits: int = Field(ge=0, description="Rows where the two decisions agreed (<= total).")
+    total: int = Field(
+        ge=0, description="Rows compared: at most the batch's rows N (else malformed_payload)."
+    )
 
 
 class FeatureSamples(_Common):
@@ -225,12 +230,9 @@ def describe_errors(exc: ValidationError) -> str:
 
 
 def claimed_samples(document: dict[str, Any]) -> int:
-    """Samples a refused body claimed to carry (for the counter), 1 when it says nothing."""
-    labels = document.get("labels")
-    shape = labels.get("shape") if isinstance(labels, dict) else None
-    if isinstance(shape, list) and shape and isinstance(shape[0], int) and shape[0] > 0:
-        return int(shape[0])
-    return 1
+    """Samples a refused body carried (for the counter): the workers' own count
+    (`claimed_rows`), so a declared shape of 2**63 counts the rows its bytes hold, not 9e18."""
+    return claimed_rows(document)
 
 
 def media_kind(content_type: str | None) -> str:

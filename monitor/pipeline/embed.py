@@ -12,7 +12,7 @@ from typing import Any
 
 from monitor.errors import InvalidInput
 from monitor.pipeline.ingest import IngestResult, count_rejection, store_partial
-from monitor.pipeline.payload import SCHEMA_VERSION
+from monitor.pipeline.payload import SCHEMA_VERSION, TimeBounds, check_timestamp
 from monitor.pipeline.reference import nc4_reference
 from monitor.pipeline.runtime import Runtime
 from monitor.stats import CollapseStats
@@ -59,9 +59,18 @@ def _torch_dtype(name: str) -> Any:
 
 
 def parse_text_payload(
-    payload: object, max_items: int, max_bytes: int
+    payload: object,
+    max_items: int,
+    max_bytes: int,
+    times: TimeBounds | None = None,
+    now: float | None = None,
 ) -> tuple[str, str, float, list[Any]]:
-    """(model, batch_id, ts, texts or token-id lists) after checking the text payload."""
+    """(model, batch_id, ts, texts or token-id lists) after checking the text payload.
+
+    `ts` passes the same `check_timestamp` as a feature payload's: an unchecked inf once
+    stalled compaction for good, and a NaN failed the store's script after it had written the
+    seen marker and the partial (an orphan partial, a burned batch id).
+    """
     if not isinstance(payload, dict) or payload.get("v") != SCHEMA_VERSION:
         raise InvalidInput(
             "malformed_payload", f"text payload must be a map with v={SCHEMA_VERSION}"
@@ -71,9 +80,8 @@ def parse_text_payload(
         raise InvalidInput("malformed_payload", "payload needs string 'model' and 'batch_id'")
     check_model_name(model)
     check_batch_id(batch_id)
-    ts = payload.get("ts", time.time())
-    if not isinstance(ts, int | float) or isinstance(ts, bool):
-        raise InvalidInput("malformed_payload", "'ts' must be a number of seconds")
+    now = time.time() if now is None else now
+    ts = check_timestamp(payload.get("ts", now), times, now)
     texts, ids = payload.get("texts"), payload.get("token_ids")
     if (texts is None) == (ids is None):
         raise InvalidInput("malformed_payload", "give exactly one of 'texts' and 'token_ids'")
@@ -96,7 +104,24 @@ def parse_text_payload(
         size = 8 * sum(len(seq) for seq in items)
     if size > max_bytes:
         raise InvalidInput("oversized_payload", f"payload of {size} bytes exceeds {max_bytes}")
-    return model, batch_id, float(ts), items
+    return model, batch_id, ts, items
+
+
+def check_token_ids(sequences: list[list[int]], vocab: int) -> None:
+    """Token ids within the model's vocabulary, refused as `token_out_of_range` (the HTTP
+    API's reason) before a forward pass could index outside the embedding."""
+    for seq in sequences:
+        if seq and (min(seq) < 0 or max(seq) >= vocab):
+            raise InvalidInput("token_out_of_range", f"token ids must lie in [0, {vocab})")
+
+
+def _items(payload: object) -> int:
+    """Texts or sequences a refused payload carried, for the rejection counter (at least 1)."""
+    if isinstance(payload, dict):
+        for key in ("texts", "token_ids"):
+            if isinstance(payload.get(key), list):
+                return max(len(payload[key]), 1)
+    return 1
 
 
 def embed_payload(runtime: Runtime, payload: object) -> IngestResult:
@@ -104,9 +129,14 @@ def embed_payload(runtime: Runtime, payload: object) -> IngestResult:
     owner = payload.get("model") if isinstance(payload, dict) else None
     try:
         model, batch_id, ts, items = parse_text_payload(
-            payload, settings.max_batch_samples, settings.max_payload_bytes
+            payload,
+            settings.max_batch_samples,
+            settings.max_payload_bytes,
+            times=runtime.ingestor.times,
         )
         lm, tokenizer = loaded_model(runtime, model)
+        if isinstance(payload, dict) and "token_ids" in payload:
+            check_token_ids(items, runtime.registry.shape(model).vocab_size)
         from monitor.capture.mirror import embed_batches
 
         stats: CollapseStats | None = None
@@ -121,6 +151,6 @@ def embed_payload(runtime: Runtime, payload: object) -> IngestResult:
             raise InvalidInput("empty_batch", "no labelled positions: every text is under 2 tokens")
     except InvalidInput as exc:
         known = isinstance(owner, str) and owner in runtime.registry.names
-        count_rejection(runtime.store, owner if known else None, exc.reason, 1)
+        count_rejection(runtime.store, owner if known else None, exc.reason, _items(payload))
         raise
     return store_partial(runtime.store, model, batch_id, ts, stats)

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from monitor.errors import InvalidInput
-from monitor.pipeline.payload import FeatureBatch, decode_batch
+from monitor.pipeline.payload import FeatureBatch, TimeBounds, claimed_rows, decode_batch
 from monitor.pipeline.registry import ModelRegistry
 from monitor.stats import CollapseStats
 from monitor.stats.fields import to_fields
-from monitor.stats.validation import check_batch
+from monitor.stats.validation import as_tensor, check_batch
 from monitor.store.base import Store
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_MODEL = "_unknown"  # counter owner for rejections that name no declared model
+# No counter write adds more rows than this, whatever a caller passes (no real message holds
+# that many): Redis's int64 counters must never be pushed to overflow, after which they refuse
+# every later increment.
+MAX_COUNTED_ROWS = 2**32
 
 
 @dataclass(frozen=True)
@@ -27,19 +32,12 @@ class IngestResult:
 
 
 def partial_stats(batch: FeatureBatch, registry: ModelRegistry, store: Store) -> CollapseStats:
-    """Statistics of one batch; raises `InvalidInput` for a batch that does not fit the model."""
-    shape = registry.shape(batch.model)
-    if batch.features.shape[1] != shape.dim:  # before the features are used for anything
-        raise InvalidInput(
-            "wrong_dimension",
-            f"features have dimension {batch.features.shape[1]}, model {batch.model!r} has "
-            f"{shape.dim}",
-        )
-    # Every check before new_stats: the first batch a store sees proposes the model's RFF
-    # bandwidth (kept forever), so a refused batch must never get that far.
-    features, _ = check_batch(
-        batch.features, batch.labels, dim=shape.dim, num_classes=shape.vocab_size
-    )
+    """Statistics of one batch that `Ingestor.validate` accepted.
+
+    Only validated batches get here: the first batch a store sees proposes the model's RFF
+    bandwidth, kept forever (the registry checks its sample once more).
+    """
+    features = as_tensor(batch.features, "features")
     stats = registry.new_stats(batch.model, store, features)
     stats.update(features, batch.labels)
     if batch.nc4_total:
@@ -57,9 +55,10 @@ def store_partial(
 
 
 def count_rejection(store: Store, model: object, reason: str, samples: int) -> None:
-    """Rejected samples by reason, under the model when it is a declared one."""
+    """Rejected samples by reason, under the model when it is a declared one; at least 1 (a
+    refusal is always visible), at most `MAX_COUNTED_ROWS`."""
     owner = model if isinstance(model, str) else UNKNOWN_MODEL
-    store.add_counters(owner, {f"rejected:{reason}": max(samples, 1)})
+    store.add_counters(owner, {f"rejected:{reason}": min(max(samples, 1), MAX_COUNTED_ROWS)})
 
 
 class Ingestor:
@@ -73,26 +72,43 @@ class Ingestor:
         self.max_samples = max_samples
         self.max_bytes = max_bytes
 
-    def ingest(self, payload: object) -> IngestResult:
+    @property
+    def times(self) -> TimeBounds:
+        """Sample times this store can still hold (`max_clock_skew_seconds`, the windows)."""
+        return TimeBounds(self.registry.max_clock_skew, self.store.policy)
+
+    def validate(self, payload: object, now: float | None = None) -> FeatureBatch:
+        """Every check a feature payload passes before it is accepted: decoding, time bounds,
+        the model's shape, values and labels. The worker runs it on every message; a front
+        door (the HTTP API) calls it to answer with the same reason before queueing. Raises
+        `InvalidInput`; counts nothing."""
+        batch = decode_batch(
+            payload,
+            max_samples=self.max_samples,
+            max_bytes=self.max_bytes,
+            times=self.times,
+            now=time.time() if now is None else now,
+        )
+        shape = self.registry.shape(batch.model)
+        if batch.features.shape[1] != shape.dim:
+            raise InvalidInput(
+                "wrong_dimension",
+                f"features have dimension {batch.features.shape[1]}, model {batch.model!r} has "
+                f"{shape.dim}",
+            )
+        check_batch(batch.features, batch.labels, dim=shape.dim, num_classes=shape.vocab_size)
+        return batch
+
+    def ingest(self, payload: object, now: float | None = None) -> IngestResult:
+        """Validate (time bounds at `now`, the clock by default: a simulation passes its own),
+        summarise and store one payload; a refusal is counted, then re-raised."""
         model: object = payload.get("model") if isinstance(payload, dict) else None
         try:
-            batch = decode_batch(payload, max_samples=self.max_samples, max_bytes=self.max_bytes)
-            if batch.model not in self.registry.names:
-                model = None  # unknown names must not create per-model keys
+            batch = self.validate(payload, now)
             stats = partial_stats(batch, self.registry, self.store)
         except InvalidInput as exc:
-            samples = min(_claimed_samples(payload), self.max_samples)
-            owner = model if isinstance(model, str) and model in self.registry.names else None
-            count_rejection(self.store, owner, exc.reason, samples)
+            known = isinstance(model, str) and model in self.registry.names
+            count_rejection(self.store, model if known else None, exc.reason, claimed_rows(payload))
             log.warning("rejected batch (%s): %s", exc.reason, exc)
             raise
         return store_partial(self.store, batch.model, batch.batch_id, batch.ts, stats)
-
-
-def _claimed_samples(payload: object) -> int:
-    """How many samples a refused payload claimed to carry, for the rejection counter."""
-    try:
-        shape = payload["labels"]["shape"]  # type: ignore[index]
-        return int(shape[0]) if isinstance(shape[0], int) else 1
-    except (KeyError, TypeError, IndexError):
-        return 1

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from monitor.config import ModelSpec, Settings
-from monitor.errors import InvalidInput
+from monitor.errors import CollapseMonitorError, InvalidInput
 from monitor.stats import CollapseStats, RFFConfig, median_bandwidth
+from monitor.stats.rff import BANDWIDTH_RANGE
+from monitor.stats.validation import check_values
 from monitor.store.base import Store
+
+log = logging.getLogger(__name__)
+# The agreed median is used at half, once and twice its value: each must be a valid bandwidth.
+MEDIAN_RANGE = (2 * BANDWIDTH_RANGE[0], BANDWIDTH_RANGE[1] / 2)
+
+
+class InvalidStoredBandwidth(CollapseMonitorError):
+    """The store holds an RFF bandwidth no map can use (written by a release before 0.2 from a
+    poisoned first batch). Not the current batch's fault, so not counted as its rejection."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,7 @@ class ModelRegistry:
     """Declared models by name; anything else is refused as `unknown_model`."""
 
     def __init__(self, settings: Settings) -> None:
+        self.max_clock_skew = settings.max_clock_skew_seconds  # for `TimeBounds` of payloads
         self._specs = {m.name: m for m in settings.models}
         self._shapes: dict[str, ModelShape] = {}
         self._rff: dict[str, RFFConfig | None] = {}
@@ -79,7 +93,10 @@ class ModelRegistry:
 
         Without a configured bandwidth, the first process to see data proposes one from the
         median heuristic on its batch (half, once and twice the median distance) and the store
-        keeps the first proposal, so every worker and the baseline agree.
+        keeps the first proposal, so every worker and the baseline agree. Because that choice
+        is forever, `sample` is validated here, whatever path it came by (ingest, embed,
+        baseline import): a non-finite or out-of-range sample raises `InvalidInput` before
+        anything is proposed, and the proposal is clamped into `MEDIAN_RANGE`.
         """
         if name in self._rff:
             return self._rff[name]
@@ -89,12 +106,29 @@ class ModelRegistry:
             if spec.rff_bandwidth is not None:
                 median = spec.rff_bandwidth
             else:
-                proposal = _median_or_norm(sample)
-                median = float(store.meta_setdefault(name, "rff_bandwidth", repr(proposal)))
+                median = self._agreed_bandwidth(name, store, sample)
             bandwidths = (median,) if spec.rff_bandwidth else (median / 2, median, 2 * median)
             config = RFFConfig(shape.dim, spec.rff_features, bandwidths, seed=0)
         self._rff[name] = config
         return config
+
+    def _agreed_bandwidth(self, name: str, store: Store, sample: torch.Tensor) -> float:
+        stored = store.meta(name).get("rff_bandwidth")
+        if stored is None:
+            check_values(sample)
+            proposal = _clamped(_median_or_norm(sample), name)
+            stored = store.meta_setdefault(name, "rff_bandwidth", repr(proposal))
+        try:
+            value = float(stored)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and MEDIAN_RANGE[0] <= value <= MEDIAN_RANGE[1]):
+            raise InvalidStoredBandwidth(
+                f"the stored RFF bandwidth of model {name!r} is {stored!r}, outside "
+                f"{MEDIAN_RANGE}: delete the field rff_bandwidth of its meta hash "
+                f"(<prefix>:{{{name}}}:meta) and the statistics computed under it"
+            )
+        return value
 
     def new_stats(self, name: str, store: Store, sample: torch.Tensor) -> CollapseStats:
         """Empty statistics laid out for the model (vocabulary, width, options, features)."""
@@ -105,6 +139,14 @@ class ModelRegistry:
             second_moment=shape.second_moment,
             rff=self.rff(name, store, sample),
         )
+
+
+def _clamped(proposal: float, name: str) -> float:
+    low, high = MEDIAN_RANGE
+    if low <= proposal <= high:
+        return proposal
+    log.warning("RFF bandwidth %.3g proposed for %r clamped into %s", proposal, name, MEDIAN_RANGE)
+    return min(max(proposal, low), high)
 
 
 def _median_or_norm(sample: torch.Tensor) -> float:

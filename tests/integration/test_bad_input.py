@@ -205,8 +205,73 @@ CATALOGUE: dict[str, tuple[Callable[[], object], str, str, int, str]] = {
         lambda: _with_features(np.ones((100, DIM), np.float16), np.arange(100)),  # 3,200 bytes
         "oversized_batch",
         "m",
-        MAX_SAMPLES,  # a claim is counted up to the batch limit, never more
+        100,  # the rows it really carried
         f"batch of 100 samples exceeds the limit of {MAX_SAMPLES}",
+    ),
+    "declared_rows_beyond_the_bytes": (
+        lambda: _edit(_set(("labels", "shape"), [2**63 - 1])),
+        "wrong_shape",
+        "m",
+        10,  # what its 80 label bytes hold, never the 9e18 it declared
+        "has a size over",
+    ),
+    "float64_beyond_float32": (
+        lambda: _with_features(np.full((7, DIM), 1e39), np.arange(7)),
+        "value_out_of_range",
+        "m",
+        7,
+        "exceed the float32 range (|value| <= 3.403e+38) in 7 row(s)",
+    ),
+    "float64_huge": (
+        lambda: _with_features(np.where(np.eye(5, DIM) > 0, -1e300, 1.0), np.arange(5)),
+        "value_out_of_range",
+        "m",
+        5,
+        "in 5 row(s)",
+    ),
+    "ts_in_the_future": (
+        lambda: _edit(_set(("ts",), time.time() + 3600)),
+        "future_timestamp",
+        "m",
+        10,
+        "at most 300 s (max_clock_skew_seconds) is accepted",
+    ),
+    "ts_1e300": (lambda: _edit(_set(("ts",), 1e300)), "future_timestamp", "m", 10, "ahead"),
+    "ts_older_than_every_window": (
+        lambda: _edit(_set(("ts",), time.time() - 2 * 86400)),
+        "stale_timestamp",
+        "m",
+        10,
+        "no window holds samples older than",
+    ),
+    "ts_zero": (lambda: _edit(_set(("ts",), 0)), "stale_timestamp", "m", 10, "s old"),
+    "ts_nan": (
+        lambda: _edit(_set(("ts",), float("nan"))),
+        "malformed_payload",
+        "m",
+        10,
+        "'ts' must be a finite number",
+    ),
+    "nc4_total_above_rows": (
+        lambda: _edit(_set(("nc4",), {"hits": 0, "total": 11})),
+        "malformed_payload",
+        "m",
+        10,
+        "0 <= hits <= total <= 10 (the batch's rows)",
+    ),
+    "nc4_total_2_64": (
+        lambda: _edit(_set(("nc4",), {"hits": 0, "total": 2**64})),
+        "malformed_payload",
+        "m",
+        10,
+        "0 <= hits <= total <= 10",
+    ),
+    "nc4_bool": (
+        lambda: _edit(_set(("nc4",), {"hits": True, "total": 1})),
+        "malformed_payload",
+        "m",
+        10,
+        "'nc4' needs integers",
     ),
     "not_a_map": (lambda: [1, 2, 3], "malformed_payload", UNKNOWN_MODEL, 1, "must be a map"),
     "missing_features": (
@@ -277,7 +342,7 @@ CATALOGUE: dict[str, tuple[Callable[[], object], str, str, int, str]] = {
         "malformed_payload",
         "m",
         10,
-        "'nc4' needs integers 0 <= hits <= total",
+        "'nc4' needs integers 0 <= hits <= total <= 10",
     ),
     "unsupported_version": (
         lambda: _edit(_set(("v",), 2)),
@@ -422,7 +487,7 @@ def test_worker_counts_and_acknowledges_bad_tasks(
     }
     counters = runtime.store.counters("m")
     assert counters["rejected:unsupported_version"] == 10
-    assert counters["rejected:oversized_batch"] == MAX_SAMPLES
+    assert counters["rejected:oversized_batch"] == 100
     assert counters["rejected:malformed_payload"] == 10
     assert counters["samples_ingested"] == 20
     text = log.read_text(errors="replace")

@@ -519,3 +519,68 @@ def test_cli_api_refuses_bad_setups_in_one_line(monkeypatch: pytest.MonkeyPatch)
     result = runner.invoke(_cli(), ["api"])
     assert result.exit_code == 2
     assert "max_payload_bytes" in result.output
+
+
+# ------------------------------------------------------------- values, times and counts
+# Issue 16: one validation of every value. Finite float64 beyond float32 once poisoned the
+# random-feature sums, nc4.total = 2**64 answered 500, a declared shape of 2**63 added 9e18 to
+# a counter (which then overflowed), and times were not bounded. Embedded mode runs the
+# workers' own ingestor behind the API, so these are the answers of the whole path.
+VALUES: list[tuple[str, Any, str]] = [
+    ("beyond_float32", body(np.full((6, 8), 1e39), _Y), "value_out_of_range"),
+    ("beyond_float32_negative", body(np.full((6, 8), -1e300), _Y), "value_out_of_range"),
+    ("nc4_total_2_64", body(_X, _Y, nc4={"hits": 0, "total": 2**64}), "malformed_payload"),
+    ("nc4_total_over_rows", body(_X, _Y, nc4={"hits": 0, "total": 7}), "malformed_payload"),
+    ("ts_far_ahead", _with(ts=1e300), "future_timestamp"),
+    ("ts_an_hour_ahead", _with(ts=time.time() + 3600), "future_timestamp"),
+    ("ts_before_every_window", _with(ts=time.time() - 2 * 86400), "stale_timestamp"),
+    ("ts_zero", _with(ts=0.0), "stale_timestamp"),
+    ("declared_rows_2_63", _with(labels={"shape": [2**63 - 1]}), "length_mismatch"),
+    ("declared_rows_unknown_key", {**_with(labels={"shape": [2**63 - 1]}), "x": 1},
+     "malformed_payload"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("document", "reason"), [c[1:] for c in VALUES], ids=[c[0] for c in VALUES]
+)
+def test_values_times_and_counts_are_refused_with_the_real_rows(
+    client: TestClient, runtime: Runtime, document: Any, reason: str
+) -> None:
+    for attempt in (1, 2):  # a counter that overflowed would refuse the second increment
+        response = client.post(URL, content=json.dumps(document), headers=JSON)
+        assert response.status_code == 400, response.text
+        assert error_of(response) == reason
+        assert runtime.store.counters("m") == {f"rejected:{reason}": 6 * attempt}
+    assert runtime.store.pending_count("m") == 0
+    assert runtime.store.meta("m") == {}  # no bandwidth proposed from a refused batch
+
+
+def test_times_inside_the_bounds_are_accepted(client: TestClient, runtime: Runtime) -> None:
+    now = time.time()
+    for i, ts in enumerate((now + 200, now - 20 * 3600)):  # within skew; inside the 24h window
+        response = client.post(URL, json=_with(ts=ts, batch_id=f"t-{i}"))
+        assert response.status_code == 202, response.text
+    assert runtime.store.pending_count("m") == 2
+
+
+def test_claimed_samples_are_the_rows_the_bytes_hold() -> None:
+    from monitor.api.schemas import claimed_samples
+
+    labels = np.arange(4, dtype=np.int32)
+    declared = {**array_map(labels), "shape": [2**63 - 1]}
+    assert claimed_samples({"labels": declared}) == 4
+    assert claimed_samples({"labels": {**array_map(labels, binary=True), "shape": [2**63]}}) == 4
+    assert claimed_samples({"labels": {**array_map(labels), "shape": [3]}}) == 3
+    assert claimed_samples({"labels": {**array_map(labels), "dtype": "int64"}}) == 2
+    assert claimed_samples({"labels": {"shape": [10**9]}}) == 1  # no bytes: nothing to count
+    assert claimed_samples({"labels": {**array_map(labels), "shape": [0]}}) == 1
+
+
+def test_openapi_states_the_value_and_time_bounds(client: TestClient) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    ts = schemas["FeatureSamples"]["properties"]["ts"]
+    described = json.dumps(ts)
+    assert "future_timestamp" in described
+    assert "stale_timestamp" in described
+    assert "at most the batch's rows" in json.dumps(schemas["Nc4Counts"])
