@@ -68,7 +68,7 @@ def test_no_value_above_64_mb_at_width_8192(redis_server: RedisServer) -> None:
     for i in range(batches):
         y = labels[i * per_batch : (i + 1) * per_batch]
         x = rng.normal(size=(per_batch, dim)).astype(np.float16)
-        runtime.ingestor.ingest(encode_batch("big", x, y, batch_id=f"b{i}", ts=T0))
+        runtime.ingestor.ingest(encode_batch("big", x, y, batch_id=f"b{i}", ts=T0), now=T0)
     compact_model(runtime.store, "big")
     maintain_model(runtime.store, "big", T0 + 1)
     largest = largest_value(client)
@@ -104,7 +104,8 @@ def test_window_equals_brute_force_over_its_span(redis_server: RedisServer) -> N
             ts = now - float(rng.choice([0.0, 0.0, 70.0, 400.0]))  # some arrive late
             y = rng.integers(0, VOCAB, 25)
             x = means[y] + rng.normal(size=(25, DIM))
-            runtime.ingestor.ingest(encode_batch("m", x, y, batch_id=f"s{step}.{i}", ts=ts))
+            payload = encode_batch("m", x, y, batch_id=f"s{step}.{i}", ts=ts)
+            runtime.ingestor.ingest(payload, now=now)
             raw.append((ts, x, y))
         compact_model(store, "m")
         for label, seconds in settings.windows.items():
