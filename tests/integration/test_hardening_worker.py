@@ -33,6 +33,8 @@ from monitor.pipeline.windows import compact_model, window_stats
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
+FILLERS = 256  # 64 KiB each: 16 MiB
+OVER_LIMIT = 8 << 20  # how far past maxmemory the tests put Redis
 FAST_RETRIES = {
     "COLLAPSE_TASK_MAX_RETRIES": "2",
     "COLLAPSE_TASK_RETRY_BACKOFF": "0.1",
@@ -139,15 +141,21 @@ def broker_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def _fillers(client: redis.Redis) -> int:
-    """Write 4 MiB of filler keys; returns Redis's used memory after."""
-    pipe = client.pipeline(transaction=False)
-    for i in range(64):
-        pipe.set(f"filler:{i}", b"x" * (64 << 10))
-    pipe.execute()
+    """Write 16 MiB of filler keys in small pipelines; returns Redis's used memory after.
+
+    Small pipelines, and a pause before measuring, so no large query or AOF buffer is counted
+    in the measure and freed later, which would bring Redis back under its limit by itself.
+    """
+    for start in range(0, FILLERS, 8):
+        pipe = client.pipeline(transaction=False)
+        for i in range(start, start + 8):
+            pipe.set(f"filler:{i}", b"x" * (64 << 10))
+        pipe.execute()
+    time.sleep(0.5)
     return int(client.info("memory")["used_memory"])
 
 
-def _fill_past_maxmemory(client: redis.Redis, over: int = 2 << 20) -> None:
+def _fill_past_maxmemory(client: redis.Redis, over: int = OVER_LIMIT) -> None:
     """Put Redis `over` bytes past its maxmemory with noeviction: every write is refused."""
     used = _fillers(client)
     client.config_set("maxmemory-policy", "noeviction")
@@ -158,7 +166,7 @@ def _fill_past_maxmemory(client: redis.Redis, over: int = 2 << 20) -> None:
 
 def _lift_maxmemory(client: redis.Redis) -> None:
     client.config_set("maxmemory", "0")
-    client.delete(*[f"filler:{i}" for i in range(64)])
+    client.delete(*[f"filler:{i}" for i in range(FILLERS)])
 
 
 # --------------------------------------------------------------------------- poison messages
@@ -290,7 +298,7 @@ def test_broker_out_of_memory_neither_crashes_the_worker_nor_loses_a_message(
     pipe = r.pipeline(transaction=True)
     pipe.lpush("ingest", raw)
     pipe.config_set("maxmemory-policy", "noeviction")
-    pipe.config_set("maxmemory", str(used - (2 << 20)))
+    pipe.config_set("maxmemory", str(used - OVER_LIMIT))
     pipe.execute()
     wait_for(lambda: "wait to go back to their queue" in _log_text(log), 30, "the message held")
     assert r.llen("ingest") == 0
