@@ -43,9 +43,8 @@ from monitor.config import Settings
 from monitor.errors import InvalidInput
 from monitor.pipeline.celery_app import TASK_EMBED, TASK_INGEST, create_app
 from monitor.pipeline.embed import embed_payload, parse_text_payload
-from monitor.pipeline.payload import SCHEMA_VERSION, decode_batch, encode_batch
+from monitor.pipeline.payload import SCHEMA_VERSION, encode_batch
 from monitor.pipeline.runtime import Runtime
-from monitor.stats.validation import check_batch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -162,14 +161,8 @@ class Ingress:
             if min(dims, default=0) >= 0 and math.prod(dims) > settings.max_payload_bytes:
                 message = f"{what} shape {dims} exceeds any allowed body"
                 raise Refused("length_mismatch", message, samples=claimed)
-        try:
-            batch = decode_batch(
-                payload,
-                max_samples=settings.max_batch_samples,
-                max_bytes=settings.max_payload_bytes,
-            )
-            shape = self.runtime.registry.shape(model)
-            check_batch(batch.features, batch.labels, dim=shape.dim, num_classes=shape.vocab_size)
+        try:  # the worker's own validation: the same reasons, time bounds included, at the door
+            batch = self.runtime.ingestor.validate(payload)
         except InvalidInput as exc:
             raise Refused(exc.reason, str(exc), samples=claimed) from exc
         nc4 = (batch.nc4_hits, batch.nc4_total) if batch.nc4_total else None

@@ -345,7 +345,8 @@ def test_queue_mode_enqueues_binary_payloads(remote: tuple[FastAPI, Runtime]) ->
     api.state.ingress.celery.send_task = lambda name, args, **_: sent.append((name, args[0]))
     client = TestClient(api)
     x, y = arrays()
-    ok = client.post(URL, json=body(x, y, batch_id="q1", ts=1000.0), headers=AUTH)
+    ts = round(time.time()) - 10.0  # the API checks times as the worker does: a recent one
+    ok = client.post(URL, json=body(x, y, batch_id="q1", ts=ts), headers=AUTH)
     assert ok.status_code == 202
     ids = client.post("/v1/models/t/samples", json={"token_ids": [[1, 2, 3]]}, headers=AUTH)
     assert ids.status_code == 202
@@ -357,7 +358,7 @@ def test_queue_mode_enqueues_binary_payloads(remote: tuple[FastAPI, Runtime]) ->
     assert task == TASK_INGEST
     assert isinstance(payload["features"]["data"], bytes)
     batch = decode_batch(payload, max_samples=64, max_bytes=LIMIT)
-    assert (batch.batch_id, batch.ts) == ("q1", 1000.0)
+    assert (batch.batch_id, batch.ts) == ("q1", ts)
     np.testing.assert_array_equal(batch.features, x)
     np.testing.assert_array_equal(batch.labels, y)
     assert embed_task == TASK_EMBED
