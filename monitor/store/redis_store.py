@@ -41,12 +41,13 @@ from monitor.store.redis_states import StateLock, StateOps
 from monitor.store.windows import WindowPlanner
 
 # The ingestion counters move in the same script as the partial, so they stay exactly once too.
+# The `seen` marker is set last: Redis does not roll a script back, so if a command fails midway
+# (a key of the wrong type) the batch id is not burned and a retry rewrites the same fields.
 _PUT_PARTIAL = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HINCRBY', KEYS[4], 'batches_duplicate', 1)
   return 0
 end
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
 for i = 6, #ARGV, 2 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
 end
@@ -54,6 +55,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[1], ARGV[4])
 redis.call('HINCRBY', KEYS[4], 'batches_ingested', 1)
 redis.call('HINCRBY', KEYS[4], 'samples_ingested', ARGV[5])
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
 return 1
 """
 _MAX_RETRIES = 20
