@@ -104,10 +104,11 @@ def _configured(store: Store, window: str, seconds: int) -> bool:
     return (window, seconds) in store.policy.windows
 
 
-def _bucket_count(store: Store, model: str, seconds: int, now: float) -> int:
+def _window_buckets(store: Store, model: str, seconds: int, now: float) -> list[str]:
+    """The bucket states a window of `seconds` covers at `now`, oldest first."""
     level = store.policy.level_for(seconds)
     since = store.policy.window_since(seconds, now)
-    return sum(1 for s in store.bucket_starts(model, level) if s >= since)
+    return [bucket_state(level, s) for s in store.bucket_starts(model, level) if s >= since]
 
 
 def window_stats(
@@ -120,7 +121,7 @@ def window_stats(
     included (that lag is `status`'s compaction lag).
     """
     now = time.time() if now is None else now
-    buckets = _bucket_count(store, model, seconds, now)
+    buckets = len(_window_buckets(store, model, seconds, now))
     if _configured(store, window, seconds):
         maintain_model(store, model, now)
         stats = read_state(store, model, window_state(window))
@@ -132,14 +133,11 @@ def window_stats(
 
 
 def _sum_buckets(store: Store, model: str, seconds: int, now: float) -> CollapseStats | None:
-    level = store.policy.level_for(seconds)
-    since = store.policy.window_since(seconds, now)
     total = None
-    for start in store.bucket_starts(model, level):
-        if start >= since:
-            part = read_state(store, model, bucket_state(level, start))
-            if part is not None:
-                total = part if total is None else total.merge(part)
+    for bucket in _window_buckets(store, model, seconds, now):
+        part = read_state(store, model, bucket)
+        if part is not None:
+            total = part if total is None else total.merge(part)
     return total
 
 
@@ -155,19 +153,15 @@ def window_summary(store: Store, model: str, window: str, seconds: int) -> Windo
         samples = g.sample_count
         classes = max(store.state_size(model, state) - g.non_row_fields(), 0)
     return WindowSummary(
-        window, seconds, samples, classes, _bucket_count(store, model, seconds, now)
+        window, seconds, samples, classes, len(_window_buckets(store, model, seconds, now))
     )
 
 
 def bucket_globals(store: Store, model: str, seconds: int) -> list[Globals]:
     """The globals (counts, RFF sums) of each bucket of the window: MMD calibration."""
-    now = time.time()
-    level = store.policy.level_for(seconds)
-    since = store.policy.window_since(seconds, now)
     out = []
-    for start in store.bucket_starts(model, level):
-        if start >= since:
-            g = decode_globals(store.state_field(model, bucket_state(level, start), GLOBAL_FIELD))
-            if g is not None and g.sample_count > 0:
-                out.append(g)
+    for bucket in _window_buckets(store, model, seconds, time.time()):
+        g = decode_globals(store.state_field(model, bucket, GLOBAL_FIELD))
+        if g is not None and g.sample_count > 0:
+            out.append(g)
     return out

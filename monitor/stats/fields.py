@@ -47,10 +47,6 @@ def block_rows(dim: int) -> int:
     return max(1, BLOCK_BYTES // (8 * dim))
 
 
-def row_bytes(dim: int) -> int:
-    return 16 + 8 * dim
-
-
 def is_row(field: bytes) -> bool:
     return field[:1].isdigit()
 

@@ -265,17 +265,3 @@ class StoreBusy(CollapseMonitorError):
 
 class LegacyStoreFormat(CollapseMonitorError):
     """The store holds statistics written by an older release, in a format this one refuses."""
-
-
-def chunked(fields: Fields, max_bytes: int) -> Iterator[dict[bytes, bytes]]:
-    """Split a field mapping into chunks of about `max_bytes` (one field may exceed it)."""
-    chunk: dict[bytes, bytes] = {}
-    size = 0
-    for name, value in fields.items():
-        chunk[name] = value
-        size += len(name) + len(value)
-        if size >= max_bytes:
-            yield chunk
-            chunk, size = {}, 0
-    if chunk:
-        yield chunk

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -214,7 +214,7 @@ class RedisStore:
             dropped = self._drop_expired(k, now)
         return MaintenanceResult(subtracted, rebuilt, dropped, time.perf_counter() - started)
 
-    def _bucket_exists(self, k: ModelKeys) -> Any:
+    def _bucket_exists(self, k: ModelKeys) -> Callable[[str], bool]:
         return lambda state: bool(self.client.exists(k.state(state)))
 
     def _drop_expired(self, k: ModelKeys, now: float) -> int:
