@@ -212,6 +212,27 @@ class Settings(BaseSettings):
     drift_quantile: float = Field(
         0.99, gt=0.5, lt=1.0, description="Quantile of the null MMD that calibrates its threshold."
     )
+    drift_max_mean_noise: float = Field(
+        0.05,
+        gt=0,
+        description="Ratios of metrics without a volume-robust form (equiangularity std, NC4 "
+        "agreement) are computed only when, in both the window and the baseline, at most this "
+        "fraction of the class means' spread is estimation noise (key mean_noise_ratio).",
+    )
+    drift_min_samples_per_dim: float = Field(
+        10.0,
+        ge=0,
+        description="The effective-rank ratio is computed only when the window and the "
+        "baseline each hold at least this many samples per dimension (its bias falls with N/d).",
+    )
+    stderr_groups: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="Groups of a window's buckets for the delete-a-group jackknife behind the "
+        "*_traffic_stderr keys (each group costs one more evaluation of the alerting metrics); "
+        "0 turns the standard errors off.",
+    )
     top_drift_classes: int = Field(
         20, ge=0, le=100, description="Most drifted classes kept per snapshot (bounded labels)."
     )
