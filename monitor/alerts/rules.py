@@ -91,12 +91,33 @@ def _selector(metric: str, matchers: Mapping[str, str]) -> str:
     return f"{PREFIX}{metric}{{{','.join(parts)}}}"
 
 
-def _bounded_expr(inner: str, low: float | None, high: float | None) -> str:
+def _side(inner: str, agg: str, op: str, bound: float, noise: tuple[str, float] | None) -> str:
+    """One side of a bound; with `noise` = (stderr selector, min_z), unless it is noise.
+
+    `A > b unless on (model, window) (abs(A - 1) / S < z)`: a ratio past its bound fires
+    unless its stderr series exists and says it is fewer than z standard errors from 1, so a
+    missing stderr (turned off, too few buckets) leaves the plain bound in charge.
+    """
+    value = f"{agg} by ({BY_SERIES}) ({inner})"
+    check = f"{value} {op} {_number(bound)}"
+    if noise is None:
+        return check
+    stderr, min_z = noise
+    z = f"abs({value} - 1) / min by ({BY_SERIES}) ({stderr})"
+    return f"{check} unless on ({BY_SERIES}) ({z} < {_number(min_z)})"
+
+
+def _bounded_expr(
+    inner: str,
+    low: float | None,
+    high: float | None,
+    noise: tuple[str, float] | None = None,
+) -> str:
     checks = []
     if low is not None:
-        checks.append(f"min by ({BY_SERIES}) ({inner}) < {_number(low)}")
+        checks.append(_side(inner, "min", "<", low, noise))
     if high is not None:
-        checks.append(f"max by ({BY_SERIES}) ({inner}) > {_number(high)}")
+        checks.append(_side(inner, "max", ">", high, noise))
     return checks[0] if len(checks) == 1 else " or ".join(f"({c})" for c in checks)
 
 
@@ -140,12 +161,20 @@ def _bounded_rule(
             f"{_cap(what)} of model {{{{ $labels.model }}}} (window "
             f"{{{{ $labels.window }}}}) is {VALUE}, {limit} for {bound.for_}."
         )
+    noise = None
+    if isinstance(bound, RelativeBound) and bound.min_z is not None:
+        noise = (_selector(bound.stderr_metric, bound.matchers), bound.min_z)
+        detail = (
+            f"{detail} It is at least {bound.min_z:g} standard errors from 1 "
+            f"({PREFIX}{bound.stderr_metric}), or no standard error is exported: not the "
+            "sampling noise of a small window."
+        )
     if meaning:
         detail = f"{detail} {meaning}"
     return _rule(
         alerting,
         bound.alert,
-        _bounded_expr(inner, bound.min, bound.max),
+        _bounded_expr(inner, bound.min, bound.max, noise),
         bound.for_,
         bound.severity,
         bound.summary or summary,

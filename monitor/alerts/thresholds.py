@@ -19,6 +19,7 @@ Metric names are METRICS.md keys without the `collapse_` prefix (a given prefix 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -122,9 +123,40 @@ class AbsoluteBound(_Bounded):
 
 
 class RelativeBound(_Bounded):
-    """A baseline ratio (`drift_<key>_ratio`, 1 = like the baseline) outside [min, max]."""
+    """A baseline ratio (`drift_<key>_ratio`, 1 = like the baseline) outside [min, max].
+
+    With `min_z`, the ratio must also be significantly different from 1: `|ratio - 1| /
+    drift_<key>_ratio_stderr >= min_z`. A window whose sampling noise alone could carry the
+    ratio past its bound (little traffic, a shifted class mix) then stays quiet. When the
+    stderr is not exported (`stderr_groups: 0`, too few buckets) the bound alone decides, so
+    turning the standard errors off never turns the alert off.
+    """
 
     kind: Literal["relative"] = "relative"
+    min_z: float | None = Field(
+        None,
+        gt=0,
+        description="Significance: also require |ratio - 1| >= min_z standard errors "
+        "(drift_<key>_ratio_stderr), when that stderr is exported. None: the bound alone.",
+    )
+
+    @property
+    def stderr_metric(self) -> str:
+        """The key of the ratio's standard error (`drift_<key>_ratio_stderr`)."""
+        return f"{self.metric}_stderr"
+
+    def significant(self, value: float, stderr: float | None) -> bool:
+        """The rendered rule's significance test, in the same IEEE arithmetic as PromQL:
+        suppressed only when a stderr exists and `|value - 1| / stderr < min_z` (a stderr of
+        0 gives an infinite z, NaN compares false)."""
+        if self.min_z is None or stderr is None:
+            return True
+        deviation = abs(float(value) - 1.0)
+        if stderr == 0:
+            z = math.copysign(math.inf, stderr) if deviation > 0 else math.nan
+        else:
+            z = deviation / float(stderr)
+        return not z < self.min_z
 
     @field_validator("metric")
     @classmethod

@@ -2,9 +2,10 @@
 
 They mirror the rendered rules that compare a snapshot's values (absolute bounds, baseline
 ratios, MMD above its threshold), with the same names and labels, so Alertmanager merges the two
-paths. Trend (`predict_linear`) and pipeline alerts need a time-series database and stay with
-Prometheus. `for` durations are honoured per process: a condition must hold on consecutive
-evaluations for that long before it fires.
+paths; a relative bound's `min_z` is judged by `RelativeBound.significant`, the arithmetic of
+the rendered `unless` clause. Trend (`predict_linear`) and pipeline alerts need a time-series
+database and stay with Prometheus. `for` durations are honoured per process: a condition must
+hold on consecutive evaluations for that long before it fires.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 
 from monitor.alerts.alertmanager import Alert
 from monitor.alerts.rules import alert_labels
-from monitor.alerts.thresholds import AlertingSettings, duration_seconds
+from monitor.alerts.thresholds import AlertingSettings, RelativeBound, duration_seconds
 from monitor.evaluate.snapshot import Snapshot
 
 
@@ -54,7 +55,12 @@ class VerdictTracker:
             if not bound.enabled or not _matches(bound.matchers, snap):
                 continue
             value = values.get(bound.metric)
-            if _outside(value, bound.min, bound.max):
+            if not _outside(value, bound.min, bound.max):
+                continue
+            if value is not None and (
+                not isinstance(bound, RelativeBound)
+                or bound.significant(value, values.get(bound.stderr_metric))
+            ):
                 alert = self._alert(bound.alert, bound.severity, snap, value)
                 found.append((alert, duration_seconds(bound.for_)))
         for drift in self.alerting.drift:
