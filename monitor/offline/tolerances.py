@@ -32,6 +32,8 @@ class Direction(StrEnum):
 BAD_DIRECTION: dict[str, Direction] = {
     "nc1_cdnv": Direction.increase,
     "nc1_cdnv2": Direction.increase,
+    "nc1_cdnv_unbiased": Direction.increase,
+    "nc1_cdnv2_unbiased": Direction.increase,
     "nc1_trace_ratio": Direction.increase,
     "nc2_equinorm_cv": Direction.increase,
     "nc2_equiangularity_std": Direction.increase,
@@ -58,6 +60,15 @@ DEFAULT_RELATIVE: dict[str, float] = {
     "effective_rank": 0.20,
 }
 DEFAULT_ABSOLUTE: dict[str, float] = {"drift_mmd": 0.05}
+# `compare --live`: the same checks, but CDNV on its volume-robust key. A canary gets a slice
+# of the traffic, and the plug-in CDNV of a window with fewer samples per class reads lower
+# (less collapse) for an unchanged model (METRICS.md "Volume-robust estimators").
+LIVE_DEFAULT_RELATIVE: dict[str, float] = {
+    "nc1_cdnv_unbiased": 0.25,
+    "nc4_ncc_agreement": 0.10,
+    "nc2_equiangularity_std": 0.25,
+    "effective_rank": 0.20,
+}
 
 
 @dataclass(frozen=True)
@@ -117,3 +128,21 @@ def load_tolerances(path: Path | None) -> Tolerances:
         return defaults
     data = read_structured(path, "bad_tolerances")
     return defaults.merged(check_overrides(data, str(path)))
+
+
+def load_live_tolerances(path: Path | None) -> Tolerances:
+    """`compare --live`'s tolerances: `LIVE_DEFAULT_RELATIVE` with the file at `path` merged
+    over them. Drift keys are refused: each live model's drift is against its own baseline,
+    so the two models' drift values are not a difference between them."""
+    defaults = Tolerances(relative=dict(LIVE_DEFAULT_RELATIVE), absolute={})
+    if path is None:
+        return defaults
+    overrides = check_overrides(read_structured(path, "bad_tolerances"), str(path))
+    drift = [key for key in overrides if key in ABSOLUTE_KEYS]
+    if drift:
+        raise InvalidInput(
+            "bad_tolerances",
+            f"{path}: {', '.join(drift)}: drift keys are not compared between live models "
+            "(each is measured against its own model's baseline)",
+        )
+    return defaults.merged(overrides)
