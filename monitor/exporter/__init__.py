@@ -19,6 +19,10 @@ METRIC_HELP: dict[str, str] = {
     "class-mean distance, mean over class pairs); rising = classes blur together (bad).",
     "nc1_cdnv2": "NC1 CDNV with the squared denominator (Wu & Papyan's variant); rising = "
     "classes blur together (bad).",
+    "nc1_cdnv_unbiased": "NC1 CDNV from unbiased class variances and squared mean distances "
+    "(volume-robust: does not move with traffic volume); rising = classes blur together (bad).",
+    "nc1_cdnv2_unbiased": "NC1 CDNV2 from unbiased class variances and squared mean distances "
+    "(volume-robust); rising = classes blur together (bad).",
     "nc1_trace_ratio": "NC1 Tr(Sigma_W pinv(Sigma_B))/K, within- over between-class "
     "covariance; rising = less separable classes (bad).",
     "nc2_equinorm_cv": "NC2 coefficient of variation of centred class-mean norms; rising = "
@@ -45,6 +49,8 @@ METRIC_HELP: dict[str, str] = {
     "sudden fall means narrower traffic.",
     "sample_count": "Samples (token positions) in the window; falling to 0 means ingestion "
     "stopped (bad).",
+    "mean_noise_ratio": "Share of the class means' spread that is estimation noise (too few "
+    "samples per class); above 0.05 the uncorrected drift ratios are withheld.",
     "drift_mmd": "Squared MMD (random Fourier features) between window and baseline; above "
     "drift_mmd_threshold = distribution drift (bad).",
     "drift_mmd_threshold": "Calibrated null quantile of drift_mmd at this sample count; "
@@ -55,20 +61,22 @@ METRIC_HELP: dict[str, str] = {
     "baseline; rising = drift (bad).",
     "drift_label_js": "Jensen-Shannon divergence (bits) of next-token frequencies from the "
     "baseline; rising = traffic drift (bad).",
-    "drift_nc1_cdnv_ratio": "nc1_cdnv over the baseline's; above 1 = classes blur more than at "
-    "the baseline (bad).",
-    "drift_nc2_equiangularity_std_ratio": "nc2_equiangularity_std over the baseline's; above 1 "
-    "= more interference than at the baseline (bad).",
-    "drift_nc4_ncc_agreement_ratio": "nc4_ncc_agreement over the baseline's; below 1 = less "
-    "NCC agreement than at the baseline (bad).",
-    "drift_effective_rank_ratio": "effective_rank over the baseline's; below 1 = the space "
-    "collapses compared with the baseline (bad).",
+    "drift_nc1_cdnv_ratio": "nc1_cdnv_unbiased over the baseline's (volume-robust); above 1 = "
+    "classes blur more than at the baseline (bad).",
+    "drift_nc2_equiangularity_std_ratio": "nc2_equiangularity_std over the baseline's (absent "
+    "when either side's mean_noise_ratio is too high); above 1 = more interference (bad).",
+    "drift_nc4_ncc_agreement_ratio": "nc4_ncc_agreement over the baseline's (absent when "
+    "either side's mean_noise_ratio is too high); below 1 = less NCC agreement (bad).",
+    "drift_effective_rank_ratio": "effective_rank over the baseline's (absent when either side "
+    "has under 10 samples per dimension); below 1 = the space collapses (bad).",
 }
 # The metrics that may be sampled estimates (monitor.metrics.report.ESTIMATED_KEYS; a test
 # keeps the two equal without importing the metric engine here).
 ESTIMATED = (
     "nc1_cdnv",
     "nc1_cdnv2",
+    "nc1_cdnv_unbiased",
+    "nc1_cdnv2_unbiased",
     "nc2_equiangularity_mean",
     "nc2_equiangularity_std",
     "nc2_log_energy_mean",
@@ -79,6 +87,26 @@ for _key in ESTIMATED:
     METRIC_HELP[f"{_key}_stderr"] = (
         f"Standard error of the sampled estimate of {_key} (absent when exact); large = "
         "the value is noisy, not necessarily bad."
+    )
+# The keys default alerts use (monitor.metrics.report.ALERT_STDERR_KEYS) and the drift ratios
+# (monitor.metrics.drift.RATIO_KEYS); tests keep these copies equal to those.
+ALERT_STDERR = (
+    "nc1_cdnv_unbiased",
+    "nc2_equiangularity_std",
+    "nc4_ncc_agreement",
+    "effective_rank",
+    "anisotropy_mean_cos",
+)
+RATIOS = ("nc1_cdnv", "nc2_equiangularity_std", "nc4_ncc_agreement", "effective_rank")
+for _key in ALERT_STDERR:
+    METRIC_HELP[f"{_key}_traffic_stderr"] = (
+        f"Standard error of {_key} as an estimate of the model's value under its traffic "
+        "(jackknife over the window's buckets); large = the window cannot pin it down."
+    )
+for _key in RATIOS:
+    METRIC_HELP[f"drift_{_key}_ratio_stderr"] = (
+        f"Standard error of drift_{_key}_ratio (delta method on window and baseline); an alert "
+        "may require the ratio's distance from 1 to exceed a multiple of it."
     )
 
 FAMILY_HELP: dict[str, str] = {

@@ -15,11 +15,25 @@ Keys (which way is bad):
   the class means. Bad: rising.
 - `drift_label_js`: Jensen-Shannon divergence (bits, in [0, 1]) of next-token frequencies: the
   traffic changed. Bad: rising.
-- `drift_nc1_cdnv_ratio`: window `nc1_cdnv` / baseline's. Bad: above 1 (classes blur).
-- `drift_nc2_equiangularity_std_ratio`: window / baseline. Bad: above 1.
-- `drift_nc4_ncc_agreement_ratio`: window / baseline. Bad: below 1.
+- `drift_nc1_cdnv_ratio`: window `nc1_cdnv_unbiased` / baseline's (the volume-robust CDNV, so
+  a window with less traffic than the baseline does not read as a change). Bad: above 1.
+- `drift_nc2_equiangularity_std_ratio`: window / baseline. Bad: above 1. Guarded (below).
+- `drift_nc4_ncc_agreement_ratio`: window / baseline. Bad: below 1. Guarded (below).
 - `drift_effective_rank_ratio`: window / baseline. Bad: far from 1; below 1 = the space
-  collapses onto fewer directions.
+  collapses onto fewer directions. Guarded (below).
+
+Volume guards. Equiangularity spread, NC4 agreement and effective rank have no sound
+finite-sample correction: their expectation moves with the window's traffic (noisy class means
+spread the cosines and blur the nearest-centre decision; N samples cannot show more than about
+N directions). Their ratios are therefore computed only where that bias is small on both sides,
+else absent (a missing ratio never alerts):
+
+- equiangularity std and NC4 agreement: `mean_noise_ratio <= max_mean_noise` (default 0.05:
+  the noise of the estimated means is at most 5% of their spread) in window and baseline;
+- effective rank: `sample_count >= min_samples_per_dim * dim` (default 10) in both.
+
+`drift_<k>_ratio_stderr` (RATIO_STDERR_KEYS) and `<key>_traffic_stderr` are named here and in
+`monitor.metrics.report`, and filled by the evaluator (delta method on the two traffic stderrs).
 
 Formulas (n = counts, S = sum of phi(h), Q = sum of ||phi(h)||^2, s_c/q_c = class sums):
 
@@ -44,7 +58,9 @@ Formulas (n = counts, S = sum of phi(h), Q = sum of ||phi(h)||^2, s_c/q_c = clas
   class qualifies.
 - `drift_label_js = H(m) - (H(p) + H(q))/2` in bits, `p, q` = `n_c/N` over all classes seen
   in either (no `min_count`), `m = (p+q)/2`, `0 log 0 = 0`.
-- `drift_<key>_ratio = window[key] / base[key]`; absent when either is missing or base is 0.
+- `drift_<key>_ratio = window[src] / base[src]`, `src = RATIO_SOURCE[key]` (`nc1_cdnv_unbiased`
+  for `nc1_cdnv`, the key itself for the others); absent when either is missing, base is 0 or
+  a volume guard fails.
 - `top_classes`: the classes of `drift_class_mean_cos` ordered by contribution
   `n_c / sum n (1 - cos)`, at most `top_k` (the contributions of all classes sum to
   `drift_class_mean_cos`); ties by class id.
@@ -82,6 +98,21 @@ RATIO_KEYS: tuple[str, ...] = (
     "nc4_ncc_agreement",
     "effective_rank",
 )
+# The metric each ratio divides: the volume-robust value where one exists (METRICS.md).
+RATIO_SOURCE: dict[str, str] = {
+    "nc1_cdnv": "nc1_cdnv_unbiased",
+    "nc2_equiangularity_std": "nc2_equiangularity_std",
+    "nc4_ncc_agreement": "nc4_ncc_agreement",
+    "effective_rank": "effective_rank",
+}
+# Ratios without a sound correction, compared only when both sides' mean_noise_ratio is small.
+NOISE_GUARDED: tuple[str, ...] = ("nc2_equiangularity_std", "nc4_ncc_agreement")
+# Ratios compared only when both sides have min_samples_per_dim samples per dimension.
+SAMPLES_GUARDED: tuple[str, ...] = ("effective_rank",)
+DEFAULT_MAX_MEAN_NOISE = 0.05
+DEFAULT_MIN_SAMPLES_PER_DIM = 10.0
+# Standard errors of the ratios (delta method; filled by the evaluator, not by compute_drift).
+RATIO_STDERR_KEYS: tuple[str, ...] = tuple(f"drift_{k}_ratio_stderr" for k in RATIO_KEYS)
 DRIFT_KEYS: tuple[str, ...] = (
     "drift_mmd",
     "drift_mmd_threshold",
@@ -94,8 +125,14 @@ DRIFT_KEYS: tuple[str, ...] = (
 MetricValues = Mapping[str, float | int | None]
 
 __all__ = [
+    "DEFAULT_MAX_MEAN_NOISE",
+    "DEFAULT_MIN_SAMPLES_PER_DIM",
     "DRIFT_KEYS",
+    "NOISE_GUARDED",
     "RATIO_KEYS",
+    "RATIO_SOURCE",
+    "RATIO_STDERR_KEYS",
+    "SAMPLES_GUARDED",
     "BucketSums",
     "ClassDrift",
     "DriftReport",
@@ -247,6 +284,32 @@ def _ratio(window: MetricValues | None, base: MetricValues | None, key: str) -> 
     return finite_or_none(float(num) / float(den))
 
 
+def _quiet(metrics: MetricValues | None, max_mean_noise: float) -> bool:
+    """The class means' estimation noise is a small share of their spread (guard passes)."""
+    noise = None if metrics is None else metrics.get("mean_noise_ratio")
+    return noise is not None and float(noise) <= max_mean_noise
+
+
+def _ratios(
+    window: CollapseStats,
+    base: CollapseStats | BaselineSummary,
+    window_metrics: MetricValues | None,
+    base_metrics: MetricValues | None,
+    max_mean_noise: float,
+    min_samples_per_dim: float,
+) -> dict[str, float | None]:
+    """`drift_<k>_ratio` of every RATIO_KEYS key, None where absent or guarded (module doc)."""
+    quiet = _quiet(window_metrics, max_mean_noise) and _quiet(base_metrics, max_mean_noise)
+    floor = min_samples_per_dim * window.dim
+    enough = window.sample_count >= floor and base.sample_count >= floor
+    out: dict[str, float | None] = {}
+    for key in RATIO_KEYS:
+        allowed = (key not in NOISE_GUARDED or quiet) and (key not in SAMPLES_GUARDED or enough)
+        value = _ratio(window_metrics, base_metrics, RATIO_SOURCE[key]) if allowed else None
+        out[f"drift_{key}_ratio"] = value
+    return out
+
+
 def _check(window: CollapseStats, base: CollapseStats | BaselineSummary) -> None:
     if window.num_classes != base.num_classes or window.dim != base.dim:
         raise IncompatibleStats(
@@ -276,12 +339,15 @@ def compute_drift(
     min_count: int = 2,
     quantile: float = 0.99,
     top_k: int = 20,
+    max_mean_noise: float = DEFAULT_MAX_MEAN_NOISE,
+    min_samples_per_dim: float = DEFAULT_MIN_SAMPLES_PER_DIM,
 ) -> DriftReport:
     """Every drift metric of `window` against `base` (see the module docstring).
 
-    `window_metrics`/`base_metrics` are `MetricReport.as_dict()` of each, for the ratios;
-    `base_buckets` are the baseline's per-bucket RFF sums, for the MMD threshold. `base` may be
-    a `BaselineSummary` (no class sums held): then `base_rows()` streams its class rows for the
+    `window_metrics`/`base_metrics` are `MetricReport.as_dict()` of each, for the ratios, which
+    `max_mean_noise` and `min_samples_per_dim` guard (see the module docstring); `base_buckets`
+    are the baseline's per-bucket RFF sums, for the MMD threshold. `base` may be a
+    `BaselineSummary` (no class sums held): then `base_rows()` streams its class rows for the
     one per-class comparison. Raises IncompatibleStats when vocabulary size or dimension differ.
     """
     _check(window, base)
@@ -301,7 +367,9 @@ def compute_drift(
         usable = [b for b in base_buckets if b.rff_sum.numel() == base.rff.features]
         if len(usable) == len(base_buckets):
             threshold = mmd_threshold(usable, window.sample_count, base.sample_count, quantile)
-    ratios = {f"drift_{k}_ratio": _ratio(window_metrics, base_metrics, k) for k in RATIO_KEYS}
+    ratios = _ratios(
+        window, base, window_metrics, base_metrics, max_mean_noise, min_samples_per_dim
+    )
     return DriftReport(
         drift_mmd=mmd,
         drift_mmd_threshold=finite_or_none(threshold),

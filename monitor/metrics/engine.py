@@ -16,6 +16,7 @@ from monitor.metrics.rows import ClassMeans, HeadRows
 from monitor.stats import CollapseStats
 from monitor.stats.validation import ArrayLike, all_finite, as_tensor
 
+_F64 = torch.float64
 DEFAULT_MIN_COUNT = 2
 DEFAULT_MAX_EXACT_CLASSES = 30_000
 DEFAULT_PAIR_SAMPLES = 500_000
@@ -87,7 +88,9 @@ def compute_metrics(
         norms = classes.centred_norms()
         fields["nc2_equinorm_cv"] = _cov(norms)
         fields["nc1_trace_ratio"] = trace_ratio(stats, kept, classes, min_count, dev)
-        inputs = PairInputs(classes, kept.variances().to(dev), norms * norms)
+        counts = kept.counts.to(dev)
+        inputs = PairInputs(classes, kept.variances().to(dev), norms * norms, counts)
+        fields["mean_noise_ratio"] = mean_noise_ratio(inputs.variances, counts, inputs.sq_norms)
         if exact:
             estimates.update(exact_pair_metrics(inputs, tile=tile_size))
         else:
@@ -111,6 +114,25 @@ def compute_metrics(
         seconds=time.perf_counter() - started,
         **fields,
     )
+
+
+def mean_noise_ratio(
+    variances: torch.Tensor, counts: torch.Tensor, sq_norms: torch.Tensor
+) -> float | None:
+    """`sum_c s~_c^2/n_c / sum_c ||m_c||^2` over the classes with n_c >= 2 (METRICS.md notation).
+
+    The share of the class means' spread that is the noise of estimating them from this
+    window: the drift guards compare metrics without a sound correction only when it is small.
+    None with fewer than 2 such classes or no spread at all.
+    """
+    n = counts.to(_F64)
+    usable = n >= 2
+    if int(usable.sum()) < 2:
+        return None
+    n_u = n[usable]
+    noise = float((variances[usable] / (n_u - 1.0)).sum())  # s~^2/n = sigma^2/(n-1)
+    spread = float(sq_norms[usable].sum())
+    return noise / spread if spread > 0 else None
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

@@ -239,8 +239,11 @@ def test_label_js_matches_the_manual_formula() -> None:
 
 def test_ratios_divide_window_by_baseline() -> None:
     s = _stats(np.random.default_rng(9).normal(size=(20, 3)), np.arange(20) % 4, 4)
-    win = {"nc1_cdnv": 0.3, "nc2_equiangularity_std": 0.2, "nc4_ncc_agreement": None}
-    base = {"nc1_cdnv": 0.1, "nc2_equiangularity_std": 0.0, "nc4_ncc_agreement": 0.5}
+    # The CDNV ratio divides the volume-robust key; the plug-in one is not used.
+    win = {"nc1_cdnv_unbiased": 0.3, "nc1_cdnv": 9.0, "nc2_equiangularity_std": 0.2,
+           "nc4_ncc_agreement": None, "mean_noise_ratio": 0.01}  # fmt: skip
+    base = {"nc1_cdnv_unbiased": 0.1, "nc1_cdnv": 1.0, "nc2_equiangularity_std": 0.0,
+            "nc4_ncc_agreement": 0.5, "mean_noise_ratio": 0.01}  # fmt: skip
     out = compute_drift(s, s, window_metrics=win, base_metrics=base).as_dict()
     assert out["drift_nc1_cdnv_ratio"] == pytest.approx(3.0)
     assert out["drift_nc2_equiangularity_std_ratio"] is None  # base 0
@@ -251,7 +254,9 @@ def test_ratios_divide_window_by_baseline() -> None:
 
 def test_identical_statistics_show_no_drift() -> None:
     rng = np.random.default_rng(10)
-    x, y = rng.normal(size=(400, 6)) + 3.0, rng.integers(0, 8, size=400)
+    y = rng.integers(0, 8, size=400)
+    # Separated classes, so that mean_noise_ratio passes the volume guard of two ratios.
+    x = 3.0 * rng.normal(size=(8, 6))[y] + 0.5 * rng.normal(size=(400, 6)) + 3.0
     cfg = RFFConfig(dim=6, features=64, seed=0)
     s = _stats(x, y, 8, cfg, second_moment=True)
     s.record_nc4(30, 100)

@@ -1,0 +1,419 @@
+"""Volume-robust estimators (issue 15): `nc1_cdnv_unbiased`, `nc1_cdnv2_unbiased`,
+`mean_noise_ratio` and the volume guards of the drift ratios.
+
+The references are float64 numpy over the raw samples (a loop over class pairs), independent
+of the tiled walks. The acceptance of METRICS.md runs one fixed model at N = 2,000 and
+N = 250,000 samples; `volume_table()` prints every metric key of that model at both volumes
+(the numbers in docs/metrics.md):
+
+    .venv/bin/python -c "import sys; sys.path.insert(0, 'tests/unit'); \
+        import test_volume_robust as t; t.volume_table()"
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from monitor import exporter
+from monitor.metrics import compute_metrics, pairwise
+from monitor.metrics.drift import (
+    DRIFT_KEYS,
+    RATIO_KEYS,
+    RATIO_SOURCE,
+    RATIO_STDERR_KEYS,
+    compute_drift,
+)
+from monitor.metrics.report import (
+    ALERT_STDERR_KEYS,
+    COLLAPSE_KEYS,
+    ESTIMATED_KEYS,
+    GEOMETRY_KEYS,
+    REPORT_KEYS,
+    TRAFFIC_STDERR_KEYS,
+)
+from monitor.stats import CollapseStats, RFFConfig
+
+UNBIASED = ("nc1_cdnv_unbiased", "nc1_cdnv2_unbiased")
+
+
+# ------------------------------------------------------------------------ brute force
+@dataclass(frozen=True)
+class ClassRef:
+    n: int
+    mean: np.ndarray
+    var: float  # sigma_c^2, biased: mean of ||h - mu_c||^2
+
+
+def class_refs(x: np.ndarray, y: np.ndarray, min_count: int) -> dict[int, ClassRef]:
+    out = {}
+    for c in np.unique(y):
+        rows = x[y == c]
+        if len(rows) >= min_count:
+            mu = rows.mean(axis=0)
+            out[int(c)] = ClassRef(len(rows), mu, float(((rows - mu) ** 2).sum(axis=1).mean()))
+    return out
+
+
+def unbiased_reference(
+    x: np.ndarray, y: np.ndarray, min_count: int, resolution: float
+) -> dict[str, Any]:
+    """Both keys by a loop over pairs of classes with n >= max(2, min_count); a pair is kept
+    when D~ > resolution * (s~_c^2/n_c + s~_c'^2/n_c'). Also counts the pairs dropped."""
+    refs = [r for r in class_refs(x, y, min_count).values() if r.n >= 2]
+    cdnv, cdnv2 = [], []
+    dropped_nonpositive = dropped_unresolved = 0
+    for a in range(len(refs)):
+        for b in range(a + 1, len(refs)):
+            p, q = refs[a], refs[b]
+            sp, sq = p.var * p.n / (p.n - 1), q.var * q.n / (q.n - 1)
+            noise = sp / p.n + sq / q.n
+            d_tilde = float(((p.mean - q.mean) ** 2).sum()) - noise
+            if d_tilde <= 0:
+                dropped_nonpositive += 1
+            if d_tilde <= resolution * noise:
+                dropped_unresolved += d_tilde > 0
+                continue
+            cdnv.append((sp + sq) / (2 * d_tilde))
+            cdnv2.append((sp + sq) / (2 * d_tilde**2))
+    return {
+        "nc1_cdnv_unbiased": math.fsum(cdnv) / len(cdnv) if cdnv else None,
+        "nc1_cdnv2_unbiased": math.fsum(cdnv2) / len(cdnv2) if cdnv2 else None,
+        "kept": len(cdnv),
+        "nonpositive": dropped_nonpositive,
+        "unresolved": dropped_unresolved,
+        "values": np.array(cdnv),
+    }
+
+
+def noise_ratio_reference(x: np.ndarray, y: np.ndarray, min_count: int) -> float | None:
+    refs = class_refs(x, y, min_count)
+    centre = np.mean([r.mean for r in refs.values()], axis=0)  # mu_G over C'
+    usable = [r for r in refs.values() if r.n >= 2]
+    if len(usable) < 2:
+        return None
+    noise = math.fsum(r.var * r.n / (r.n - 1) / r.n for r in usable)
+    spread = math.fsum(float(((r.mean - centre) ** 2).sum()) for r in usable)
+    return noise / spread
+
+
+def stats_of(x: np.ndarray, y: np.ndarray, vocab: int, **kw: Any) -> CollapseStats:
+    s = CollapseStats(vocab, x.shape[1], **kw)
+    s.update(torch.from_numpy(x), torch.from_numpy(y))
+    return s
+
+
+def tricky_data(seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """40 classes in d = 6: counts 1 to 30, pairs of classes whose samples are copies of each
+    other's shifted by far less than their spread (D~ < 0 for sure), pairs with one population
+    mean or nearly one (D~ around 0), and five classes seen once."""
+    rng = np.random.default_rng(seed)
+    k, d = 40, 6
+    means = rng.normal(scale=2.0, size=(k, d))
+    means[1] = means[0]
+    means[3] = means[2] + 0.05
+    means[5] = means[4] + 0.3
+    means[7] = means[6]
+    counts = rng.integers(2, 31, size=k)
+    counts[[0, 1, 2, 3]] = 2
+    counts[[6, 7]] = 3
+    counts[35:] = 1
+    y = np.repeat(np.arange(k), counts)
+    spread = rng.uniform(0.5, 1.5, size=k)
+    x = means[y] + spread[y, None] * rng.normal(size=(len(y), d))
+    x[y == 1] = x[y == 0] + 1e-3
+    x[y == 7] = x[y == 6] - 1e-3
+    return x, y, k
+
+
+# ------------------------------------------------------------ (b) walks vs brute force
+@pytest.mark.parametrize("min_count", [1, 2, 3])
+@pytest.mark.parametrize("resolution", [1.0, 0.0])
+def test_exact_walk_matches_brute_force(
+    min_count: int, resolution: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pairwise, "RESOLUTION", resolution)
+    x, y, k = tricky_data(0)
+    ref = unbiased_reference(x, y, min_count, resolution)
+    assert ref["nonpositive"] > 0, "the data must have pairs with D~ <= 0"
+    if resolution > 0:
+        assert ref["unresolved"] > 0, "and pairs with 0 < D~ <= the noise"
+    for tile in (7, 512):  # several tiles with diagonal and off-diagonal blocks, and one
+        got = compute_metrics(stats_of(x, y, k), min_count=min_count, tile_size=tile).as_dict()
+        for key in UNBIASED:
+            assert got[key] == pytest.approx(ref[key], rel=1e-9), (key, tile)
+            assert got[f"{key}_stderr"] is None
+    if min_count == 1:
+        assert got["class_count"] == k  # n_c = 1 classes are in C', not in these two keys
+
+
+@pytest.mark.parametrize("resolution", [1.0, 0.0])
+def test_sampled_walk_within_its_standard_error(
+    resolution: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pairwise, "RESOLUTION", resolution)
+    x, y, k = tricky_data(1)
+    ref = unbiased_reference(x, y, 1, resolution)
+    assert ref["nonpositive"] > 0
+    stats = stats_of(x, y, k)
+    for seed in (0, 1):
+        got = compute_metrics(
+            stats, min_count=1, max_exact_classes=2, pair_samples=60_000, seed=seed
+        ).as_dict()
+        for key in UNBIASED:
+            value, stderr = got[key], got[f"{key}_stderr"]
+            assert value is not None, key
+            assert stderr is not None, key
+            assert stderr > 0, key
+            assert abs(value - ref[key]) < 4 * stderr, (key, value, ref[key], stderr)
+        # The pair-sampling error of a mean over the kept pairs: std / sqrt(kept draws),
+        # about 60,000 x (kept pairs / all pairs) draws.
+        kept_draws = 60_000 * ref["kept"] / (k * (k - 1) / 2)
+        want = ref["values"].std() / math.sqrt(kept_draws)
+        assert got["nc1_cdnv_unbiased_stderr"] == pytest.approx(want, rel=0.25)
+
+
+def test_no_resolvable_pair_is_absent_not_zero() -> None:
+    rng = np.random.default_rng(3)
+    pair = rng.normal(size=(2, 4))
+    # Class 1 repeats class 0's samples, shifted by far less than their spread: the plug-in
+    # CDNV exists (and is huge), the unbiased one has no pair to average.
+    x = np.concatenate([pair, pair + 1e-3, rng.normal(size=(1, 4))])
+    y = np.array([0, 0, 1, 1, 2])
+    got = compute_metrics(stats_of(x, y, 3), min_count=1).as_dict()
+    assert got["nc1_cdnv"] is not None
+    assert got["nc1_cdnv"] > 100
+    assert unbiased_reference(x, y, 1, pairwise.RESOLUTION)["kept"] == 0
+    assert got["nc1_cdnv_unbiased"] is None
+    assert got["nc1_cdnv2_unbiased"] is None
+    assert got["mean_noise_ratio"] is not None
+    # One class with n >= 2 and one seen once: no pair has both counts >= 2.
+    one = compute_metrics(stats_of(x[2:], y[2:], 3), min_count=1).as_dict()
+    assert one["class_count"] == 2
+    assert one["nc1_cdnv"] is not None
+    assert one["nc1_cdnv_unbiased"] is None
+    assert one["mean_noise_ratio"] is None
+
+
+# ------------------------------------------------------------ (c) mean_noise_ratio
+@pytest.mark.parametrize("min_count", [1, 2, 4])
+def test_mean_noise_ratio_matches_brute_force(min_count: int) -> None:
+    x, y, k = tricky_data(2)
+    got = compute_metrics(stats_of(x, y, k), min_count=min_count).as_dict()
+    want = noise_ratio_reference(x, y, min_count)
+    assert want is not None
+    assert got["mean_noise_ratio"] == pytest.approx(want, rel=1e-9)
+
+
+# ----------------------------------------------------- (a) acceptance of METRICS.md
+V, DIM = 2_000, 64
+
+
+@dataclass(frozen=True)
+class Model:
+    """One fixed model: class means, per-class isotropic variances independent of frequency,
+    Zipf label frequencies over randomly ordered classes, and an LM head near the means."""
+
+    means: np.ndarray  # (V, d)
+    var: np.ndarray  # (V,) per-dimension variance
+    probs: np.ndarray  # (V,)
+    head: np.ndarray  # (V, d)
+
+    def population(self) -> dict[str, float]:
+        """CDNV and CDNV2 over all pairs of the population (no sampling at all)."""
+        iu = np.triu_indices(V, 1)
+        sq = (self.means**2).sum(1)  # distances ~ 128 >> their rounding: the Gram form is fine
+        dist2 = (sq[:, None] + sq[None, :] - 2 * self.means @ self.means.T)[iu]
+        trace = self.var * DIM
+        num = (trace[:, None] + trace[None, :])[iu] / 2
+        return {
+            "nc1_cdnv": float((num / dist2).mean()),
+            "nc1_cdnv2": float((num / dist2**2).mean()),
+        }
+
+
+def make_model() -> Model:
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(V, DIM))
+    probs = 1.0 / np.arange(1, V + 1)
+    probs = (probs / probs.sum())[rng.permutation(V)]
+    head = means + 0.5 * rng.normal(size=(V, DIM))
+    return Model(means, rng.uniform(0.5, 1.5, size=V), probs, head)
+
+
+def draw(
+    model: Model, n: int, seed: int, *, keep: int = 0, **kw: Any
+) -> tuple[CollapseStats, np.ndarray]:
+    """A window of n samples (in chunks); returns its statistics and its first `keep` samples."""
+    rng = np.random.default_rng(seed)
+    stats = CollapseStats(V, DIM, **kw)
+    kept = np.empty((0, DIM))
+    for start in range(0, n, 50_000):
+        m = min(50_000, n - start)
+        y = rng.choice(V, size=m, p=model.probs)
+        x = model.means[y] + np.sqrt(model.var[y])[:, None] * rng.normal(size=(m, DIM))
+        stats.update(torch.from_numpy(x), torch.from_numpy(y))
+        if len(kept) < keep:
+            kept = np.concatenate([kept, x[: keep - len(kept)]])
+    return stats, kept
+
+
+@pytest.fixture(scope="module")
+def volumes() -> dict[str, Any]:
+    model = make_model()
+    small, _ = draw(model, 2_000, 1, second_moment=True)
+    large, _ = draw(model, 250_000, 2, second_moment=True)
+    return {
+        "model": model,
+        "small": small,
+        "large": large,
+        "m_small": compute_metrics(small).as_dict(),
+        "m_large": compute_metrics(large).as_dict(),
+    }
+
+
+def test_acceptance_unbiased_cdnv_does_not_follow_traffic_volume(volumes: dict[str, Any]) -> None:
+    lo, hi = volumes["m_small"], volumes["m_large"]
+    assert lo["sample_count"] == 2_000
+    assert hi["sample_count"] == 250_000
+    assert lo["class_count"] < 300 < 1_900 < hi["class_count"]  # Zipf: few classes kept at 2k
+    # The problem: the plug-in keys of the same model move by a large factor with volume.
+    assert hi["nc1_cdnv"] / lo["nc1_cdnv"] > 1.6
+    assert hi["nc1_cdnv2"] / lo["nc1_cdnv2"] > 2.0
+    # The fix: within 10% of each other, and of the population at high volume.
+    pop = volumes["model"].population()
+    assert lo["nc1_cdnv_unbiased"] == pytest.approx(hi["nc1_cdnv_unbiased"], rel=0.10)
+    assert hi["nc1_cdnv_unbiased"] == pytest.approx(pop["nc1_cdnv"], rel=0.02)
+    assert hi["nc1_cdnv2_unbiased"] == pytest.approx(pop["nc1_cdnv2"], rel=0.03)
+    # CDNV2's squared denominator keeps a second-order bias E[1/D~^2] > 1/D^2 at a few samples
+    # per class (+6% median, 95th percentile +12% over 200 windows of this model): 10% here,
+    # with this seed; docs/metrics.md gives the distribution.
+    assert lo["nc1_cdnv2_unbiased"] == pytest.approx(hi["nc1_cdnv2_unbiased"], rel=0.10)
+    # mean_noise_ratio says which window is the noisy one.
+    assert lo["mean_noise_ratio"] > 0.2 > 0.05 > hi["mean_noise_ratio"]
+
+
+# --------------------------------------------------------------------- (d) drift
+def _tiny(n: int, dim: int = 3) -> CollapseStats:
+    rng = np.random.default_rng(n)
+    return stats_of(rng.normal(size=(n, dim)), np.arange(n) % 4, 4)
+
+
+def _values(noise: float | None, **kw: float) -> dict[str, float | None]:
+    base: dict[str, float | None] = {
+        "nc1_cdnv": 5.0,  # plug-in: never used by the ratio
+        "nc1_cdnv_unbiased": 0.2,
+        "nc2_equiangularity_std": 0.1,
+        "nc4_ncc_agreement": 0.5,
+        "effective_rank": 2.0,
+        "mean_noise_ratio": noise,
+    }
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize("side", ["window", "base"])
+def test_noise_guard_on_either_side(side: str) -> None:
+    s = _tiny(40)
+    quiet = _values(0.05)  # at the bound: compared
+    guarded = ("drift_nc2_equiangularity_std_ratio", "drift_nc4_ncc_agreement_ratio")
+    for noise, present in ((0.05, True), (0.0501, False), (None, False)):
+        other = _values(noise, nc1_cdnv_unbiased=0.3, nc2_equiangularity_std=0.2,
+                        nc4_ncc_agreement=0.25)  # fmt: skip
+        win, base = (other, quiet) if side == "window" else (quiet, other)
+        out = compute_drift(s, s, window_metrics=win, base_metrics=base).as_dict()
+        for key in guarded:
+            assert (out[key] is not None) is present, (noise, key)
+        # The CDNV ratio has its correction and no guard; it divides the unbiased key.
+        want = 0.3 / 0.2 if side == "window" else 0.2 / 0.3
+        assert out["drift_nc1_cdnv_ratio"] == pytest.approx(want)
+    loose = compute_drift(s, s, window_metrics=_values(0.3), base_metrics=quiet, max_mean_noise=0.5)
+    assert loose.drift_nc2_equiangularity_std_ratio == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("side", ["window", "base"])
+def test_samples_per_dimension_guard_on_either_side(side: str) -> None:
+    big = _tiny(60)  # dim 3: 60 >= 10 x 3
+    for n, present in ((30, True), (29, False)):
+        small = _tiny(n)
+        win, base = (small, big) if side == "window" else (big, small)
+        out = compute_drift(win, base, window_metrics=_values(0.01), base_metrics=_values(0.01))
+        assert (out.drift_effective_rank_ratio is not None) is present, n
+    small = _tiny(15)
+    win, base = (small, big) if side == "window" else (big, small)
+    vals = _values(0.01)
+    out = compute_drift(win, base, window_metrics=vals, base_metrics=vals, min_samples_per_dim=5)
+    assert out.drift_effective_rank_ratio == pytest.approx(1.0)
+
+
+def test_drift_between_volumes_of_one_model(volumes: dict[str, Any]) -> None:
+    """A traffic dip (2,000 samples) against a baseline of 250,000 from the same model."""
+    small, large = volumes["small"], volumes["large"]
+    win, base = volumes["m_small"], volumes["m_large"]
+    out = compute_drift(small, large, window_metrics=win, base_metrics=base)
+    assert out.drift_nc1_cdnv_ratio == pytest.approx(1.0, abs=0.10)
+    assert win["nc1_cdnv"] / base["nc1_cdnv"] < 0.6  # what the ratio used to compare
+    # The noisy window's uncorrected ratios are withheld; effective rank has 31 samples/dim.
+    assert out.drift_nc2_equiangularity_std_ratio is None
+    assert out.drift_effective_rank_ratio is not None
+    lax = compute_drift(small, large, window_metrics=win, base_metrics=base, max_mean_noise=1.0,
+                        min_samples_per_dim=40.0)  # fmt: skip
+    assert lax.drift_nc2_equiangularity_std_ratio is not None
+    assert lax.drift_effective_rank_ratio is None  # 2,000 < 40 x 64
+
+
+# --------------------------------------------------------------------- catalogue
+def test_catalogue_names_the_new_keys() -> None:
+    assert COLLAPSE_KEYS.index("nc1_cdnv_unbiased") == COLLAPSE_KEYS.index("nc1_cdnv2") + 1
+    assert "mean_noise_ratio" in GEOMETRY_KEYS
+    assert set(UNBIASED) <= set(ESTIMATED_KEYS)
+    assert {f"{k}_stderr" for k in UNBIASED} <= set(REPORT_KEYS)
+    assert tuple(exporter.ALERT_STDERR) == ALERT_STDERR_KEYS
+    assert tuple(exporter.RATIOS) == RATIO_KEYS
+    assert tuple(f"{k}_traffic_stderr" for k in ALERT_STDERR_KEYS) == TRAFFIC_STDERR_KEYS
+    assert tuple(f"drift_{k}_ratio_stderr" for k in RATIO_KEYS) == RATIO_STDERR_KEYS
+    assert set(RATIO_SOURCE) == set(RATIO_KEYS)
+    assert RATIO_SOURCE["nc1_cdnv"] == "nc1_cdnv_unbiased"
+    for key in (*REPORT_KEYS, *DRIFT_KEYS, *TRAFFIC_STDERR_KEYS, *RATIO_STDERR_KEYS):
+        assert exporter.METRIC_HELP.get(key, "").strip(), key
+    # Names the evaluator fills in are not drift keys of compute_drift nor report keys.
+    assert not set(RATIO_STDERR_KEYS) & set(DRIFT_KEYS)
+    assert not set(TRAFFIC_STDERR_KEYS) & set(REPORT_KEYS)
+
+
+# ------------------------------------------------------------- docs/metrics.md numbers
+def volume_table(seed: int = 1) -> None:
+    """Every metric key of the acceptance model at N = 2,000 and 250,000, with drift against a
+    third, 250,000-sample window as the baseline (markdown rows for docs/metrics.md)."""
+    model = make_model()
+    rff = RFFConfig(dim=DIM, features=256, bandwidths=(8.0, 16.0), seed=0)
+    head = torch.from_numpy(model.head)
+    base_stats, _ = draw(model, 250_000, seed + 100, second_moment=True, rff=rff)
+    base = compute_metrics(base_stats, head).as_dict()
+    rows: dict[str, list[Any]] = {}
+    for n in (2_000, 250_000):
+        stats, sample = draw(model, n, seed, keep=20_000, second_moment=True, rff=rff)
+        prev, _ = draw(model, n, seed + 50)  # the previous evaluation, for NC4 at ingestion
+        ev = torch.from_numpy(sample)
+        m = compute_metrics(stats, head, eval_features=ev).as_dict()
+        m["nc4 at ingestion"] = compute_metrics(prev, head, eval_features=ev).as_dict()[
+            "nc4_ncc_agreement"
+        ]
+        m.update(compute_drift(stats, base_stats, window_metrics=m, base_metrics=base).as_dict())
+        lax = compute_drift(stats, base_stats, window_metrics=m, base_metrics=base,
+                            max_mean_noise=math.inf, min_samples_per_dim=0.0)  # fmt: skip
+        for key in RATIO_KEYS:
+            m[f"drift_{key}_ratio (unguarded)"] = lax.as_dict()[f"drift_{key}_ratio"]
+        for key, value in m.items():
+            if not key.endswith("_stderr"):
+                rows.setdefault(key, []).append(value)
+    print("| key | N = 2,000 | N = 250,000 |")
+    print("| --- | ---: | ---: |")
+    for key, (lo, hi) in rows.items():
+        cells = ["null" if v is None else f"{v:.4g}" for v in (lo, hi)]
+        print(f"| `{key}` | {cells[0]} | {cells[1]} |")
