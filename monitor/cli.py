@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.main
 from rich.console import Console
 from rich.table import Table
 
@@ -28,6 +29,7 @@ from monitor.cli_common import (
     print_error,
     progress_bar,
     stderr,
+    tidy_help,
 )
 from monitor.metrics import MetricReport
 from monitor.metrics.report import COLLAPSE_KEYS, ESTIMATED_KEYS, GEOMETRY_KEYS, format_value
@@ -41,7 +43,8 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    # --install-completion / --show-completion (bash, zsh, fish, PowerShell).
+    add_completion=True,
 )
 
 
@@ -101,7 +104,7 @@ def analyze(
     ] = None,
     output: FormatOption = OutputFormat.table,
 ) -> None:
-    """Metrics of saved features: every collapse and geometry key of METRICS.md.
+    """Metrics of saved features: every collapse and geometry key of docs/metrics.md.
 
     Options left out take their value from the settings (COLLAPSE_* env vars, see
     docs/configuration.md); [env: N] shows the built-in default.
@@ -202,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     try:
         with one_line_errors():
-            code = app(args=argv, prog_name="collapse-monitor", standalone_mode=False)
+            command = tidy_help(typer.main.get_command(app))
+            code = command(args=argv, prog_name="collapse-monitor", standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

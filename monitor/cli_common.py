@@ -3,17 +3,20 @@ stderr and the progress bar (the conventions of docs/cli.md)."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -42,6 +45,54 @@ FormatOption = Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP
 
 
 debug_mode = {"on": False}  # set by the root --debug option
+
+
+def _one_line_paragraphs(text: str) -> str:
+    """Each paragraph of `text` on one line (a `\b` paragraph keeps its breaks, as in click),
+    rich markup escaped: `[env: 2]` is text, not a tag that would vanish."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    joined = [
+        p if p.startswith("\b") else " ".join(line.strip() for line in p.splitlines())
+        for p in paragraphs
+    ]
+    return escape("\n\n".join(joined))
+
+
+def tidy_help(command: Any) -> Any:
+    """`command` (a click command tree from typer) with help texts fit for the terminal.
+
+    Docstrings are wrapped at the source's width; typer's rich formatter keeps their line
+    breaks (in a command list and in later paragraphs) and wraps again at the terminal's width,
+    into jagged lines. One line per paragraph lets the terminal do the only wrapping.
+    """
+    for name in ("help", "short_help"):
+        text = getattr(command, name, None)
+        if text:
+            setattr(command, name, _one_line_paragraphs(text))
+    for param in getattr(command, "params", []):
+        if getattr(param, "help", None):
+            param.help = _one_line_paragraphs(param.help)
+    for sub in getattr(command, "commands", {}).values():
+        tidy_help(sub)
+    return command
+
+
+def iso_utc(epoch: float) -> str:
+    """`epoch` seconds as ISO-8601 UTC to the second, e.g. 2026-12-02T10:33:54Z."""
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def with_iso_time(stamp: dict[str, Any]) -> dict[str, Any]:
+    """`stamp` with `created_iso` beside its epoch `created` (kept for scripts that read it)."""
+    created = stamp.get("created")
+    if not isinstance(created, int | float) or isinstance(created, bool):
+        return dict(stamp)
+    out: dict[str, Any] = {}
+    for key, value in stamp.items():
+        out[key] = value
+        if key == "created":
+            out["created_iso"] = iso_utc(float(created))
+    return out
 
 
 def one_line(exc: Exception) -> str:

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from monitor.cli_common import FormatOption, OutputFormat, progress_bar
+from monitor.cli_common import FormatOption, OutputFormat, progress_bar, with_iso_time
 from monitor.config import Settings
 from monitor.data.files import read_lines
 from monitor.errors import InvalidInput
@@ -32,6 +32,14 @@ baseline_app = typer.Typer(
 )
 # An input file must exist and be a file: typer refuses otherwise, in one line with exit code 2.
 _FILE: dict[str, Any] = {"exists": True, "dir_okay": False, "readable": True}
+HeartbeatOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Touch this file every 10 s while the process's own loop runs, for a liveness "
+        "probe that checks its age (the chart's does); off by default.",
+        dir_okay=False,
+    ),
+]
 
 
 def _service_settings() -> Settings:
@@ -56,11 +64,12 @@ def worker(
         "prefork"
     ),
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+    heartbeat_file: HeartbeatOption = None,
 ) -> None:
     """Run a Celery worker: `ingest` (statistics of feature batches), `embed` (forward pass of
     mirrored texts, one per GPU with --pool solo) and `maintenance` (compaction, evaluation).
     """
-    _service_settings()
+    settings = _service_settings()
     # Read by celery.apps.worker at import: SIGTERM starts the soft shutdown (see
     # worker_shutdown_timeout) instead of an unbounded warm one.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
@@ -70,6 +79,12 @@ def worker(
     unknown = sorted(set(wanted) - set(QUEUES))
     if unknown or not wanted:
         raise InvalidInput("invalid_option", f"unknown queues {unknown}; choose from {QUEUES}")
+    if heartbeat_file is not None:
+        from monitor.cli_heartbeat import Heartbeat, worker_step
+
+        heartbeat = Heartbeat(heartbeat_file, max_task_seconds=settings.task_visibility_timeout)
+        heartbeat.reset()
+        app.steps["worker"].add(worker_step(heartbeat, inline_tasks=pool == "solo"))
     app.worker_main(
         [
             "worker",
@@ -83,16 +98,24 @@ def worker(
     )
 
 
-def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info") -> None:
+def beat(
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+    heartbeat_file: HeartbeatOption = None,
+) -> None:
     """Run the scheduler of compaction and evaluation (exactly one per deployment).
 
     Its schedule lives in memory: the tasks are idempotent intervals, so nothing needs to
     persist across restarts (and Celery's default shelve file would be pickle at rest).
     """
     _service_settings()
+    from monitor.cli_heartbeat import Heartbeat, HeartbeatScheduler
     from monitor.pipeline.celery_app import app
 
-    app.start(["beat", "--scheduler=celery.beat:Scheduler", f"--loglevel={loglevel}"])
+    if heartbeat_file is not None:
+        HeartbeatScheduler.heartbeat = Heartbeat(heartbeat_file)
+        HeartbeatScheduler.heartbeat.reset()
+    scheduler = f"{HeartbeatScheduler.__module__}:{HeartbeatScheduler.__name__}"
+    app.start(["beat", f"--scheduler={scheduler}", f"--loglevel={loglevel}"])
 
 
 def status(
@@ -103,7 +126,14 @@ def status(
     from monitor.pipeline.status import model_status, status_document
 
     runtime = _runtime()
-    names = [model] if model else sorted(set(runtime.store.models()) | set(runtime.registry.names))
+    known = sorted(set(runtime.store.models()) | set(runtime.registry.names))
+    if model is not None and model not in known:
+        raise InvalidInput(
+            "unknown_model",
+            f"model {model!r} is neither declared (COLLAPSE_MODELS) nor in the store; "
+            f"known: {known}",
+        )
+    names = [model] if model else known
     statuses = [model_status(runtime.store, runtime.settings, name) for name in names]
     if output is OutputFormat.json:
         typer.echo(json.dumps(status_document(statuses)))
@@ -255,7 +285,7 @@ def baseline_pin(
             source=f"features:{features.name}",
             replace=replace,
         )
-    stamp = {"model": model, "baseline": name, **meta}
+    stamp = with_iso_time({"model": model, "baseline": name, **meta})
     if output is OutputFormat.json:
         typer.echo(json.dumps(stamp))
         return
@@ -276,12 +306,12 @@ def baseline_list(
 ) -> None:
     """Baselines pinned for a model, with their stamps."""
     runtime = _runtime()
-    found = runtime.store.baselines(model)
+    found = {name: with_iso_time(meta) for name, meta in runtime.store.baselines(model).items()}
     if output is OutputFormat.json:
         typer.echo(json.dumps(found))
         return
     table = Table(title=f"baselines of {model}")
-    for column in ("name", "source", "samples", "classes", "dim", "created"):
+    for column in ("name", "source", "samples", "classes", "dim", "created (UTC)"):
         table.add_column(column)
     for name, meta in found.items():
         table.add_row(
@@ -290,7 +320,7 @@ def baseline_list(
             str(meta.get("sample_count")),
             str(meta.get("class_count")),
             str(meta.get("dim")),
-            str(meta.get("created")),
+            str(meta.get("created_iso", meta.get("created"))),
         )
     Console().print(table)
 

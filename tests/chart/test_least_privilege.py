@@ -42,6 +42,7 @@ from test_chart import (
 )
 
 REDIS_SECRETS = {
+    "REDIS_USERNAME",  # from a Secret only with redis.external.usernameKey
     "COLLAPSE_REDIS_PASSWORD",
     "COLLAPSE_REDIS_SENTINEL_PASSWORD",
     "COLLAPSE_BROKER_PASSWORD",

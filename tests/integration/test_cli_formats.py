@@ -8,6 +8,7 @@ independently of the code (the saved arrays); the table against the same facts a
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,13 +61,31 @@ def test_pipeline_commands_print_json_and_tables(
     assert "400" in out
     assert "ref2" in out
 
+    assert isinstance(stamp["created"], float)  # the epoch stays, an ISO-8601 form joins it
+    assert stamp["created_iso"] == time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                 time.gmtime(int(stamp["created"])))  # fmt: skip
     code, out, _ = run(capsys, "baseline", "list", "--model", "m", "--format", "json")
     assert code == ExitCode.OK
-    assert sorted(json.loads(out)) == ["ref", "ref2"]
+    listed = json.loads(out)
+    assert sorted(listed) == ["ref", "ref2"]
+    created = listed["ref"]["created"]
+    assert isinstance(created, float)
+    assert abs(created - time.time()) < 300
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(created)))
+    assert listed["ref"]["created_iso"] == iso
     code, out, _ = run(capsys, "baseline", "list", "--model", "m")
     assert code == ExitCode.OK
     assert "ref2" in out
     assert "features:h.npy" in out
+    assert iso in out  # people read UTC times, not epochs
+    assert str(int(created)) not in out
+
+    # An unknown model is bad input, as everywhere else: one line, exit code 2.
+    code, out, err = run(capsys, "status", "--model", "nope", "--format", "json")
+    assert (code, out) == (ExitCode.BAD_INPUT, "")
+    assert err.startswith("error: ")
+    assert len(err.strip().splitlines()) == 1
+    assert "'nope'" in err
 
     code, out, err = run(capsys, "replay", "--model", "m", *files, "--format", "json")
     assert code == ExitCode.OK, err

@@ -68,12 +68,57 @@ app.kubernetes.io/part-of: collapse-monitor
 {{- printf "%s-redis" (include "cm.fullname" .) -}}
 {{- end -}}
 
-{{/* The Redis URL, without password. */}}
+{{/*
+The external store's ACL user, as JSON: {"plain": user} (in the url or redis.external.username),
+{"key": key} (in redis.external.existingSecret) or {} (none; always none for the chart's Redis).
+*/}}
+{{- define "cm.redisUser" -}}
+{{- $ext := .Values.redis.external -}}
+{{- if .Values.redis.enabled -}}
+{{- toJson dict -}}
+{{- else -}}
+{{- $inUrl := (urlParse (required "redis.external.url is required when redis.enabled is false" $ext.url)).userinfo -}}
+{{- if and $inUrl (or $ext.username $ext.usernameKey) -}}
+{{- fail "the ACL user of the external Redis is given twice: in redis.external.url and in redis.external.username or usernameKey; keep one" -}}
+{{- end -}}
+{{- if $ext.usernameKey -}}
+{{- if not $ext.existingSecret -}}
+{{- fail "redis.external.usernameKey names a key of redis.external.existingSecret: set that too" -}}
+{{- end -}}
+{{- toJson (dict "key" $ext.usernameKey) -}}
+{{- else if or $ext.username $inUrl -}}
+{{- toJson (dict "plain" (default $inUrl $ext.username)) -}}
+{{- else -}}
+{{- toJson dict -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The Redis URL, without password. An ACL user kept in a Secret goes in as $(REDIS_USERNAME),
+which Kubernetes expands from the variable of that name set before COLLAPSE_REDIS_URL.
+*/}}
 {{- define "cm.redisUrl" -}}
 {{- if .Values.redis.enabled -}}
 {{- printf "redis://%s:%d/%d" (include "cm.redisHost" .) (int .Values.redis.port) (int .Values.redis.database) -}}
 {{- else -}}
-{{- required "redis.external.url is required when redis.enabled is false" .Values.redis.external.url -}}
+{{- $url := required "redis.external.url is required when redis.enabled is false" .Values.redis.external.url -}}
+{{- $user := include "cm.redisUser" . | fromJson -}}
+{{- $parsed := urlParse $url -}}
+{{- if or $parsed.userinfo (not (or $user.plain $user.key)) -}}
+{{- $url -}}
+{{- else -}}
+{{- $name := $user.plain -}}
+{{- if $user.key }}{{ $name = "$(REDIS_USERNAME)" }}{{ end -}}
+{{- printf "%s://%s@%s" $parsed.scheme $name (trimPrefix (printf "%s://" $parsed.scheme) $url) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The ACL user in broker.url (of its first part for sentinel://), or empty. */}}
+{{- define "cm.brokerUser" -}}
+{{- with .Values.broker.url -}}
+{{- (urlParse (first (splitList ";" .))).userinfo -}}
 {{- end -}}
 {{- end -}}
 
@@ -138,22 +183,25 @@ standalone
 {{/*
 Where the Celery queues live, for KEDA: dict with mode (standalone | sentinel), url (parsed:
 scheme, host, path), addresses (sentinels, comma-separated), master, secret and key of the
-password (empty secret: none).
+password (empty secret: none), userEnv (the container variable holding the ACL user, or empty).
 */}}
 {{- define "cm.brokerTarget" -}}
 {{- $broker := .Values.broker -}}
 {{- $ext := .Values.redis.external -}}
+{{- $brokerUser := ternary "BROKER_USERNAME" "" (not (empty (include "cm.brokerUser" .))) -}}
+{{- $storeUser := include "cm.redisUser" . | fromJson -}}
+{{- $storeUserEnv := ternary "REDIS_USERNAME" "" (not (empty $storeUser)) -}}
 {{- if hasPrefix "sentinel://" $broker.url -}}
 {{- $hosts := list -}}
 {{- range (splitList ";" $broker.url) }}{{ if . }}{{ $hosts = append $hosts (urlParse .).host }}{{ end }}{{ end -}}
 {{- $first := urlParse (first (splitList ";" $broker.url)) -}}
-{{- toJson (dict "mode" "sentinel" "url" (dict "scheme" "redis" "host" "" "path" $first.path) "addresses" (join "," $hosts) "master" $broker.sentinelMaster "secret" $broker.existingSecret "key" $broker.passwordKey) -}}
+{{- toJson (dict "mode" "sentinel" "url" (dict "scheme" "redis" "host" "" "path" $first.path) "addresses" (join "," $hosts) "master" $broker.sentinelMaster "secret" $broker.existingSecret "key" $broker.passwordKey "userEnv" $brokerUser) -}}
 {{- else if $broker.url -}}
-{{- toJson (dict "mode" "standalone" "url" (urlParse $broker.url) "secret" $broker.existingSecret "key" $broker.passwordKey) -}}
+{{- toJson (dict "mode" "standalone" "url" (urlParse $broker.url) "secret" $broker.existingSecret "key" $broker.passwordKey "userEnv" $brokerUser) -}}
 {{- else if eq (include "cm.storeMode" .) "sentinel" -}}
-{{- toJson (dict "mode" "sentinel" "url" (urlParse (include "cm.redisUrl" .)) "addresses" (join "," $ext.sentinel.addresses) "master" $ext.sentinel.masterName "secret" (include "cm.redisPasswordSecret" .) "key" (include "cm.redisPasswordKey" .)) -}}
+{{- toJson (dict "mode" "sentinel" "url" (urlParse (include "cm.redisUrl" .)) "addresses" (join "," $ext.sentinel.addresses) "master" $ext.sentinel.masterName "secret" (include "cm.redisPasswordSecret" .) "key" (include "cm.redisPasswordKey" .) "userEnv" $storeUserEnv) -}}
 {{- else -}}
-{{- toJson (dict "mode" "standalone" "url" (urlParse (include "cm.redisUrl" .)) "secret" (include "cm.redisPasswordSecret" .) "key" (include "cm.redisPasswordKey" .)) -}}
+{{- toJson (dict "mode" "standalone" "url" (urlParse (include "cm.redisUrl" .)) "secret" (include "cm.redisPasswordSecret" .) "key" (include "cm.redisPasswordKey" .) "userEnv" $storeUserEnv) -}}
 {{- end -}}
 {{- end -}}
 
@@ -185,6 +233,17 @@ Alertmanager credentials, and only when settings.alertmanager_url is set.
 */}}
 {{- define "cm.env" -}}
 {{- $root := .root -}}
+{{- $user := include "cm.redisUser" $root | fromJson }}
+{{- if $user.key }}
+- name: REDIS_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.redis.external.existingSecret }}
+      key: {{ $user.key }}
+{{- else if $user.plain }}
+- name: REDIS_USERNAME
+  value: {{ $user.plain | quote }}
+{{- end }}
 - name: COLLAPSE_REDIS_URL
   value: {{ include "cm.redisUrl" $root | quote }}
 {{- $pw := include "cm.redisPasswordSecret" $root }}
@@ -214,6 +273,10 @@ Alertmanager credentials, and only when settings.alertmanager_url is set.
 {{- end }}
 {{- with $root.Values.broker.url }}
 - name: COLLAPSE_BROKER_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with include "cm.brokerUser" $root }}
+- name: BROKER_USERNAME
   value: {{ . | quote }}
 {{- end }}
 {{- with $root.Values.broker.sentinelMaster }}

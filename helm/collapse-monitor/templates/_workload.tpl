@@ -3,7 +3,8 @@ One collapse-monitor Deployment. dict:
   root: $, component: name, values: the component's values, args: container args,
   ports: [{name, port}] (http probes on the first), models: mount modelVolume,
   gpu: GPU worker, replicas: int or nil (autoscaled), recreate: Recreate strategy,
-  readyPath: readiness probe path (default /readyz).
+  readyPath: readiness probe path (default /readyz), liveness: the component's liveness values
+  (processes without ports: the heartbeat file, see cm.heartbeatArgs).
 */}}
 {{- define "cm.deployment" -}}
 {{- $root := .root -}}
@@ -80,6 +81,21 @@ spec:
             periodSeconds: 10
             timeoutSeconds: 5
             failureThreshold: 3
+          {{- else if and .liveness .liveness.enabled }}
+          {{- $check := include "cm.heartbeatCheck" .liveness }}
+          # The process touches the heartbeat file from its own loop (cm.heartbeatArgs).
+          startupProbe:
+            exec:
+              command: ["sh", "-c", {{ $check | quote }}]
+            periodSeconds: 10
+            timeoutSeconds: 10
+            failureThreshold: {{ div (add (int .liveness.startupSeconds) 9) 10 }}
+          livenessProbe:
+            exec:
+              command: ["sh", "-c", {{ $check | quote }}]
+            periodSeconds: 30
+            timeoutSeconds: 10
+            failureThreshold: 2
           {{- end }}
           envFrom:
             - configMapRef:
@@ -110,4 +126,26 @@ spec:
 {{- if and .values.hpa.enabled .values.keda.enabled -}}
 {{- fail (printf "%s: enable hpa or keda, not both (KEDA creates its own HPA)" .component) -}}
 {{- end -}}
+{{- end -}}
+
+
+{{/*
+Liveness of the Celery processes (worker, beat): they touch a heartbeat file from their own
+loop (`--heartbeat-file`, every 10 s), and the probe compares its age with sh, date and stat:
+no Python start (seconds with torch) and no broker round trip, unlike `celery inspect ping`.
+*/}}
+{{- define "cm.heartbeatFile" -}}/tmp/heartbeat{{- end -}}
+
+{{/* Args that turn the heartbeat on: the component's liveness values. */}}
+{{- define "cm.heartbeatArgs" -}}
+{{- if .enabled -}}
+{{- toJson (list (printf "--heartbeat-file=%s" (include "cm.heartbeatFile" .))) -}}
+{{- else -}}
+[]
+{{- end -}}
+{{- end -}}
+
+{{/* The probe's shell check: the heartbeat exists and is younger than maxAgeSeconds. */}}
+{{- define "cm.heartbeatCheck" -}}
+f={{ include "cm.heartbeatFile" . }}; [ -f "$f" ] && [ $(( $(date +%s) - $(stat -c %Y "$f") )) -lt {{ int .maxAgeSeconds }} ]
 {{- end -}}
