@@ -23,6 +23,7 @@ from typing import Any, Literal
 from monitor.errors import ExitCode, InvalidInput
 from monitor.evaluate.snapshot import Snapshot
 from monitor.metrics.drift import DRIFT_KEYS
+from monitor.metrics.report import TRAFFIC_STDERR_SUFFIX
 from monitor.offline.compare import COMPARED_KEYS, SCHEMA_VERSION
 from monitor.offline.live_verdict import (
     DEFAULT_Z,
@@ -34,7 +35,6 @@ from monitor.offline.tolerances import Tolerances
 from monitor.pipeline.registry import ModelShape
 from monitor.pipeline.runtime import Runtime
 
-TRAFFIC_STDERR_SUFFIX = "_traffic_stderr"
 STALE_INTERVALS = 3  # a snapshot older than this many evaluation intervals is refused
 # Bounded by the hidden width d (effective rank <= d; the trace ratio's pinv(Sigma_B) spans
 # min(K - 1, d) directions): across widths their values are not like for like.
