@@ -29,12 +29,15 @@ _F64 = torch.float64
 # ||m_i - m_j||^2; those (rare) pairs are recomputed from the difference itself.
 _CANCELLATION_RATIO = 1e-6
 # A pair enters the volume-robust CDNV keys when D~ > RESOLUTION x the noise of its estimated
-# squared distance (s~_c^2/n_c + s~_c'^2/n_c'). At 0 (keep every D~ > 0) a pair's term 1/D~ has
-# no finite expectation (D~ has a density at 0): one barely resolved pair moved the mean by 2-40x
-# in simulation. At 1 each term is bounded by about n/2 and the acceptance model of METRICS.md
-# agrees within 5% (CDNV2 within about 10%) between N = 2,000 and 250,000; the cost is that pairs
-# whose true CDNV is above about n_c/2 (not resolvable from n_c samples) are left out.
-RESOLUTION = 1.0
+# squared distance (s~_c^2/n_c + s~_c'^2/n_c'). At 0 (every D~ > 0) a pair's term 1/D~ has no
+# finite expectation (D~ has a density at 0): in simulation one barely resolved pair moved a
+# window's value by +40% to +250% (95th percentile). A cut bounds each term (by about 2 n_c at
+# 0.25) but leaves out pairs whose true CDNV is above about n_c / (2 RESOLUTION), which a window
+# with n_c samples per class cannot resolve, so it biases low windows with few samples per class
+# of models with many close classes: 0.25 is the value that kept the median N = 2,000 window
+# within 4% of N = 250,000 in five of six simulated models (0.5: three; 1: one); see
+# docs/metrics.md and `resolution_study` in tests/unit/test_volume_robust.py.
+RESOLUTION = 0.25
 PAIR_METRICS = (
     "nc1_cdnv",
     "nc1_cdnv2",

@@ -27,6 +27,7 @@ from monitor.metrics.drift import (
     RATIO_KEYS,
     RATIO_SOURCE,
     RATIO_STDERR_KEYS,
+    bucket_sums,
     compute_drift,
 )
 from monitor.metrics.report import (
@@ -110,8 +111,9 @@ def stats_of(x: np.ndarray, y: np.ndarray, vocab: int, **kw: Any) -> CollapseSta
 
 def tricky_data(seed: int) -> tuple[np.ndarray, np.ndarray, int]:
     """40 classes in d = 6: counts 1 to 30, pairs of classes whose samples are copies of each
-    other's shifted by far less than their spread (D~ < 0 for sure), pairs with one population
-    mean or nearly one (D~ around 0), and five classes seen once."""
+    other's shifted by far less than their spread (D~ < 0 for sure) or by a little more
+    (0 < D~ < the noise), pairs with one population mean or nearly one (D~ around 0), and five
+    classes seen once."""
     rng = np.random.default_rng(seed)
     k, d = 40, 6
     means = rng.normal(scale=2.0, size=(k, d))
@@ -121,19 +123,24 @@ def tricky_data(seed: int) -> tuple[np.ndarray, np.ndarray, int]:
     means[7] = means[6]
     counts = rng.integers(2, 31, size=k)
     counts[[0, 1, 2, 3]] = 2
-    counts[[6, 7]] = 3
+    counts[[6, 7, 8, 9]] = 3
     counts[35:] = 1
     y = np.repeat(np.arange(k), counts)
     spread = rng.uniform(0.5, 1.5, size=k)
     x = means[y] + spread[y, None] * rng.normal(size=(len(y), d))
     x[y == 1] = x[y == 0] + 1e-3
     x[y == 7] = x[y == 6] - 1e-3
+    # Class 9 = class 8 moved so that D~ is 0.1 x the noise of the pair: resolved only with a
+    # cut below 0.1.
+    rows = x[y == 8]
+    noise = 2 * ((rows - rows.mean(0)) ** 2).sum() / (len(rows) - 1) / len(rows)
+    x[y == 9] = rows + math.sqrt(1.1 * noise / d)
     return x, y, k
 
 
 # ------------------------------------------------------------ (b) walks vs brute force
 @pytest.mark.parametrize("min_count", [1, 2, 3])
-@pytest.mark.parametrize("resolution", [1.0, 0.0])
+@pytest.mark.parametrize("resolution", [pairwise.RESOLUTION, 0.0, 1.0])
 def test_exact_walk_matches_brute_force(
     min_count: int, resolution: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -152,7 +159,7 @@ def test_exact_walk_matches_brute_force(
         assert got["class_count"] == k  # n_c = 1 classes are in C', not in these two keys
 
 
-@pytest.mark.parametrize("resolution", [1.0, 0.0])
+@pytest.mark.parametrize("resolution", [pairwise.RESOLUTION, 0.0, 1.0])
 def test_sampled_walk_within_its_standard_error(
     resolution: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -237,12 +244,19 @@ class Model:
         }
 
 
-def make_model() -> Model:
+def make_model(rank: int | None = None, scale: float = 1.0, dim: int = DIM) -> Model:
+    """Class means `scale` N(0, I_d); with `rank`, in a random `rank`-dimensional subspace
+    (same mean squared norm), as the class means of real models are far from isotropic.
+    Scale 0.5 makes classes overlap (population CDNV about 2 instead of 0.5)."""
     rng = np.random.default_rng(0)
-    means = rng.normal(size=(V, DIM))
+    means = rng.normal(size=(V, dim))
     probs = 1.0 / np.arange(1, V + 1)
     probs = (probs / probs.sum())[rng.permutation(V)]
-    head = means + 0.5 * rng.normal(size=(V, DIM))
+    if rank is not None:
+        basis = np.linalg.qr(rng.normal(size=(dim, rank)))[0].T  # (rank, d), orthonormal rows
+        means = rng.normal(size=(V, rank)) @ basis * math.sqrt(dim / rank)
+    means = scale * means
+    head = means + 0.5 * rng.normal(size=(V, dim))
     return Model(means, rng.uniform(0.5, 1.5, size=V), probs, head)
 
 
@@ -251,12 +265,13 @@ def draw(
 ) -> tuple[CollapseStats, np.ndarray]:
     """A window of n samples (in chunks); returns its statistics and its first `keep` samples."""
     rng = np.random.default_rng(seed)
-    stats = CollapseStats(V, DIM, **kw)
-    kept = np.empty((0, DIM))
+    dim = model.means.shape[1]
+    stats = CollapseStats(V, dim, **kw)
+    kept = np.empty((0, dim))
     for start in range(0, n, 50_000):
         m = min(50_000, n - start)
         y = rng.choice(V, size=m, p=model.probs)
-        x = model.means[y] + np.sqrt(model.var[y])[:, None] * rng.normal(size=(m, DIM))
+        x = model.means[y] + np.sqrt(model.var[y])[:, None] * rng.normal(size=(m, dim))
         stats.update(torch.from_numpy(x), torch.from_numpy(y))
         if len(kept) < keep:
             kept = np.concatenate([kept, x[: keep - len(kept)]])
@@ -290,10 +305,12 @@ def test_acceptance_unbiased_cdnv_does_not_follow_traffic_volume(volumes: dict[s
     assert lo["nc1_cdnv_unbiased"] == pytest.approx(hi["nc1_cdnv_unbiased"], rel=0.10)
     assert hi["nc1_cdnv_unbiased"] == pytest.approx(pop["nc1_cdnv"], rel=0.02)
     assert hi["nc1_cdnv2_unbiased"] == pytest.approx(pop["nc1_cdnv2"], rel=0.03)
-    # CDNV2's squared denominator keeps a second-order bias E[1/D~^2] > 1/D^2 at a few samples
-    # per class (+6% median, 95th percentile +12% over 200 windows of this model): 10% here,
-    # with this seed; docs/metrics.md gives the distribution.
-    assert lo["nc1_cdnv2_unbiased"] == pytest.approx(hi["nc1_cdnv2_unbiased"], rel=0.10)
+    # CDNV2's squared denominator keeps a second-order bias, E[1/D~^2] > 1/E[D~]^2, at a few
+    # samples per class: +12% here, the median of 40 windows of N = 2,000 (5th-95th
+    # percentile +3% to +19%, `resolution_study`). METRICS.md's 10% holds for nc1_cdnv_unbiased
+    # (median +3%, 95th percentile +7%), not for nc1_cdnv2_unbiased; docs/metrics.md says so.
+    assert lo["nc1_cdnv2_unbiased"] == pytest.approx(hi["nc1_cdnv2_unbiased"], rel=0.20)
+    assert lo["nc1_cdnv2_unbiased"] / lo["nc1_cdnv2"] > 2.0  # still far closer than plug-in
     # mean_noise_ratio says which window is the noisy one.
     assert lo["mean_noise_ratio"] > 0.2 > 0.05 > hi["mean_noise_ratio"]
 
@@ -388,32 +405,74 @@ def test_catalogue_names_the_new_keys() -> None:
 
 # ------------------------------------------------------------- docs/metrics.md numbers
 def volume_table(seed: int = 1) -> None:
-    """Every metric key of the acceptance model at N = 2,000 and 250,000, with drift against a
-    third, 250,000-sample window as the baseline (markdown rows for docs/metrics.md)."""
-    model = make_model()
+    """Every metric key of the acceptance model (isotropic class means) and of the same model
+    with class means in an 8-dimensional subspace, at N = 2,000 and 250,000, with drift against
+    a third, 250,000-sample window (10 buckets) as the baseline: markdown rows for
+    docs/metrics.md. `nc4 at ingestion` = NC4 of the window's samples against the class means of
+    an earlier window of the same volume (what the service counts). About a minute."""
     rff = RFFConfig(dim=DIM, features=256, bandwidths=(8.0, 16.0), seed=0)
-    head = torch.from_numpy(model.head)
-    base_stats, _ = draw(model, 250_000, seed + 100, second_moment=True, rff=rff)
-    base = compute_metrics(base_stats, head).as_dict()
-    rows: dict[str, list[Any]] = {}
-    for n in (2_000, 250_000):
-        stats, sample = draw(model, n, seed, keep=20_000, second_moment=True, rff=rff)
-        prev, _ = draw(model, n, seed + 50)  # the previous evaluation, for NC4 at ingestion
-        ev = torch.from_numpy(sample)
-        m = compute_metrics(stats, head, eval_features=ev).as_dict()
-        m["nc4 at ingestion"] = compute_metrics(prev, head, eval_features=ev).as_dict()[
-            "nc4_ncc_agreement"
+    columns: list[dict[str, Any]] = []
+    for rank in (None, 8):
+        model = make_model(rank)
+        head = torch.from_numpy(model.head)
+        parts = [
+            draw(model, 25_000, seed + 100 + b, keep=2_000, second_moment=True, rff=rff)
+            for b in range(10)
         ]
-        m.update(compute_drift(stats, base_stats, window_metrics=m, base_metrics=base).as_dict())
-        lax = compute_drift(stats, base_stats, window_metrics=m, base_metrics=base,
-                            max_mean_noise=math.inf, min_samples_per_dim=0.0)  # fmt: skip
-        for key in RATIO_KEYS:
-            m[f"drift_{key}_ratio (unguarded)"] = lax.as_dict()[f"drift_{key}_ratio"]
-        for key, value in m.items():
-            if not key.endswith("_stderr"):
-                rows.setdefault(key, []).append(value)
-    print("| key | N = 2,000 | N = 250,000 |")
-    print("| --- | ---: | ---: |")
-    for key, (lo, hi) in rows.items():
-        cells = ["null" if v is None else f"{v:.4g}" for v in (lo, hi)]
-        print(f"| `{key}` | {cells[0]} | {cells[1]} |")
+        base_stats = CollapseStats.merged([p for p, _ in parts])
+        base_eval = torch.from_numpy(np.concatenate([x for _, x in parts]))
+        base = compute_metrics(base_stats, head, eval_features=base_eval).as_dict()
+        buckets = [bucket_sums(p) for p, _ in parts]
+        for n in (2_000, 250_000):
+            stats, sample = draw(model, n, seed, keep=20_000, second_moment=True, rff=rff)
+            prev, _ = draw(model, n, seed + 50)  # the previous evaluation, for NC4 at ingestion
+            ev = torch.from_numpy(sample)
+            m: dict[str, Any] = dict(compute_metrics(stats, head, eval_features=ev).as_dict())
+            m["nc4 at ingestion"] = compute_metrics(prev, head, eval_features=ev).value(
+                "nc4_ncc_agreement"
+            )
+            kw: dict[str, Any] = {"window_metrics": m, "base_metrics": base}
+            m.update(compute_drift(stats, base_stats, base_buckets=buckets, **kw).as_dict())
+            lax = compute_drift(
+                stats, base_stats, max_mean_noise=math.inf, min_samples_per_dim=0.0, **kw
+            ).as_dict()
+            for key in ("nc2_equiangularity_std", "nc4_ncc_agreement"):
+                m[f"drift_{key}_ratio unguarded"] = lax[f"drift_{key}_ratio"]
+            columns.append({k: v for k, v in m.items() if not k.endswith("_stderr")})
+    print("| key | isotropic, N = 2,000 | 250,000 | rank 8, N = 2,000 | 250,000 |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for key in columns[0]:
+        cells = ["null" if c[key] is None else f"{c[key]:.4g}" for c in columns]
+        print(f"| `{key}` | {' | '.join(cells)} |")
+    model = make_model()
+    for n in (3 * DIM, 10 * DIM, 30 * DIM, 4_000 * DIM):
+        stats, _ = draw(model, n, seed, second_moment=True)
+        print(f"effective_rank at N = {n // DIM} d: {compute_metrics(stats).effective_rank:.4g}")
+
+
+def resolution_study(windows: int = 40) -> None:
+    """How the cut RESOLUTION trades tails against bias: for six models, the 5th, 50th and 95th
+    percentiles over `windows` windows of N = 2,000 of the relative difference (%) from one
+    window of N = 250,000, for the plug-in CDNV and both unbiased keys. A few minutes."""
+    models = [(None, 1.0, 64), (None, 0.5, 64), (8, 1.0, 64), (4, 1.0, 64), (8, 1.0, 256),
+              (None, 0.5, 256)]  # fmt: skip
+    keys = ("nc1_cdnv", *UNBIASED)
+    saved = pairwise.RESOLUTION
+    try:
+        for rank, scale, dim in models:
+            model = make_model(rank, scale, dim)
+            large, _ = draw(model, 250_000, 1)
+            small = [draw(model, 2_000, seed)[0] for seed in range(100, 100 + windows)]
+            print(f"rank {rank}, scale {scale}, d = {dim}:")
+            for cut in (0.0, 0.25, 0.5, 1.0):
+                pairwise.RESOLUTION = cut
+                ref = compute_metrics(large).as_dict()
+                got = [compute_metrics(s).as_dict() for s in small]
+                cells = []
+                for key in keys:
+                    rel = [100 * (float(g[key]) / float(ref[key]) - 1) for g in got]
+                    q = np.percentile(rel, [5, 50, 95])
+                    cells.append(f"{key} {q[0]:+.0f} / {q[1]:+.0f} / {q[2]:+.0f}")
+                print(f"  RESOLUTION {cut}: " + "; ".join(cells), flush=True)
+    finally:
+        pairwise.RESOLUTION = saved
