@@ -93,12 +93,20 @@ def worker_step(heartbeat: Heartbeat, *, inline_tasks: bool) -> type[Any]:
     `inline_tasks`: the pool runs tasks in the loop's own thread (solo), so a running task
     keeps the file fresh through `task_prerun`/`task_postrun` and a thread.
     """
+
+    def started(**_: object) -> None:
+        heartbeat.task_started()
+
+    def finished(**_: object) -> None:
+        heartbeat.task_finished()
+
     if inline_tasks:
-        task_prerun.connect(lambda **_: heartbeat.task_started(), weak=False)
-        task_postrun.connect(lambda **_: heartbeat.task_finished(), weak=False)
+        task_prerun.connect(started, weak=False)
+        task_postrun.connect(finished, weak=False)
 
     class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
         requires: ClassVar[tuple[str, ...]] = ("celery.worker.components:Timer",)
+        receivers: ClassVar[tuple[Any, ...]] = (started, finished)  # to disconnect them
 
         def start(self, worker: Any) -> None:
             # Both fire from the event loop: the first as soon as it turns, then every interval.

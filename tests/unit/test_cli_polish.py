@@ -20,10 +20,11 @@ import pytest
 import typer
 import typer.main
 from celery import Celery
+from celery.signals import task_postrun, task_prerun
 
 from monitor import cli
 from monitor.cli_common import ExitCode, debug_mode, iso_utc, tidy_help, with_iso_time
-from monitor.cli_heartbeat import Heartbeat, HeartbeatScheduler
+from monitor.cli_heartbeat import Heartbeat, HeartbeatScheduler, worker_step
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDTH = 80
@@ -290,6 +291,54 @@ def test_keepalive_thread_touches_only_during_a_task(tmp_path: Path) -> None:
         time.sleep(0.15)
         assert path.stat().st_mtime_ns == settled, "touched after the task ended"
     finally:
+        beat.stop_keepalive()
+
+
+class FakeTimer:
+    """The two calls the step makes on the worker's timer, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, Any]] = []
+
+    def call_after(self, secs: float, fun: Any) -> None:
+        self.calls.append(("after", secs, fun))
+
+    def call_repeatedly(self, secs: float, fun: Any) -> Any:
+        self.calls.append(("repeatedly", secs, fun))
+        return FakeEntry()
+
+
+class FakeEntry:
+    cancelled = False
+
+    def cancel(self) -> None:
+        FakeEntry.cancelled = True
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_worker_step_puts_the_touch_on_the_timer_and_follows_inline_tasks(
+    tmp_path: Path, inline: bool
+) -> None:
+    beat = Heartbeat(tmp_path / "hb", interval=10.0)
+    step_class = worker_step(beat, inline_tasks=inline)
+    assert step_class.requires == ("celery.worker.components:Timer",)
+    try:
+        worker = type("Worker", (), {"timer": FakeTimer()})()
+        step = step_class(worker)
+        step.start(worker)
+        calls = worker.timer.calls
+        assert [(kind, secs) for kind, secs, _ in calls] == [("after", 0.0), ("repeatedly", 10.0)]
+        calls[0][2]()  # what the event loop will run
+        assert (tmp_path / "hb").exists()
+        task_prerun.send(sender=None)
+        assert beat.task_keeps_alive(time.monotonic()) is inline  # solo: a task vouches
+        task_postrun.send(sender=None)
+        assert not beat.task_keeps_alive(time.monotonic())
+        step.stop(worker)
+        assert FakeEntry.cancelled
+    finally:
+        for signal, receiver in zip((task_prerun, task_postrun), step_class.receivers, strict=True):
+            signal.disconnect(receiver)
         beat.stop_keepalive()
 
 
