@@ -1,23 +1,43 @@
 """The evaluator: for each model and window, every metric, drift against the pinned baseline,
-and one snapshot written atomically. Runs as a beat task or once (`collapse-monitor evaluate`).
+standard errors from the window's own traffic, and one snapshot written atomically. Runs as a
+beat task or once (`collapse-monitor evaluate`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from monitor.errors import CollapseMonitorError
 from monitor.evaluate.custom import discover, run_custom
 from monitor.evaluate.heads import Head, load_head
 from monitor.evaluate.snapshot import Snapshot, TopDrift
 from monitor.metrics import MetricReport, compute_metrics
 from monitor.metrics.baseline import BaselineSummary
 from monitor.metrics.drift import BucketSums, compute_drift
-from monitor.pipeline.baselines import decode_calibration, load_baseline
+from monitor.metrics.jackknife import (
+    NC4_KEY,
+    Group,
+    JackknifeResult,
+    deal_groups,
+    jackknife,
+    ratio_stderrs,
+    traffic_stderrs,
+)
+from monitor.metrics.report import ALERT_STDERR_KEYS
+from monitor.pipeline.baselines import TRAFFIC_STDERR_META, decode_calibration, load_baseline
 from monitor.pipeline.reference import encode_reference
 from monitor.pipeline.runtime import Runtime
-from monitor.pipeline.windows import state_rows, window_stats
+from monitor.pipeline.windows import (
+    BucketCut,
+    BucketGroup,
+    changed_buckets,
+    state_rows,
+    window_stats,
+)
 from monitor.stats import CollapseStats
 from monitor.store.base import REFERENCE_STATE, baseline_state
 
@@ -35,6 +55,14 @@ class _Baseline:
     summary: BaselineSummary
     metrics: dict[str, float | int | None]
     buckets: list[BucketSums]
+    stderrs: dict[str, float]  # traffic stderrs recorded at pin time (may be empty)
+
+
+@dataclass(frozen=True)
+class _Evaluated:
+    snapshot: Snapshot
+    stats: CollapseStats | None
+    cut: tuple[BucketCut, ...]
 
 
 class Evaluator:
@@ -58,14 +86,18 @@ class Evaluator:
         snapshots: list[Snapshot] = []
         reference_done = False
         for window, seconds in sorted(settings.windows.items(), key=lambda kv: kv[1]):
-            snapshot, stats = self._evaluate_window(model, window, seconds, now, head, baseline)
-            store.put_snapshot(model, window, snapshot.to_json(), history=settings.snapshot_history)
-            snapshots.append(snapshot)
+            done = self._evaluate_window(model, window, seconds, now, head, baseline)
+            snapshot, stats = done.snapshot, done.stats
             if snapshot.ok and stats is not None and not reference_done:
                 # The shortest window with data gives the means NC4 is counted against.
                 kept = stats.classes(min_count=settings.min_count)
                 store.write_state(model, REFERENCE_STATE, encode_reference(kept, stats.dim))
                 reference_done = True
+            if snapshot.ok and stats is not None:
+                # Last: the jackknife works in place in `stats`.
+                snapshot = self._with_stderrs(model, snapshot, stats, done.cut, now, baseline)
+            store.put_snapshot(model, window, snapshot.to_json(), history=settings.snapshot_history)
+            snapshots.append(snapshot)
         store.meta_setdefault(model, "first_evaluation", repr(now))
         return snapshots
 
@@ -77,10 +109,11 @@ class Evaluator:
         now: float,
         head: Head | None,
         baseline: _Baseline | None,
-    ) -> tuple[Snapshot, CollapseStats | None]:
+    ) -> _Evaluated:
         settings = self.runtime.settings
         started = time.perf_counter()
-        stats = window_stats(self.runtime.store, model, window, seconds, now=now).stats
+        read = window_stats(self.runtime.store, model, window, seconds, now=now)
+        stats = read.stats
         base = Snapshot(
             model=model,
             window=window,
@@ -93,7 +126,9 @@ class Evaluator:
             class_count=0,
         )
         if stats is None or stats.sample_count == 0:
-            return replace(base, duration_seconds=time.perf_counter() - started), None
+            return _Evaluated(
+                replace(base, duration_seconds=time.perf_counter() - started), None, ()
+            )
         report = self._metrics(stats, head)
         metrics = dict(report.as_dict())
         if report.class_count < 2:
@@ -103,7 +138,8 @@ class Evaluator:
             )
             counts = {k: metrics[k] for k in ("sample_count", "class_count")}
             elapsed = time.perf_counter() - started
-            return replace(base, reason=reason, metrics=counts, duration_seconds=elapsed), stats
+            done = replace(base, reason=reason, metrics=counts, duration_seconds=elapsed)
+            return _Evaluated(done, stats, read.cut)
         metrics.update(run_custom(self.custom, stats, head.weight if head else None))
         top: list[TopDrift] = []
         base_doc = None
@@ -119,6 +155,8 @@ class Evaluator:
                 min_count=settings.min_count,
                 quantile=settings.drift_quantile,
                 top_k=settings.top_drift_classes,
+                max_mean_noise=settings.drift_max_mean_noise,
+                min_samples_per_dim=settings.drift_min_samples_per_dim,
             )
             metrics.update(drift.as_dict())
             text = head.token_text if head else (lambda i: f"#{i}")
@@ -149,7 +187,94 @@ class Evaluator:
             top_drift=top,
             duration_seconds=time.perf_counter() - started,
         )
-        return snapshot, stats
+        return _Evaluated(snapshot, stats, read.cut)
+
+    # ------------------------------------------------------------ standard errors
+    def _with_stderrs(
+        self,
+        model: str,
+        snapshot: Snapshot,
+        stats: CollapseStats,
+        cut: tuple[BucketCut, ...],
+        now: float,
+        baseline: _Baseline | None,
+    ) -> Snapshot:
+        """The snapshot with `<key>_traffic_stderr` and `drift_<k>_ratio_stderr` added where
+        they can be computed (docs/architecture.md, "Standard errors"); `stats` is then spent."""
+        if self.runtime.settings.stderr_groups < 1 or not cut:
+            return snapshot
+        started = time.perf_counter()
+        try:
+            result = self._jackknife(model, stats, cut, now, snapshot.metrics)
+        except CollapseMonitorError as exc:  # late data, a busy lock: next evaluation
+            log.info("no traffic stderrs for %s/%s this time: %s", model, snapshot.window, exc)
+            return snapshot
+        except Exception:  # the snapshot matters more than its error bars
+            log.exception("traffic stderrs of %s/%s failed", model, snapshot.window)
+            return snapshot
+        elapsed = time.perf_counter() - started
+        if result.groups < 2:
+            log.debug(
+                "no traffic stderrs for %s/%s: fewer than 2 settled buckets", model, snapshot.window
+            )
+            return snapshot
+        metrics = dict(snapshot.metrics)
+        metrics.update(traffic_stderrs(metrics, result))
+        if baseline is not None:
+            metrics.update(
+                ratio_stderrs(metrics, baseline.metrics, baseline.stderrs, baseline.summary)
+            )
+        log.info(
+            "jackknife of %s/%s: %d groups of %d buckets, %.2f s beside %.2f s of evaluation",
+            model,
+            snapshot.window,
+            result.groups,
+            len(cut),
+            elapsed,
+            snapshot.duration_seconds,
+        )
+        return replace(
+            snapshot, metrics=metrics, duration_seconds=snapshot.duration_seconds + elapsed
+        )
+
+    def _jackknife(
+        self,
+        model: str,
+        stats: CollapseStats,
+        cut: tuple[BucketCut, ...],
+        now: float,
+        metrics: Mapping[str, float | int | None],
+    ) -> JackknifeResult:
+        """Delete-a-group jackknife over the window's settled buckets.
+
+        A bucket that may still receive data (it ended less than two compaction intervals, or
+        one bucket length if shorter, before `now`) or that already did since the window was
+        read is held fixed in every replicate: deleting it would need its content as the window
+        summed it, and one that changed between a replicate's subtraction and its addition
+        would abandon the jackknife.
+        """
+        settings, store = self.runtime.settings, self.runtime.store
+        settle = 2.0 * settings.compaction_interval
+        changed = changed_buckets(store, model, cut)
+        movable = [
+            c for c in cut if c.end <= now - min(settle, c.end - c.start) and c.state not in changed
+        ]
+        groups = []
+        for members in deal_groups([c.sample_count for c in movable], settings.stderr_groups):
+            chosen = [movable[i] for i in members]
+            groups.append(Group(BucketGroup(store, model, chosen)))
+        with_nc4 = metrics.get(NC4_KEY) is not None
+        return jackknife(
+            stats, groups, lambda s: self._replicate(s, with_nc4), metrics, ALERT_STDERR_KEYS
+        )
+
+    def _replicate(self, stats: CollapseStats, with_nc4: bool) -> dict[str, float | int | None]:
+        """A replicate's metrics: the window's options, without the head (NC3 is no alert key;
+        NC4 is the replicate's own counts, as the window's is from its counts)."""
+        values = dict(compute_metrics(stats, **self.runtime.settings.metric_options()).as_dict())
+        nc4 = stats.nc4_hits / stats.nc4_total if with_nc4 and stats.nc4_total > 0 else None
+        values[NC4_KEY] = nc4
+        return values
 
     def _metrics(self, stats: CollapseStats, head: Head | None) -> MetricReport:
         return compute_metrics(
@@ -182,7 +307,8 @@ class Evaluator:
             summary = BaselineSummary.of(stats)
             del stats  # only the summary stays: O(K + d), not K x d
             state = found.state if found else baseline_state(name)
-            cached = (key, _Baseline(name, meta, state, summary, metrics, buckets))
+            stderrs = _pinned_stderrs(meta)
+            cached = (key, _Baseline(name, meta, state, summary, metrics, buckets, stderrs))
             self._baselines[model] = cached
         return cached[1]
 
@@ -190,3 +316,15 @@ class Evaluator:
 def _created(meta: dict[str, object]) -> float:
     value = meta.get("created")
     return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _pinned_stderrs(meta: Mapping[str, object]) -> dict[str, float]:
+    """The traffic stderrs a baseline's stamp carries (pinned from an evaluated window)."""
+    found = meta.get(TRAFFIC_STDERR_META)
+    if not isinstance(found, dict):
+        return {}
+    return {
+        str(k): float(v)
+        for k, v in found.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import time
 from collections.abc import Iterable
 
@@ -18,6 +19,7 @@ from safetensors.torch import load, save
 
 from monitor.errors import IncompatibleStats, InvalidInput
 from monitor.metrics.drift import BucketSums, bucket_sums
+from monitor.metrics.report import TRAFFIC_STDERR_SUFFIX
 from monitor.pipeline.registry import ModelRegistry, ModelShape
 from monitor.pipeline.windows import bucket_globals, maintain_model, read_state
 from monitor.stats import CollapseStats
@@ -25,6 +27,10 @@ from monitor.stats.fields import GLOBAL_FIELD, Globals, decode_globals, field_ch
 from monitor.stats.fields import VERSION as STORE_FORMAT
 from monitor.store.base import Store, window_state
 from monitor.store.keys import check_model_name
+
+# Stamp entry: the pinned window's `<key>_traffic_stderr` values by metric key (see
+# `_window_stderrs`); the evaluator uses them for the baseline's side of a ratio's stderr.
+TRAFFIC_STDERR_META = "traffic_stderr"
 
 
 def stats_options_hash(shape: ModelShape) -> str:
@@ -113,6 +119,9 @@ def pin_window(
             )
         classes = store.state_size(model, state) - g.non_row_fields()
         meta = _stamp(registry, model, g, classes, f"window:{window}")
+        stderrs = _window_stderrs(store, model, window, seconds, g.sample_count)
+        if stderrs:
+            meta[TRAFFIC_STDERR_META] = stderrs
         buckets = [
             BucketSums(b.sample_count, torch.from_numpy(b.rff_sum), b.rff_sq)
             for b in bucket_globals(store, model, seconds)
@@ -122,6 +131,43 @@ def pin_window(
         chunks = (dict(chunk) for chunk in store.scan_state(model, state))
         store.pin_baseline(model, name, chunks, meta, replace=replace, calibration=calibration)
     return meta
+
+
+def _window_stderrs(
+    store: Store, model: str, window: str, seconds: int, samples: int
+) -> dict[str, float]:
+    """The window's latest traffic stderrs, scaled from its evaluated volume to `samples`.
+
+    A pinned baseline keeps no buckets, so its own jackknife can only be had now: the latest
+    snapshot of the window being pinned holds it, computed on nearly the same data (at most an
+    evaluation interval older; an error falls as 1/sqrt(N), hence the scaling). Nothing when
+    that snapshot is missing, not ok, of another length, or older than the window's span.
+    """
+    text = store.snapshot(model, window)
+    try:
+        doc = json.loads(text) if text is not None else None
+    except ValueError:
+        return {}
+    if not isinstance(doc, dict) or doc.get("status") != "ok":
+        return {}
+    count, stamp, metrics = doc.get("sample_count"), doc.get("timestamp"), doc.get("metrics")
+    if doc.get("window_seconds") != seconds or not isinstance(metrics, dict):
+        return {}
+    if not isinstance(count, int) or count <= 0 or samples <= 0:
+        return {}
+    if not isinstance(stamp, int | float) or time.time() - float(stamp) > seconds:
+        return {}
+    scale = math.sqrt(count / samples)
+    return {
+        key[: -len(TRAFFIC_STDERR_SUFFIX)]: float(value) * scale
+        for key, value in metrics.items()
+        if isinstance(key, str)
+        and key.endswith(TRAFFIC_STDERR_SUFFIX)
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    }
 
 
 def pin_batches(

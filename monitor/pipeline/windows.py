@@ -2,22 +2,31 @@
 
 The store keeps every configured window as one state, updated as partials are compacted and
 slid forward by maintenance; reading a window is one pass over its fields, streamed into a
-preallocated `CollapseStats` (docs/architecture.md, "Windows").
+preallocated `CollapseStats` (docs/architecture.md, "Windows"). A window read also records
+its buckets as they were (`BucketCut`), so the jackknife behind the `*_traffic_stderr` keys can
+stream them again later and know they are still the ones the window sums.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
+from monitor.errors import CollapseMonitorError, IncompatibleStats
+from monitor.metrics.jackknife import Part, SecondBlock
 from monitor.stats import CollapseStats
 from monitor.stats.fields import (
+    BLOCK_PREFIX,
     GLOBAL_FIELD,
     Globals,
     Rows,
     StatsAlgebra,
     StatsBuilder,
+    block_rows,
     decode_globals,
     decode_rows,
 )
@@ -82,11 +91,35 @@ def state_rows(
 
 
 @dataclass(frozen=True)
+class BucketCut:
+    """One bucket of a window as it was when the window was read (under the same lock).
+
+    `globals_blob` is the bucket's `g` field then. Buckets only ever grow (compaction adds,
+    nothing subtracts) and every added batch changes the sample count in `g`, so the same bytes
+    later mean the same statistics.
+    """
+
+    state: str
+    start: int
+    end: int
+    globals_blob: bytes
+    sample_count: int
+    nc4_total: int
+
+
+@dataclass(frozen=True)
 class WindowStats:
     window: str
     seconds: int
     stats: CollapseStats | None  # None: no data in the window yet
     buckets: int
+    # The buckets `stats` is the exact sum of, oldest first; empty when that is not known (a
+    # window marked dirty, or whose buckets did not add up to it).
+    cut: tuple[BucketCut, ...] = ()
+
+
+class BucketChanged(CollapseMonitorError):
+    """A bucket no longer holds what it held when its window was read (late data, expiry)."""
 
 
 @dataclass(frozen=True)
@@ -124,21 +157,135 @@ def window_stats(
     buckets = len(_window_buckets(store, model, seconds, now))
     if _configured(store, window, seconds):
         maintain_model(store, model, now)
-        stats = read_state(store, model, window_state(window))
+        with store.locked(model):  # the window and its buckets' stamps from one moment
+            stats = read_state(store, model, window_state(window))
+            cut = _window_cut(store, model, window, seconds, stats)
     else:
-        stats = _sum_buckets(store, model, seconds, now)
+        stats, cut = _sum_buckets(store, model, seconds, now)
     if stats is not None and stats.sample_count == 0:
-        stats = None
-    return WindowStats(window, seconds, stats, buckets)
+        stats, cut = None, ()
+    return WindowStats(window, seconds, stats, buckets, cut)
 
 
-def _sum_buckets(store: Store, model: str, seconds: int, now: float) -> CollapseStats | None:
+def _cut_of(store: Store, model: str, level: str, start: int) -> BucketCut | None:
+    state = bucket_state(level, start)
+    blob = store.state_field(model, state, GLOBAL_FIELD)
+    if blob is None:
+        return None
+    g = Globals.decode(blob)
+    end = start + store.policy.length(level)
+    return BucketCut(state, start, end, blob, g.sample_count, g.counters["nc4_total"])
+
+
+def _window_cut(
+    store: Store, model: str, window: str, seconds: int, stats: CollapseStats | None
+) -> tuple[BucketCut, ...]:
+    """The buckets a configured window holds, read under the lock its statistics were read
+    under: those of its level from its recorded first bucket on (docs/architecture.md)."""
+    state = store.windows(model).get(window)
+    if stats is None or state is None or state.dirty or state.seconds != seconds:
+        return ()
+    cuts = [
+        cut
+        for s in store.bucket_starts(model, state.level)
+        if s >= state.since and (cut := _cut_of(store, model, state.level, s)) is not None
+    ]
+    if sum(c.sample_count for c in cuts) != stats.sample_count:
+        return ()  # not the sum of its buckets (an interrupted slide): no jackknife this time
+    return tuple(cuts)
+
+
+def _sum_buckets(
+    store: Store, model: str, seconds: int, now: float
+) -> tuple[CollapseStats | None, tuple[BucketCut, ...]]:
     total = None
-    for bucket in _window_buckets(store, model, seconds, now):
-        part = read_state(store, model, bucket)
-        if part is not None:
+    cuts: list[BucketCut] = []
+    level = store.policy.level_for(seconds)
+    since = store.policy.window_since(seconds, now)
+    for start in (s for s in store.bucket_starts(model, level) if s >= since):
+        with store.locked(model):  # each bucket with the stamp of what was read
+            cut = _cut_of(store, model, level, start)
+            part = read_state(store, model, bucket_state(level, start))
+        if part is not None and cut is not None:
             total = part if total is None else total.merge(part)
-    return total
+            cuts.append(cut)
+    return total, tuple(cuts)
+
+
+def changed_buckets(store: Store, model: str, cuts: Sequence[BucketCut]) -> set[str]:
+    """The buckets among `cuts` whose statistics changed since they were recorded (the
+    evaluator leaves them out of the groups it deals)."""
+    with store.locked(model):
+        return {
+            c.state
+            for c in cuts
+            if store.state_field(model, c.state, GLOBAL_FIELD) != c.globals_blob
+        }
+
+
+def group_parts(
+    store: Store, model: str, cuts: Sequence[BucketCut], *, max_bytes: int = 32 * 2**20
+) -> Iterator[Part]:
+    """The statistics of `cuts` as jackknife parts (globals, row chunks, second-moment blocks),
+    streamed under one hold of the state lock. Raises BucketChanged, before yielding anything
+    of that bucket, when a bucket is not what it was when its window was read."""
+    with store.locked(model):
+        for cut in cuts:
+            blob = store.state_field(model, cut.state, GLOBAL_FIELD)
+            if blob != cut.globals_blob:
+                raise BucketChanged(f"{cut.state} of {model!r} changed since its window was read")
+            yield from _bucket_parts(store, model, cut, max_bytes)
+
+
+class BucketGroup:
+    """One jackknife group of a window's buckets (`monitor.metrics.jackknife.Group.read`).
+
+    The first read leaves out the buckets that changed since the window was read (late data:
+    the window holds their old content, so they stay in every replicate) and streams the rest;
+    every later read streams exactly those, and raises BucketChanged if one of them changed.
+    """
+
+    def __init__(
+        self, store: Store, model: str, cuts: Sequence[BucketCut], max_bytes: int = 32 * 2**20
+    ) -> None:
+        self.store, self.model, self.cuts, self.max_bytes = store, model, list(cuts), max_bytes
+        self.taken: list[BucketCut] | None = None
+
+    def __call__(self) -> Iterator[Part]:
+        if self.taken is not None:
+            yield from group_parts(self.store, self.model, self.taken, max_bytes=self.max_bytes)
+            return
+        with self.store.locked(self.model):
+            self.taken = [
+                c
+                for c in self.cuts
+                if self.store.state_field(self.model, c.state, GLOBAL_FIELD) == c.globals_blob
+            ]
+            for cut in self.taken:
+                yield from _bucket_parts(self.store, self.model, cut, self.max_bytes)
+
+
+def _bucket_parts(store: Store, model: str, cut: BucketCut, max_bytes: int) -> Iterator[Part]:
+    """One bucket's parts, its stamp already checked (the caller holds the state lock)."""
+    g = Globals.decode(cut.globals_blob)
+    yield g
+    for chunk in store.scan_state(model, cut.state, max_bytes=max_bytes):
+        rows = decode_rows(chunk, g)
+        if rows is not None:
+            yield rows
+        for name, value in chunk:
+            if name.startswith(BLOCK_PREFIX):
+                yield _block(name, value, g.dim)
+
+
+def _block(name: bytes, value: bytes, dim: int) -> SecondBlock:
+    step = block_rows(dim)
+    start = int(name[len(BLOCK_PREFIX) :]) * step
+    rows = min(step, dim - start)
+    block = np.frombuffer(value, dtype="<f8")
+    if start >= dim or block.size != rows * dim:
+        raise IncompatibleStats("a second-moment block of the wrong size")
+    return SecondBlock(start, torch.from_numpy(block.reshape(rows, dim).copy()))
 
 
 def window_summary(store: Store, model: str, window: str, seconds: int) -> WindowSummary:
