@@ -293,18 +293,21 @@ def _print_table(result: CompareResult) -> None:
     _render(title, columns, rows, result.notes, result.regressions)
 
 
-def _interval(m: LiveMetric) -> str:
-    """`[+0.005, +0.019]`, or `no interval` where a side has no traffic standard error."""
+def _interval(m: LiveMetric, z: float) -> str:
+    """`[+0.005, +0.019]`, or `no interval` where a side has no traffic standard error; with
+    `--z 0` (no interval asked for) the difference's standard error."""
     if m.difference is None:
         return ""
     if m.interval is None:
         return "no interval"
+    if z == 0:
+        return f"{m.interval.stderr:.4g}"
     return f"[{m.interval.low:+.4g}, {m.interval.high:+.4g}]"
 
 
 def _print_live_table(result: LiveCompareResult) -> None:
     ref, cand = result.reference, result.candidate
-    ci = f"{100 * result.confidence:.4g}% CI" if result.z > 0 else "CI (--z 0)"
+    ci = f"{100 * result.confidence:.4g}% CI" if result.z > 0 else "stderr (--z 0)"
     columns = [("metric", "left"), ("reference", "right"), ("candidate", "right"),
                ("change", "right"), ("difference", "right"), (ci, "right"),
                ("tolerance", "right"), ("status", "left")]  # fmt: skip
@@ -315,7 +318,7 @@ def _print_live_table(result: LiveCompareResult) -> None:
             format_value(m.candidate),
             _change(m.relative_change, m.reference),
             "" if m.difference is None else f"{m.difference:+.4g}",
-            _interval(m),
+            _interval(m, result.z),
             _tolerance(m.tolerance, m.bad_direction),
             _status(m.status.value),
         )
