@@ -83,7 +83,8 @@ class LiveMetric:
         return self.status is LiveStatus.regressed
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "interval"}
+        """The offline entry's fields, the difference and the interval's, then `status`."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("interval", "status")}
         iv = self.interval
         out.update(
             stderr=None if iv is None else iv.stderr,
