@@ -161,6 +161,14 @@ def _bounded_rule(
             f"{_cap(what)} of model {{{{ $labels.model }}}} (window "
             f"{{{{ $labels.window }}}}) is {VALUE}, {limit} for {bound.for_}."
         )
+    expr = None
+    if isinstance(bound, AbsoluteBound) and bound.min_samples is not None:
+        samples = _selector("sample_count", bound.matchers)
+        expr = (
+            f"({_bounded_expr(inner, bound.min, bound.max)}) and on ({BY_SERIES}) "
+            f"(max by ({BY_SERIES}) ({samples}) >= {_number(bound.min_samples)})"
+        )
+        detail = f"{detail} Judged on windows of at least {bound.min_samples} samples."
     noise = None
     if isinstance(bound, RelativeBound) and bound.min_z is not None:
         noise = (_selector(bound.stderr_metric, bound.matchers), bound.min_z)
@@ -174,7 +182,7 @@ def _bounded_rule(
     return _rule(
         alerting,
         bound.alert,
-        _bounded_expr(inner, bound.min, bound.max, noise),
+        expr or _bounded_expr(inner, bound.min, bound.max, noise),
         bound.for_,
         bound.severity,
         bound.summary or summary,

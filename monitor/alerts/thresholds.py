@@ -51,6 +51,12 @@ DEFAULT_RUNBOOK_BASE_URL = (
 ALERT_NAME = re.compile(r"^Collapse[A-Z][A-Za-z0-9]*$")
 METRIC_KEY = re.compile(r"^[a-z_][a-z0-9_]*$")
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# The shipped absolute bounds judge windows of at least this many samples. Both metrics are
+# unbiased or nearly so at any volume (anisotropy is a U-statistic; the effective rank's bias
+# falls with N/d), but a window of a few states can read anything: the effective rank of N
+# states is at most N - 1. 100 is far above that floor for the bound of 2 and far below any
+# real window (a model with less traffic than this has no meaningful absolute geometry).
+MIN_WINDOW_SAMPLES = 100
 RATIO_KEYS = (
     "drift_nc1_cdnv_ratio",
     "drift_nc2_equiangularity_std_ratio",
@@ -117,9 +123,19 @@ class _Bounded(_Rule):
 
 
 class AbsoluteBound(_Bounded):
-    """`collapse_<metric>` outside [min, max] for `for`."""
+    """`collapse_<metric>` outside [min, max] for `for`.
+
+    With `min_samples`, only windows holding at least that many samples are judged: an
+    absolute value read from a handful of states (the effective rank of 5 samples is at most
+    4, whatever the model) says nothing about the model.
+    """
 
     kind: Literal["absolute"] = "absolute"
+    min_samples: int | None = Field(
+        None,
+        ge=1,
+        description="Judge only windows with at least this many samples (collapse_sample_count).",
+    )
 
 
 class RelativeBound(_Bounded):
@@ -188,10 +204,18 @@ class DriftBound(_Rule):
 def _absolute() -> list[AbsoluteBound]:
     return [
         AbsoluteBound(
-            alert="CollapseAnisotropyHigh", metric="anisotropy_mean_cos", max=0.95, for_="30m"
+            alert="CollapseAnisotropyHigh",
+            metric="anisotropy_mean_cos",
+            max=0.95,
+            for_="30m",
+            min_samples=MIN_WINDOW_SAMPLES,
         ),
         AbsoluteBound(
-            alert="CollapseEffectiveRankLow", metric="effective_rank", min=2.0, severity="critical"
+            alert="CollapseEffectiveRankLow",
+            metric="effective_rank",
+            min=2.0,
+            severity="critical",
+            min_samples=MIN_WINDOW_SAMPLES,
         ),
     ]
 

@@ -14,7 +14,12 @@ from collections.abc import Iterable
 
 from monitor.alerts.alertmanager import Alert
 from monitor.alerts.rules import alert_labels
-from monitor.alerts.thresholds import AlertingSettings, RelativeBound, duration_seconds
+from monitor.alerts.thresholds import (
+    AbsoluteBound,
+    AlertingSettings,
+    RelativeBound,
+    duration_seconds,
+)
 from monitor.evaluate.snapshot import Snapshot
 
 
@@ -56,6 +61,8 @@ class VerdictTracker:
                 continue
             value = values.get(bound.metric)
             if not _outside(value, bound.min, bound.max):
+                continue
+            if isinstance(bound, AbsoluteBound) and snap.sample_count < (bound.min_samples or 0):
                 continue
             if value is not None and (
                 not isinstance(bound, RelativeBound)

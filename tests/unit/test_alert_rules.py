@@ -28,7 +28,12 @@ from monitor.alerts.rules import (
     render_rules,
     to_yaml,
 )
-from monitor.alerts.thresholds import AlertingSettings, default_alerting, load_alerting
+from monitor.alerts.thresholds import (
+    MIN_WINDOW_SAMPLES,
+    AlertingSettings,
+    default_alerting,
+    load_alerting,
+)
 from monitor.cli_alerts import register
 from monitor.errors import InvalidInput
 
@@ -85,8 +90,12 @@ def _case(series: list[dict[str, str]], *checks: tuple[str, str, list[Any]]) -> 
 def _bounded_case(
     expect: Expect, alert: str, metric: str, good: float, bad: tuple[float, list[str]],
     for_minutes: int, worse: tuple[float, list[str]] | None = None,
+    min_samples: int | None = None,
 ) -> Case:  # fmt: skip
-    """Quiet before `for` has passed and for a healthy value; firing after, for each tier."""
+    """Quiet before `for` has passed and for a healthy value; firing after, for each tier.
+
+    With `min_samples`, every model's window holds that many samples, and a model `tiny`
+    with a bad value read from fewer samples stays quiet."""
     n = for_minutes + 30
     series = [
         _series(metric, _flat(good, n), model="good", window="1h", instance="a"),
@@ -97,6 +106,13 @@ def _bounded_case(
     if worse is not None:
         series.append(_series(metric, _flat(worse[0], n), model="worse", window="1h"))
         firing += [expect(alert, sev, worse[0], model="worse") for sev in worse[1]]
+    if min_samples is not None:
+        count = "collapse_sample_count"
+        series += [_series(count, _flat(min_samples, n), model=m, window="1h")
+                   for m in ("good", "bad", "worse")]  # fmt: skip
+        few = _flat(min_samples - 1, n)
+        series += [_series(metric, _flat(bad[0], n), model="tiny", window="1h"),
+                   _series(count, few, model="tiny", window="1h")]  # fmt: skip
     return _case(series, (f"{for_minutes - 5}m", alert, []), (f"{for_minutes + 5}m", alert, firing))
 
 
@@ -253,9 +269,9 @@ def _cases(rules: dict[str, Any]) -> list[Case]:
         _bounded_case(e, "CollapseEffectiveRankFallingVsBaseline", r + "effective_rank_ratio",
                       0.9, (0.6, w), 15, worse=(0.3, c)),
         _bounded_case(e, "CollapseAnisotropyHigh", "collapse_anisotropy_mean_cos", 0.6,
-                      (0.97, w), 30),
+                      (0.97, w), 30, min_samples=MIN_WINDOW_SAMPLES),
         _bounded_case(e, "CollapseEffectiveRankLow", "collapse_effective_rank", 50,
-                      (1.2, ["critical"]), 15),
+                      (1.2, ["critical"]), 15, min_samples=MIN_WINDOW_SAMPLES),
         _trend_case(e, "CollapseCDNVRisingTrend", "CollapseCDNVRisingVsBaseline",
                     r + "nc1_cdnv_ratio", 1.0, 0.002),
         _trend_case(e, "CollapseNCCAgreementFallingTrend", "CollapseNCCAgreementFallingVsBaseline",

@@ -213,3 +213,29 @@ def test_rendered_expression_shape() -> None:
 def test_min_z_must_be_positive(bad: object) -> None:
     with pytest.raises(InvalidInput):
         load_alerting({"relative": [{"alert": RISING, "metric": CDNV, "max": 2, "min_z": bad}]})
+
+
+def test_absolute_bounds_skip_windows_with_too_few_samples() -> None:
+    """The tracker's side of `min_samples` (promtool's is in test_alert_rules: model tiny)."""
+    rank = "CollapseEffectiveRankLow"
+    alerting = load_alerting(
+        {
+            "relative": [],
+            "predictive": [],
+            "drift": [],
+            "absolute": [
+                {"alert": rank, "metric": "effective_rank", "min": 2, "min_samples": 100,
+                 "for": "0s", "severity": "critical"},
+            ],
+        }
+    )  # fmt: skip
+    snaps = [
+        Snapshot(m, "15m", 900, 1000.0, "ok", None, 0.1, n, 2, {"effective_rank": 1.5})
+        for m, n in (("few", 99), ("enough", 100))
+    ]
+    fired = VerdictTracker(alerting).firing(snaps)
+    assert [a.labels["model"] for a in fired] == ["enough"]
+    expr = render_rules(alerting)["groups"][0]["rules"][0]["expr"]
+    assert expr.endswith(
+        "and on (model, window) (max by (model, window) (collapse_sample_count) >= 100.0)"
+    )
