@@ -34,6 +34,7 @@ EXPECTED_UIDS = {
     "overview.json": "collapse-overview",
     "drift.json": "collapse-drift",
     "pipeline.json": "collapse-pipeline",
+    "ab.json": "collapse-ab",
 }
 PANEL_DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 EXPORTED = (
@@ -84,7 +85,7 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
-def test_the_three_dashboards_exist_with_stable_uids() -> None:
+def test_the_dashboards_exist_with_stable_uids() -> None:
     assert {p.name for p in DASHBOARDS} == set(EXPECTED_UIDS)
     uids = [load(p)["uid"] for p in DASHBOARDS]
     assert len(set(uids)) == len(uids)
@@ -100,9 +101,12 @@ def test_template_variables(path: Path) -> None:
     variables = {v["name"]: v for v in load(path)["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    assert variables["model"]["type"] == "query"
-    assert "label_values(collapse_sample_count" in variables["model"]["definition"]
-    assert variables["model"]["datasource"] == PANEL_DATASOURCE
+    # The A/B board puts two models side by side: a variable for each instead of `model`.
+    names = ("reference", "candidate") if path.name == "ab.json" else ("model",)
+    for name in names:
+        assert variables[name]["type"] == "query"
+        assert "label_values(collapse_sample_count" in variables[name]["definition"]
+        assert variables[name]["datasource"] == PANEL_DATASOURCE
     if path.name != "pipeline.json":  # pipeline health is per model, not per window
         assert variables["window"]["type"] == "query"
         assert variables["window"]["datasource"] == PANEL_DATASOURCE
