@@ -30,12 +30,12 @@ _F64 = torch.float64
 _CANCELLATION_RATIO = 1e-6
 # A pair enters the volume-robust CDNV keys when D~ > RESOLUTION x the noise of its estimated
 # squared distance (s~_c^2/n_c + s~_c'^2/n_c'). At 0 (every D~ > 0) a pair's term 1/D~ has no
-# finite expectation (D~ has a density at 0): in simulation one barely resolved pair moved a
-# window's value by +40% to +250% (95th percentile). A cut bounds each term (by about 2 n_c at
-# 0.25) but leaves out pairs whose true CDNV is above about n_c / (2 RESOLUTION), which a window
-# with n_c samples per class cannot resolve, so it biases low windows with few samples per class
-# of models with many close classes: 0.25 is the value that kept the median N = 2,000 window
-# within 4% of N = 250,000 in five of six simulated models (0.5: three; 1: one); see
+# finite expectation (D~ has a density at 0): in simulation the 95th percentile of a thin
+# window's value ran up to +295% above a thick one's (CDNV2: 10^5 x), a false alert on any
+# traffic dip. A cut bounds each term (by about 2 n_c at 0.25) but leaves out pairs whose true
+# CDNV is above about n_c / (2 RESOLUTION), which n_c samples per class cannot resolve: thin
+# windows of models with many close classes read low. 0.25 kept the median N = 2,000 window
+# within 5% of N = 250,000 in five of six simulated models (0 and 0.5: two; 1: one); see
 # docs/metrics.md and `resolution_study` in tests/unit/test_volume_robust.py.
 RESOLUTION = 0.25
 PAIR_METRICS = (
@@ -63,7 +63,9 @@ class RunningMoments:
         if n == 0:
             return
         mean_b = float(values.mean())
-        m2_b = float(((values - mean_b) ** 2).sum())
+        # Squared in place: `(values - mean_b) ** 2` held two fresh tile-sized temporaries at
+        # once, and glibc served them by mmap with page faults each time (20x the arithmetic).
+        m2_b = float((values - mean_b).square_().sum())
         total = self.count + n
         delta = mean_b - self.mean
         self.mean += delta * n / total
@@ -96,41 +98,52 @@ class RunningMean:
 class _UnbiasedSums:
     """Sums of the unbiased CDNV and CDNV2 over kept pairs, held on the device (no sync per tile).
 
-    A pair is kept when it is resolved (see RESOLUTION) and in the tile's mask; left-out pairs
-    get `D~ = inf`, so both kernels are exactly 0 for them and no gather is needed.
+    Per tile: `keep` = 1 for kept pairs (resolved, see RESOLUTION, and c < c'), else 0, as
+    sign(max(margin, 0)) rather than a boolean mask (a masked write or `heaviside` cost 2 to 15
+    plain passes on the CPU); `r = keep / D~`; `sum (h_c + h_c') r = h . (r 1) + 1 . (r h)` by
+    two matrix-vector products, likewise for `r^2`, with `h = s~^2 / 2`.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, parts: UnbiasedParts) -> None:
+        device = parts.noise.device
         zero = torch.zeros((), dtype=_F64, device=device)
-        self.cdnv, self.cdnv2 = zero.clone(), zero.clone()
-        self.dropped = torch.zeros((), dtype=torch.int64, device=device)
-        self.pairs = 0
+        self.cdnv, self.cdnv2, self.kept = zero.clone(), zero.clone(), zero.clone()
+        self.half = parts.half_var
+        self.ones = torch.ones_like(self.half)
+        # Kept when D~ > cut: with q = RESOLUTION x noise, D~ = dist2 - q / RESOLUTION and the
+        # cut is q itself (an infinite noise, n_c < 2, stays infinite: D~ = -inf, dropped).
+        scale = RESOLUTION if RESOLUTION > 0 else 1.0
+        self.scaled = parts.noise * scale
+        self.alpha = 1.0 / scale
+        self.zero_cut = RESOLUTION <= 0
+        self._work = torch.empty(2, 0, dtype=_F64, device=device)
 
-    def add(
-        self,
-        dist2: torch.Tensor,
-        half_var_i: torch.Tensor,
-        half_var_j: torch.Tensor,
-        noise_i: torch.Tensor,
-        noise_j: torch.Tensor,
-        exclude: torch.Tensor | None = None,
-    ) -> None:
-        """`dist2` is a (T_i, T_j) tile, `exclude` masks entries that are not pairs c < c';
-        the per-class vectors are shaped to broadcast with the tile."""
-        noise = noise_i + noise_j
-        drop = _unresolved(dist2, noise)
-        d_tilde = torch.sub(dist2, noise, out=noise)
-        if exclude is not None:
-            drop |= exclude
-        d_tilde.masked_fill_(drop, math.inf)
-        cdnv = (half_var_i + half_var_j).div_(d_tilde)
-        self.cdnv += cdnv.sum()
-        self.cdnv2 += cdnv.div_(d_tilde).sum()
-        self.dropped += drop.sum()
-        self.pairs += drop.numel()
+    def add(self, dist2: torch.Tensor, rows: slice, cols: slice, diagonal: bool) -> None:
+        """`dist2` is the (T_i, T_j) tile of classes `rows` x `cols`; on a `diagonal` tile
+        only the entries above the diagonal are pairs c < c'."""
+        size = dist2.numel()
+        if self._work.shape[1] < size:  # two buffers for every tile: no page faults per tile
+            self._work = torch.empty(2, size, dtype=_F64, device=dist2.device)
+        q, d_tilde = (w[:size].view(dist2.shape) for w in self._work)
+        torch.add(self.scaled[rows, None], self.scaled[None, cols], out=q)
+        torch.sub(dist2, q, alpha=self.alpha, out=d_tilde)
+        if self.zero_cut:
+            torch.clamp_min(d_tilde, 0.0, out=q)
+        else:
+            torch.sub(d_tilde, q, out=q).clamp_min_(0.0)
+        keep = q.sign_()  # 1 where D~ > cut, else 0 (-inf and -0 included)
+        if diagonal:
+            keep.triu_(diagonal=1)
+        self.kept += keep.sum()
+        # Kept pairs have D~ > cut >= 0; the floor only keeps 0 / D~ finite for the others.
+        inv = keep.div_(d_tilde.clamp_min_(1e-300))
+        h_i, h_j, ones = self.half[rows], self.half[cols], self.ones[cols]
+        self.cdnv += torch.mv(inv, h_j).sum() + torch.dot(h_i, torch.mv(inv, ones))
+        inv.mul_(inv)
+        self.cdnv2 += torch.mv(inv, h_j).sum() + torch.dot(h_i, torch.mv(inv, ones))
 
     def results(self) -> dict[str, Estimate]:
-        n = self.pairs - int(self.dropped)
+        n = int(self.kept)
         if n == 0:
             return {"nc1_cdnv_unbiased": Estimate(None), "nc1_cdnv2_unbiased": Estimate(None)}
         return {
@@ -227,14 +240,15 @@ class _PairAccumulator:
         """All inputs are flat over the same valid pairs; `angular` masks pairs with m_c != 0
         (None: every pair)."""
         d2, vs = _where(dist2 > 0, dist2, var_sum)
-        cdnv = vs / (2.0 * d2)
+        denom = d2 * 2.0
+        cdnv = torch.div(vs, denom, out=denom)
         self.cdnv.add(cdnv)
         self.cdnv2.add(cdnv / d2)
         c = cos if angular is None else _where(angular, cos)[0]
         self.cos.add(c)
         # ||u - u'||^2 = 2 - 2 cos for unit vectors; log(1/||u - u'||) = -log(that)/2.
-        chord2 = (2.0 - 2.0 * c).clamp_min(0.0)
-        self.log_energy.add(-0.5 * torch.log(_where(chord2 > 0, chord2)[0]))
+        chord2 = torch.mul(c, -2.0).add_(2.0).clamp_min_(0.0)  # the same values as 2 - 2c
+        self.log_energy.add(torch.log(_where(chord2 > 0, chord2)[0]).mul_(-0.5))
 
     def results(self) -> dict[str, Estimate]:
         def mean(m: RunningMoments | RunningMean) -> Estimate:
@@ -266,13 +280,15 @@ def exact_pair_metrics(inputs: PairInputs, *, tile: int = 1024) -> dict[str, Est
     all_angular = bool((norms > 0).all())  # then no tile needs the angular mask
     acc = _PairAccumulator()
     parts = inputs.unbiased()
-    robust = _UnbiasedSums(a.device) if parts is not None else None
+    robust = _UnbiasedSums(parts) if parts is not None else None
     for i0 in range(0, k, tile):
         i1 = min(i0 + tile, k)
         for j0 in range(i0, k, tile):
             j1 = min(j0 + tile, k)
             gram = m[i0:i1] @ m[j0:j1].T
-            dist2 = a[i0:i1, None] + a[None, j0:j1] - 2.0 * gram
+            # In place where the values are the same (x - 2y == x - alpha y for alpha = 2):
+            # every fresh tile-sized temporary cost page faults (see RunningMoments.add).
+            dist2 = torch.add(a[i0:i1, None], a[None, j0:j1]).sub_(gram, alpha=2.0)
             if i0 == j0:
                 upper = torch.ones_like(dist2, dtype=torch.bool).triu(diagonal=1)
             # One reduction first: when no pair of the tile is near the cancellation bound
@@ -289,21 +305,13 @@ def exact_pair_metrics(inputs: PairInputs, *, tile: int = 1024) -> dict[str, Est
                 ri, rj = risky.nonzero(as_tuple=True)
                 diff = m[i0 + ri] - m[j0 + rj]
                 dist2[ri, rj] = (diff * diff).sum(dim=1)
-            cos = gram * inv_norm[i0:i1, None] * inv_norm[None, j0:j1]
+            cos = gram.mul_(inv_norm[i0:i1, None]).mul_(inv_norm[None, j0:j1])
             var_sum = var[i0:i1, None] + var[None, j0:j1]
             angular = None
             if not all_angular:
                 angular = (norms[i0:i1, None] > 0) & (norms[None, j0:j1] > 0)
-            if robust is not None and parts is not None:
-                hv, nz = parts.half_var, parts.noise
-                robust.add(
-                    dist2,
-                    hv[i0:i1, None],
-                    hv[None, j0:j1],
-                    nz[i0:i1, None],
-                    nz[None, j0:j1],
-                    ~upper if i0 == j0 else None,
-                )
+            if robust is not None:
+                robust.add(dist2, slice(i0, i1), slice(j0, j1), i0 == j0)
             if i0 == j0:
                 ang = None if angular is None else angular[upper]
                 acc.add(dist2[upper], var_sum[upper], cos[upper], ang)
