@@ -24,7 +24,7 @@ from pydantic_settings import (
 )
 
 from monitor.alerts.thresholds import AlertingSettings, default_alerting
-from monitor.metrics.engine import (
+from monitor.metrics.options import (
     DEFAULT_MAX_EXACT_CLASSES,
     DEFAULT_MIN_COUNT,
     DEFAULT_NC4_MAX_SAMPLES,

@@ -85,42 +85,23 @@ from monitor.metrics.baseline import (
     common_classes_streamed,
     mean_shift,
 )
+from monitor.metrics.keys import (
+    DRIFT_KEYS,
+    NOISE_GUARDED,
+    RATIO_KEYS,
+    RATIO_SOURCE,
+    RATIO_STDERR_KEYS,
+    SAMPLES_GUARDED,
+)
 from monitor.metrics.mmd import BucketSums, bucket_sums, mmd_threshold, mmd_unbiased
+from monitor.metrics.options import DEFAULT_MAX_MEAN_NOISE, DEFAULT_MIN_SAMPLES_PER_DIM
 from monitor.metrics.report import finite_or_none
 from monitor.metrics.rows import row_ranges, tile_rows
 from monitor.stats import CollapseStats
 
 _F64 = torch.float64
-
-RATIO_KEYS: tuple[str, ...] = (
-    "nc1_cdnv",
-    "nc2_equiangularity_std",
-    "nc4_ncc_agreement",
-    "effective_rank",
-)
-# The metric each ratio divides: the volume-robust value where one exists (METRICS.md).
-RATIO_SOURCE: dict[str, str] = {
-    "nc1_cdnv": "nc1_cdnv_unbiased",
-    "nc2_equiangularity_std": "nc2_equiangularity_std",
-    "nc4_ncc_agreement": "nc4_ncc_agreement",
-    "effective_rank": "effective_rank",
-}
-# Ratios without a sound correction, compared only when both sides' mean_noise_ratio is small.
-NOISE_GUARDED: tuple[str, ...] = ("nc2_equiangularity_std", "nc4_ncc_agreement")
-# Ratios compared only when both sides have min_samples_per_dim samples per dimension.
-SAMPLES_GUARDED: tuple[str, ...] = ("effective_rank",)
-DEFAULT_MAX_MEAN_NOISE = 0.05
-DEFAULT_MIN_SAMPLES_PER_DIM = 10.0
-# Standard errors of the ratios (delta method; filled by the evaluator, not by compute_drift).
-RATIO_STDERR_KEYS: tuple[str, ...] = tuple(f"drift_{k}_ratio_stderr" for k in RATIO_KEYS)
-DRIFT_KEYS: tuple[str, ...] = (
-    "drift_mmd",
-    "drift_mmd_threshold",
-    "drift_mean_shift",
-    "drift_class_mean_cos",
-    "drift_label_js",
-    *(f"drift_{k}_ratio" for k in RATIO_KEYS),
-)
+# The key names and guard defaults above are defined torch-free (monitor.metrics.keys, .options,
+# read by the exporter and rule generators) and re-exported here, their first home.
 
 MetricValues = Mapping[str, float | int | None]
 

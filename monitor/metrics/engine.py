@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import time
-from typing import TypedDict
 
 import torch
 
 from monitor.errors import InvalidInput
 from monitor.metrics.duality import duality, nc4_from_samples
 from monitor.metrics.geometry import anisotropy_mean_cos, effective_rank, trace_ratio
+from monitor.metrics.options import (  # defined torch-free there; imported from here before
+    DEFAULT_MAX_EXACT_CLASSES,
+    DEFAULT_MIN_COUNT,
+    DEFAULT_NC4_MAX_SAMPLES,
+    DEFAULT_PAIR_SAMPLES,
+    DEFAULT_TILE_SIZE,
+)
+from monitor.metrics.options import MetricOptions as MetricOptions
 from monitor.metrics.pairwise import PairInputs, exact_pair_metrics, sampled_pair_metrics
 from monitor.metrics.report import Estimate, MetricReport
 from monitor.metrics.rows import ClassMeans, HeadRows
@@ -17,23 +24,6 @@ from monitor.stats import CollapseStats
 from monitor.stats.validation import ArrayLike, all_finite, as_tensor
 
 _F64 = torch.float64
-DEFAULT_MIN_COUNT = 2
-DEFAULT_MAX_EXACT_CLASSES = 30_000
-DEFAULT_PAIR_SAMPLES = 500_000
-DEFAULT_NC4_MAX_SAMPLES = 20_000
-DEFAULT_TILE_SIZE = 512
-
-
-class MetricOptions(TypedDict, total=False):
-    """`compute_metrics` options that come from settings (see `Settings.metric_options`)."""
-
-    min_count: int
-    max_exact_classes: int
-    pair_samples: int
-    nc4_max_samples: int
-    seed: int
-    device: str
-    tile_size: int
 
 
 def compute_metrics(

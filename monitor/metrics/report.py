@@ -9,60 +9,32 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-# Keys in METRICS.md order: analyze's JSON, the exporter's gauges and the docs follow it. The
-# volume-robust CDNV keys sit beside the plug-in ones (tables and comparisons show them
-# together), `mean_noise_ratio` with the window's counts it qualifies.
-COLLAPSE_KEYS: tuple[str, ...] = (
-    "nc1_cdnv",
-    "nc1_cdnv2",
-    "nc1_cdnv_unbiased",
-    "nc1_cdnv2_unbiased",
-    "nc1_trace_ratio",
-    "nc2_equinorm_cv",
-    "nc2_equiangularity_mean",
-    "nc2_equiangularity_std",
-    "nc2_log_energy_mean",
-    "nc2_log_energy_std",
-    "nc3_duality_mean_cos",
-    "nc3_uniform_duality_cv",
-    "nc4_ncc_agreement",
+# The key tuples live torch-free in monitor.metrics.keys; re-exported here, their first home.
+from monitor.metrics.keys import (
+    ALERT_STDERR_KEYS,
+    COLLAPSE_KEYS,
+    ESTIMATED_KEYS,
+    GEOMETRY_KEYS,
+    REPORT_KEYS,
+    STDERR_KEYS,
+    TRAFFIC_STDERR_KEYS,
+    TRAFFIC_STDERR_SUFFIX,
 )
-GEOMETRY_KEYS: tuple[str, ...] = (
-    "anisotropy_mean_cos",
-    "effective_rank",
-    "class_count",
-    "sample_count",
-    "mean_noise_ratio",
-)
-# Metrics that may be estimated (sampled pairs, subsampled NC4) and then carry `<key>_stderr`.
-ESTIMATED_KEYS: tuple[str, ...] = (
-    "nc1_cdnv",
-    "nc1_cdnv2",
-    "nc1_cdnv_unbiased",
-    "nc1_cdnv2_unbiased",
-    "nc2_equiangularity_mean",
-    "nc2_equiangularity_std",
-    "nc2_log_energy_mean",
-    "nc2_log_energy_std",
-    "nc4_ncc_agreement",
-)
-STDERR_KEYS: tuple[str, ...] = tuple(f"{k}_stderr" for k in ESTIMATED_KEYS)
-REPORT_KEYS: tuple[str, ...] = COLLAPSE_KEYS + GEOMETRY_KEYS + STDERR_KEYS
-# The keys default alerts use, which get `<key>_traffic_stderr`: the standard error of the
-# window's value as an estimate of the model's value under its traffic (a jackknife over the
-# window's buckets, filled in by the evaluator; not part of REPORT_KEYS, which one set of
-# statistics determines). `<key>_stderr` above is only the pair-sampling error.
-ALERT_STDERR_KEYS: tuple[str, ...] = (
-    "nc1_cdnv_unbiased",
-    "nc2_equiangularity_std",
-    "nc4_ncc_agreement",
-    "effective_rank",
-    "anisotropy_mean_cos",
-)
-TRAFFIC_STDERR_SUFFIX = "_traffic_stderr"
-TRAFFIC_STDERR_KEYS: tuple[str, ...] = tuple(
-    f"{k}{TRAFFIC_STDERR_SUFFIX}" for k in ALERT_STDERR_KEYS
-)
+
+__all__ = [
+    "ALERT_STDERR_KEYS",
+    "COLLAPSE_KEYS",
+    "ESTIMATED_KEYS",
+    "GEOMETRY_KEYS",
+    "REPORT_KEYS",
+    "STDERR_KEYS",
+    "TRAFFIC_STDERR_KEYS",
+    "TRAFFIC_STDERR_SUFFIX",
+    "Estimate",
+    "MetricReport",
+    "finite_or_none",
+    "format_value",
+]
 
 
 def finite_or_none(value: float | None) -> float | None:
