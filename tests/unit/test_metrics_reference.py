@@ -423,6 +423,8 @@ def test_sampled_pairs_within_five_stderr(seed: int, sampled_case: dict[str, Any
             continue
         if abs(est - ref[key]) > 5.0 * se:
             problems.append(f"{key}: estimate {est} vs exact {ref[key]}, stderr {se}")
+        if key not in by_key:  # the volume-robust keys: their stderr is checked against
+            continue  # their own brute force in test_volume_robust.py
         bound = 10.0 * _kernel_spread(by_key[key], key) / math.sqrt(pair_samples)
         if se > bound:
             problems.append(f"{key}: stderr {se} implausibly large (bound {bound})")
