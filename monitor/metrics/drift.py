@@ -32,8 +32,8 @@ else absent (a missing ratio never alerts):
   the noise of the estimated means is at most 5% of their spread) in window and baseline;
 - effective rank: `sample_count >= min_samples_per_dim * dim` (default 10) in both.
 
-`drift_<k>_ratio_stderr` (RATIO_STDERR_KEYS) and `<key>_traffic_stderr` are named here and in
-`monitor.metrics.report`, and filled by the evaluator (delta method on the two traffic stderrs).
+`drift_<k>_ratio_stderr` (RATIO_STDERR_KEYS) and `<key>_traffic_stderr` are named in
+`monitor.metrics.keys` and filled by the evaluator (delta method on the two traffic stderrs).
 
 Formulas (n = counts, S = sum of phi(h), Q = sum of ||phi(h)||^2, s_c/q_c = class sums):
 
