@@ -13,8 +13,6 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -95,8 +93,20 @@ def with_iso_time(stamp: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _settings_errors() -> tuple[type[Exception], ...]:
+    """pydantic's error types, imported when an error is handled (pydantic is not needed to
+    print --help, and importing it costs a tenth of a second)."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    return (ValidationError, SettingsError)
+
+
 def one_line(exc: Exception) -> str:
     """Our errors are one line already; a settings error becomes its first problem."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
@@ -137,7 +147,9 @@ def one_line_errors() -> Iterator[None]:
     try:
         yield
     # A missing file is one the user named (an option, COLLAPSE_CONFIG_FILE): bad input too.
-    except (CollapseMonitorError, ValidationError, SettingsError, FileNotFoundError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, (CollapseMonitorError, FileNotFoundError, *_settings_errors())):
+            raise
         if debug_mode["on"]:  # the traceback, and still the exit code scripts rely on
             traceback.print_exc(file=sys.stderr)
         print_error(one_line(exc))

@@ -17,13 +17,14 @@ from rich.console import Console
 from rich.table import Table
 
 from monitor.cli_common import FormatOption, OutputFormat, progress_bar, with_iso_time
-from monitor.config import Settings
 from monitor.data.files import read_lines
 from monitor.errors import InvalidInput
-from monitor.pipeline.runtime import Runtime
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # settings and the runtime load when a command runs: --help stays fast
     import torch
+
+    from monitor.config import Settings
+    from monitor.pipeline.runtime import Runtime
 
 baseline_app = typer.Typer(
     help="Pin, list and unpin baselines (the reference that drift is measured against).",
@@ -43,6 +44,8 @@ HeartbeatOption = Annotated[
 
 
 def _service_settings() -> Settings:
+    from monitor.config import Settings
+
     settings = Settings()
     if settings.embedded:
         raise InvalidInput(
@@ -52,6 +55,8 @@ def _service_settings() -> Settings:
 
 
 def _runtime() -> Runtime:
+    from monitor.pipeline.runtime import Runtime
+
     return Runtime(_service_settings())
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from monitor.cli_common import FormatOption, OutputFormat, progress_bar
-from monitor.offline.correlation import Correlation
+
+if TYPE_CHECKING:  # numpy loads when the command runs: --help stays fast
+    from monitor.offline.correlation import Correlation
 
 # A few metrics for the per-checkpoint table; every key is in the CSV and JSON.
 _TABLE_KEYS = ("nc1_cdnv2", "nc1_cdnv", "nc4_ncc_agreement", "nc2_equiangularity_std")

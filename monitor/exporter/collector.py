@@ -41,9 +41,8 @@ from monitor.exporter import (
     custom_help,
 )
 from monitor.pipeline.deadletter import DEAD_LETTER_REASONS, FAILURE_REASONS
-from monitor.pipeline.ingest import UNKNOWN_MODEL
 from monitor.store.base import Store
-from monitor.store.keys import MODEL_NAME
+from monitor.store.keys import MODEL_NAME, UNKNOWN_MODEL
 
 __all__ = ["CollapseCollector", "label_text", "metric_suffix"]
 

@@ -27,7 +27,7 @@ from monitor import __version__
 from monitor.config import Settings
 from monitor.errors import InvalidInput
 from monitor.exporter.collector import STORE_ERRORS, CollapseCollector
-from monitor.pipeline.celery_app import QUEUES
+from monitor.pipeline.queues import QUEUES
 from monitor.pipeline.runtime import broker_client, bucket_policy, redis_client
 from monitor.store.base import Store
 from monitor.store.redis_store import RedisStore

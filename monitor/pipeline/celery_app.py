@@ -26,13 +26,14 @@ from kombu.transport import TRANSPORT_ALIASES
 from pydantic import SecretStr
 
 from monitor.config import NO_CLUSTER_BROKER, Settings
-from monitor.pipeline.runtime import broker_ssl_options, redis_ssl_options
 
-QUEUES = ("embed", "ingest", "maintenance")
-TASK_INGEST = "collapse.ingest_features"
-TASK_EMBED = "collapse.embed_texts"
-TASK_COMPACT = "collapse.compact"
-TASK_EVALUATE = "collapse.evaluate"
+# The names are defined Celery-free in monitor.pipeline.queues; re-exported, their first home.
+from monitor.pipeline.queues import QUEUES as QUEUES
+from monitor.pipeline.queues import TASK_COMPACT as TASK_COMPACT
+from monitor.pipeline.queues import TASK_EMBED as TASK_EMBED
+from monitor.pipeline.queues import TASK_EVALUATE as TASK_EVALUATE
+from monitor.pipeline.queues import TASK_INGEST as TASK_INGEST
+from monitor.pipeline.runtime import broker_ssl_options, redis_ssl_options
 
 
 def _with_password(url: str, password: SecretStr | None) -> str:

@@ -1,22 +1,24 @@
 """The `embed` queue's work: mirrored texts or token ids -> hidden states -> one partial.
 
 Each worker process loads each model once and keeps it; the forward pass runs on the
-model's configured device (the GPU a worker is pinned to with CUDA_VISIBLE_DEVICES).
+model's configured device (the GPU a worker is pinned to with CUDA_VISIBLE_DEVICES). Parsing a
+text payload is torch-free: the API checks one in a core install and queues it here.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monitor.errors import InvalidInput
 from monitor.pipeline.ingest import IngestResult, count_rejection, store_partial
 from monitor.pipeline.payload import SCHEMA_VERSION, TimeBounds, check_timestamp
-from monitor.pipeline.reference import nc4_reference
 from monitor.pipeline.runtime import Runtime
-from monitor.stats import CollapseStats
 from monitor.store.keys import check_batch_id, check_model_name
+
+if TYPE_CHECKING:
+    from monitor.stats import CollapseStats
 
 _models: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 _models_lock = threading.Lock()
@@ -138,6 +140,7 @@ def embed_payload(runtime: Runtime, payload: object) -> IngestResult:
         if isinstance(payload, dict) and "token_ids" in payload:
             check_token_ids(items, runtime.registry.shape(model).vocab_size)
         from monitor.capture.mirror import embed_batches
+        from monitor.pipeline.reference import nc4_reference
 
         stats: CollapseStats | None = None
         reference = nc4_reference(runtime.store, model, lm)

@@ -1,22 +1,38 @@
-"""From a payload to an immutable per-batch partial: the work of the `ingest` queue."""
+"""From a payload to an immutable per-batch partial: the work of the `ingest` queue.
+
+Validation and rejection counting are torch-free (the API runs them in a core install); the
+statistics of a batch load torch on first use, in a worker.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from monitor.errors import InvalidInput
 from monitor.pipeline.payload import FeatureBatch, TimeBounds, claimed_rows, decode_batch
 from monitor.pipeline.registry import ModelRegistry
-from monitor.stats import CollapseStats
-from monitor.stats.fields import to_fields
-from monitor.stats.validation import as_tensor, check_batch
+from monitor.stats.checks import check_arrays
 from monitor.store.base import Store
+from monitor.store.keys import UNKNOWN_MODEL
+
+if TYPE_CHECKING:
+    from monitor.stats import CollapseStats
 
 log = logging.getLogger(__name__)
 
-UNKNOWN_MODEL = "_unknown"  # counter owner for rejections that name no declared model
+__all__ = [
+    "MAX_COUNTED_ROWS",
+    "UNKNOWN_MODEL",
+    "IngestResult",
+    "Ingestor",
+    "count_rejection",
+    "partial_stats",
+    "store_partial",
+]
+
 # No counter write adds more rows than this, whatever a caller passes (no real message holds
 # that many): Redis's int64 counters must never be pushed to overflow, after which they refuse
 # every later increment.
@@ -37,6 +53,8 @@ def partial_stats(batch: FeatureBatch, registry: ModelRegistry, store: Store) ->
     Only validated batches get here: the first batch a store sees proposes the model's RFF
     bandwidth, kept forever (the registry checks its sample once more).
     """
+    from monitor.stats.validation import as_tensor
+
     features = as_tensor(batch.features, "features")
     stats = registry.new_stats(batch.model, store, features)
     stats.update(features, batch.labels)
@@ -49,6 +67,8 @@ def store_partial(
     store: Store, model: str, batch_id: str, ts: float, stats: CollapseStats
 ) -> IngestResult:
     """Write the partial once under `batch_id`; a repeat (redelivery) only counts a duplicate."""
+    from monitor.stats.fields import to_fields
+
     samples = stats.sample_count
     stored = store.put_partial(model, batch_id, to_fields(stats), ts, samples)
     return IngestResult(model, batch_id, samples, stored)
@@ -96,7 +116,7 @@ class Ingestor:
                 f"features have dimension {batch.features.shape[1]}, model {batch.model!r} has "
                 f"{shape.dim}",
             )
-        check_batch(batch.features, batch.labels, dim=shape.dim, num_classes=shape.vocab_size)
+        check_arrays(batch.features, batch.labels, dim=shape.dim, num_classes=shape.vocab_size)
         return batch
 
     def ingest(self, payload: object, now: float | None = None) -> IngestResult:

@@ -1,4 +1,8 @@
-"""The models the service watches, with the sizes their statistics need."""
+"""The models the service watches, with the sizes their statistics need.
+
+Names and shapes are torch-free (the API checks batches against them in a core install); the
+statistics and the RFF bandwidth proposal load torch on first use, in a worker.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,17 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from monitor.config import ModelSpec, Settings
 from monitor.errors import CollapseMonitorError, InvalidInput
-from monitor.stats import CollapseStats, RFFConfig, median_bandwidth
-from monitor.stats.rff import BANDWIDTH_RANGE
-from monitor.stats.validation import check_values
+from monitor.stats.rff_config import BANDWIDTH_RANGE, RFFConfig
 from monitor.store.base import Store
+
+if TYPE_CHECKING:
+    import torch
+
+    from monitor.stats import CollapseStats
 
 log = logging.getLogger(__name__)
 # The agreed median is used at half, once and twice its value: each must be a valid bandwidth.
@@ -115,6 +121,8 @@ class ModelRegistry:
     def _agreed_bandwidth(self, name: str, store: Store, sample: torch.Tensor) -> float:
         stored = store.meta(name).get("rff_bandwidth")
         if stored is None:
+            from monitor.stats.validation import check_values
+
             check_values(sample)
             proposal = _clamped(_median_or_norm(sample), name)
             stored = store.meta_setdefault(name, "rff_bandwidth", repr(proposal))
@@ -132,6 +140,8 @@ class ModelRegistry:
 
     def new_stats(self, name: str, store: Store, sample: torch.Tensor) -> CollapseStats:
         """Empty statistics laid out for the model (vocabulary, width, options, features)."""
+        from monitor.stats import CollapseStats
+
         shape = self.shape(name)
         return CollapseStats(
             shape.vocab_size,
@@ -150,6 +160,10 @@ def _clamped(proposal: float, name: str) -> float:
 
 
 def _median_or_norm(sample: torch.Tensor) -> float:
+    import torch
+
+    from monitor.stats.rff import median_bandwidth
+
     rows = sample.detach().to(torch.float64)
     try:
         return median_bandwidth(rows)

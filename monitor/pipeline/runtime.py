@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis
@@ -24,11 +24,13 @@ from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from monitor.config import NO_CLUSTER_BROKER, Settings, sentinel_address
-from monitor.pipeline.ingest import Ingestor
-from monitor.pipeline.registry import ModelRegistry
 from monitor.store.base import BucketPolicy, Store
 from monitor.store.memory import MemoryStore
 from monitor.store.redis_store import RedisStore
+
+if TYPE_CHECKING:  # loaded on first use: the exporter needs the clients, not the ingestor
+    from monitor.pipeline.ingest import Ingestor
+    from monitor.pipeline.registry import ModelRegistry
 
 T = TypeVar("T")
 # The store's client: the store uses only what both serve on keys of one model's slot.
@@ -231,10 +233,14 @@ class Runtime:
 
     @cached_property
     def registry(self) -> ModelRegistry:
+        from monitor.pipeline.registry import ModelRegistry
+
         return ModelRegistry(self.settings)
 
     @cached_property
     def ingestor(self) -> Ingestor:
+        from monitor.pipeline.ingest import Ingestor
+
         return Ingestor(
             self.store,
             self.registry,

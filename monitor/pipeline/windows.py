@@ -12,18 +12,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from monitor.errors import CollapseMonitorError, IncompatibleStats
-from monitor.metrics.jackknife import Part, SecondBlock
-from monitor.stats import CollapseStats
 from monitor.stats.fields import (
     BLOCK_PREFIX,
     GLOBAL_FIELD,
     Globals,
-    Rows,
     StatsAlgebra,
     StatsBuilder,
     block_rows,
@@ -38,6 +35,13 @@ from monitor.store.base import (
     window_state,
 )
 
+if TYPE_CHECKING:
+    from monitor.metrics.jackknife import Part, SecondBlock
+    from monitor.stats import CollapseStats
+    from monitor.stats.fields import Rows
+
+# Compaction, maintenance and window_summary work on stored bytes and run without torch (beat's
+# tasks, `status` in a core install): torch and the jackknife load when a block is built.
 ALGEBRA = StatsAlgebra()
 
 
@@ -279,6 +283,10 @@ def _bucket_parts(store: Store, model: str, cut: BucketCut, max_bytes: int) -> I
 
 
 def _block(name: bytes, value: bytes, dim: int) -> SecondBlock:
+    import torch
+
+    from monitor.metrics.jackknife import SecondBlock
+
     step = block_rows(dim)
     start = int(name[len(BLOCK_PREFIX) :]) * step
     rows = min(step, dim - start)

@@ -20,16 +20,22 @@ import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
 
 from monitor.errors import IncompatibleStats
-from monitor.stats.collapse_stats import CollapseStats
-from monitor.stats.rff import RFFConfig
+from monitor.stats.rff_config import RFFConfig
+
+# The byte level (globals, the field algebra) is numpy only: compaction, window maintenance and
+# `status` run without torch (a core install); building tensors imports it when called.
+if TYPE_CHECKING:
+    import torch
+
+    from monitor.stats.collapse_stats import CollapseStats
 
 FORMAT = "collapse-stats-fields"
 VERSION = 2
@@ -329,6 +335,8 @@ def decode_rows(chunk: Iterable[tuple[bytes, bytes]], globals_: Globals) -> Rows
         return None
     if any(len(v) != dtype.itemsize for v in values):
         raise IncompatibleStats("a class row of the wrong width")
+    import torch
+
     rows = np.frombuffer(b"".join(values), dtype=dtype)
     class_ids = torch.tensor(ids, dtype=torch.int64)
     if int(class_ids.min()) < 0 or int(class_ids.max()) >= globals_.num_classes:
@@ -351,6 +359,8 @@ class StatsBuilder:
     """
 
     def __init__(self, globals_: Globals, rows: int, *, device: str | torch.device = "cpu"):
+        from monitor.stats.collapse_stats import CollapseStats
+
         g = globals_
         self.globals = g
         self.stats = CollapseStats(
@@ -371,6 +381,8 @@ class StatsBuilder:
             self.stats._load_rows(rows.class_ids, rows.counts, rows.sums, rows.sq_norms)
 
     def _add_block(self, field: bytes, value: bytes) -> None:
+        import torch
+
         second = self.stats.second
         if second is None:
             raise IncompatibleStats("a second-moment block in statistics without one")
@@ -383,6 +395,8 @@ class StatsBuilder:
         second[start : start + rows] = torch.from_numpy(block.reshape(rows, -1).copy())
 
     def finish(self) -> CollapseStats:
+        import torch
+
         g, stats = self.globals, self.stats
         if int(stats.counts.sum()) != g.sample_count:
             raise IncompatibleStats(

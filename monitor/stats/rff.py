@@ -17,65 +17,19 @@ of float64 is paid only by the rows that need it. Bandwidths are bounded so that
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
+# The map's configuration is torch-free (the store's globals carry it); re-exported here.
+from monitor.stats.rff_config import BANDWIDTH_RANGE, RFFConfig, valid_bandwidth
 from monitor.stats.validation import all_finite
+
+__all__ = ["BANDWIDTH_RANGE", "RFFConfig", "median_bandwidth", "rff_features", "valid_bandwidth"]
 
 _F64 = torch.float64
 _F32 = torch.float32
-# Bandwidths whose float32 weights N(0,1)/sigma (sigma from b/2 to 2b) stay normal numbers
-# (float32 spans 1.2e-38..3.4e38) with ample margin; the median heuristic is clamped into it.
-BANDWIDTH_RANGE = (1e-30, 1e30)
-
-
-def valid_bandwidth(value: float) -> bool:
-    """A finite bandwidth the float32 map can use (within `BANDWIDTH_RANGE`)."""
-    low, high = BANDWIDTH_RANGE
-    return math.isfinite(value) and low <= value <= high
-
-
-@dataclass(frozen=True)
-class RFFConfig:
-    dim: int
-    features: int = 256
-    bandwidths: tuple[float, ...] = (1.0,)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.dim < 1 or self.features < 2 or self.features % 2:
-            raise ValueError("RFF needs dim >= 1 and an even number of features >= 2")
-        if not self.bandwidths or not all(valid_bandwidth(b) for b in self.bandwidths):
-            raise ValueError(
-                f"RFF bandwidths must be finite and within {BANDWIDTH_RANGE}, got {self.bandwidths}"
-            )
-        if self.features < len(self.bandwidths):
-            raise ValueError("need at least one feature per bandwidth")
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "dim": self.dim,
-                "features": self.features,
-                "bandwidths": list(self.bandwidths),
-                "seed": self.seed,
-            },
-            sort_keys=True,
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> RFFConfig:
-        raw = json.loads(text)
-        return cls(
-            dim=int(raw["dim"]),
-            features=int(raw["features"]),
-            bandwidths=tuple(float(b) for b in raw["bandwidths"]),
-            seed=int(raw["seed"]),
-        )
 
 
 @lru_cache(maxsize=16)

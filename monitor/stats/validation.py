@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from monitor.errors import InvalidInput
+from monitor.stats.checks import FLOAT32_MAX, check_arrays
 
 ArrayLike: TypeAlias = torch.Tensor | np.ndarray
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # largest feature magnitude accepted
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -85,8 +85,12 @@ def check_batch(
 
     Raises `InvalidInput` naming the first problem found: shape, dtype, empty batch, mismatched
     lengths, labels outside `[0, num_classes)`, non-finite features, or features beyond the
-    float32 range.
+    float32 range. numpy input is checked by `checks.check_arrays` (the same rules, torch-free:
+    the API runs them in a core install) and returned as tensors.
     """
+    if isinstance(features, np.ndarray) and isinstance(labels, np.ndarray):
+        check_arrays(features, labels, dim=dim, num_classes=num_classes)
+        return as_tensor(features, "features"), as_tensor(labels, "labels")
     x = as_tensor(features, "features")
     y = as_tensor(labels, "labels")
     if x.dtype not in _FLOAT_DTYPES:

@@ -16,6 +16,8 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BATCH_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 BASELINE_NAME = MODEL_NAME
 LEVELS = ("fine", "coarse")
+# Counter owner for rejections that name no declared model ('_' keeps it out of MODEL_NAME).
+UNKNOWN_MODEL = "_unknown"
 
 
 def check_model_name(name: str) -> str:
