@@ -39,6 +39,8 @@ STUDY_KEYS: tuple[str, ...] = (*COLLAPSE_KEYS, "anisotropy_mean_cos", "effective
 EXPECTED_SIGN: dict[str, int] = {
     "nc1_cdnv": 1,
     "nc1_cdnv2": 1,
+    "nc1_cdnv_unbiased": 1,
+    "nc1_cdnv2_unbiased": 1,
     "nc1_trace_ratio": 1,
     "nc2_equinorm_cv": 1,
     "nc2_equiangularity_std": 1,

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from monitor.alerts.thresholds import RATIO_KEYS, AlertingSettings
 from monitor.evaluate.snapshot import Snapshot
+from monitor.metrics.keys import RATIO_SOURCE
 from monitor.report.data import ReportData
 from monitor.report.pca import MeanProjection
 
@@ -45,7 +46,11 @@ DPI = 100
 
 # (file stem, title, metric keys) in METRICS.md order; `drift_mmd` carries its threshold.
 GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("nc1", "NC1: within-class variability (CDNV)", ("nc1_cdnv", "nc1_cdnv2", "nc1_trace_ratio")),
+    (
+        "nc1",
+        "NC1: within-class variability (CDNV)",
+        ("nc1_cdnv", "nc1_cdnv_unbiased", "nc1_cdnv2", "nc1_trace_ratio"),
+    ),
     (
         "nc2",
         "NC2: equinorm, equiangularity, uniformity",
@@ -74,8 +79,11 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ("drift_mmd", "drift_mean_shift", "drift_class_mean_cos", "drift_label_js", *RATIO_KEYS),
     ),
 )
-_LOG_KEYS = frozenset({"nc1_cdnv", "nc1_cdnv2", "nc1_trace_ratio"})
-_RATIO_OF = {key: key.removeprefix("drift_").removesuffix("_ratio") for key in RATIO_KEYS}
+_LOG_KEYS = frozenset({"nc1_cdnv", "nc1_cdnv_unbiased", "nc1_cdnv2", "nc1_trace_ratio"})
+# The panel a ratio's baseline line belongs on: the metric it divides (the volume-robust CDNV).
+_RATIO_OF = {
+    key: RATIO_SOURCE[key.removeprefix("drift_").removesuffix("_ratio")] for key in RATIO_KEYS
+}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,10 @@ Semantics (METRICS.md plus the team's decisions):
 - std and CoV are population statistics (ddof = 0).
 - nc1_trace_ratio = Tr(Sigma_W pinv(Sigma_B)) / K over the samples of C' only.
 - anisotropy_mean_cos and effective_rank use ALL samples, whatever their class.
+- Volume-robust keys: over classes of C' with n_c >= 2, s~_c^2 = sigma_c^2 n_c/(n_c-1),
+  D~ = ||mu_c - mu_c'||^2 - s~_c^2/n_c - s~_c'^2/n_c'; a pair is kept when
+  D~ > RESOLUTION (s~_c^2/n_c + s~_c'^2/n_c') (the team's cut, docs/metrics.md).
+  mean_noise_ratio = sum s~_c^2/n_c / sum ||m_c||^2 over those classes (m_c centred on C').
 - nc4_ncc_agreement: over `eval_features` when given, else over `features` themselves (the
   CLI's behaviour); argmax / argmin range over C' only.
 """
@@ -30,6 +34,8 @@ import numpy as np
 PAIRWISE_KEYS = (
     "nc1_cdnv",
     "nc1_cdnv2",
+    "nc1_cdnv_unbiased",
+    "nc1_cdnv2_unbiased",
     "nc2_equiangularity_mean",
     "nc2_equiangularity_std",
     "nc2_log_energy_mean",
@@ -39,6 +45,8 @@ PAIRWISE_KEYS = (
 METRIC_KEYS = (
     "nc1_cdnv",
     "nc1_cdnv2",
+    "nc1_cdnv_unbiased",
+    "nc1_cdnv2_unbiased",
     "nc1_trace_ratio",
     "nc2_equinorm_cv",
     "nc2_equiangularity_mean",
@@ -52,11 +60,14 @@ METRIC_KEYS = (
     "effective_rank",
     "class_count",
     "sample_count",
+    "mean_noise_ratio",
 )
 
 STDERR_KEYS = (
     "nc1_cdnv_stderr",
     "nc1_cdnv2_stderr",
+    "nc1_cdnv_unbiased_stderr",
+    "nc1_cdnv2_unbiased_stderr",
     "nc2_equiangularity_mean_stderr",
     "nc2_equiangularity_std_stderr",
     "nc2_log_energy_mean_stderr",
@@ -94,6 +105,32 @@ def _cov(values: list[float]) -> float | None:
     std = _pop_std(values)
     assert std is not None
     return std / mean
+
+
+RESOLUTION = 0.25
+
+
+def volume_robust(
+    counts: list[int], means: np.ndarray, variances: np.ndarray, centred: np.ndarray
+) -> dict[str, float | None]:
+    """nc1_cdnv_unbiased, nc1_cdnv2_unbiased and mean_noise_ratio by a loop over pairs."""
+    usable = [k for k, n in enumerate(counts) if n >= 2]
+    s2 = {k: variances[k] * counts[k] / (counts[k] - 1) for k in usable}
+    noise = {k: s2[k] / counts[k] for k in usable}
+    cdnv, cdnv2 = [], []
+    for a, i in enumerate(usable):
+        for j in usable[a + 1 :]:
+            diff = means[i] - means[j]
+            d_tilde = float(np.dot(diff, diff)) - noise[i] - noise[j]
+            if d_tilde > RESOLUTION * (noise[i] + noise[j]):
+                cdnv.append((s2[i] + s2[j]) / (2.0 * d_tilde))
+                cdnv2.append((s2[i] + s2[j]) / (2.0 * d_tilde * d_tilde))
+    spread = math.fsum(float(np.dot(centred[k], centred[k])) for k in usable)
+    ratio = None
+    if len(usable) >= 2 and spread > 0:
+        ratio = math.fsum(noise.values()) / spread
+    return {"nc1_cdnv_unbiased": _mean(cdnv), "nc1_cdnv2_unbiased": _mean(cdnv2),
+            "mean_noise_ratio": ratio}  # fmt: skip
 
 
 def kept_classes(labels: np.ndarray, min_count: int) -> list[int]:
@@ -258,6 +295,9 @@ def reference_metrics(
     out["nc1_trace_ratio"] = _trace_ratio(X, y, ids, means)
     out["anisotropy_mean_cos"] = _anisotropy(X)
     out["effective_rank"] = _effective_rank(X)
+    if K >= 2:
+        counts = [int(np.sum(y == c)) for c in ids]
+        out.update(volume_robust(counts, means, variances, centred))
 
     if classifier is not None and K:
         W = _to_numpy(classifier, np.float64)

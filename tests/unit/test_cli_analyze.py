@@ -186,6 +186,8 @@ def test_max_exact_classes_switches_to_sampled_pairs(tmp_path: Path) -> None:
     pairwise = (
         "nc1_cdnv",
         "nc1_cdnv2",
+        "nc1_cdnv_unbiased",
+        "nc1_cdnv2_unbiased",
         "nc2_equiangularity_mean",
         "nc2_equiangularity_std",
         "nc2_log_energy_mean",

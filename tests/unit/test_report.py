@@ -413,7 +413,8 @@ def run_report(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 def test_cli_from_json_prints_the_paths(tmp_path: Path) -> None:
     path = tmp_path / "a.json"
-    path.write_text(json.dumps({"nc1_cdnv": 0.2, "effective_rank": 1.5}))
+    # Absolute bounds judge windows of at least 100 samples (the shipped min_samples).
+    path.write_text(json.dumps({"nc1_cdnv": 0.2, "effective_rank": 1.5, "sample_count": 1000}))
     proc = run_report("--from-json", path, "--out", tmp_path / "out", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
