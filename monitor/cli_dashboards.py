@@ -7,6 +7,7 @@ process listings) and is never printed.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +15,17 @@ import typer
 
 from monitor.cli_common import one_line_errors
 
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "dashboards"
+
+def _dashboards_dir() -> Path:
+    """The checkout's dashboards/ (source and editable installs), else the copy that a wheel
+    installs under <prefix>/share/collapse-monitor/dashboards (pyproject's data-files)."""
+    checkout = Path(__file__).resolve().parents[1] / "dashboards"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "collapse-monitor" / "dashboards"
+
+
+DEFAULT_DIR = _dashboards_dir()
 
 
 def register(app: typer.Typer) -> None:

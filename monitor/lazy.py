@@ -26,3 +26,25 @@ def lazy_attributes(package: str, table: Mapping[str, str]) -> Callable[[str], A
         return value
 
     return getattr_hook
+
+
+# The optional dependencies by the extra that brings them (pyproject.toml); the core install has
+# none of them, and a command that needs one says which extra to install.
+EXTRA_OF: dict[str, str] = {
+    "torch": "worker",
+    "transformers": "worker",
+    "tokenizers": "worker",
+    "matplotlib": "report",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """One line naming the extra that provides the missing module; None for any other module."""
+    module = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF.get(module)
+    if extra is None:
+        return None
+    return (
+        f"this command needs {module}, which the core install leaves out: "
+        f"pip install 'collapse-monitor[{extra}]' (or 'collapse-monitor[all]')"
+    )
