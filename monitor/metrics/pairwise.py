@@ -12,15 +12,29 @@ s~_c'^2/n_c'` (unbiased for the population's squared distance). Classes with `n_
 out of those two means, and so are the pairs this window cannot resolve: `D~ <= RESOLUTION *
 (s~_c^2/n_c + s~_c'^2/n_c')`, whose estimated distance is not above the noise of the class means
 (see RESOLUTION for why the cut is not at `D~ <= 0`).
+
+Both walks take the keys to compute (`keys`, default all of PAIR_METRICS) and skip the work of
+the others where it is separable (a jackknife replicate needs two of the eight); a key's value
+does not depend on which others are computed. The sampled walk can also be given its pairs
+(`pairs`, positions in the kept classes): a jackknife's replicates then share one draw.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
+from monitor.metrics.pair_moments import (
+    COS_KEYS,
+    LOG_ENERGY_KEYS,
+    PLUG_IN_CDNV_KEYS,
+    PairAccumulator,
+    mean_estimate,
+    std_estimate,
+)
 from monitor.metrics.report import Estimate
 from monitor.metrics.rows import ClassMeans
 
@@ -48,51 +62,23 @@ PAIR_METRICS = (
     "nc1_cdnv_unbiased",
     "nc1_cdnv2_unbiased",
 )
+UNBIASED_KEYS = frozenset({"nc1_cdnv_unbiased", "nc1_cdnv2_unbiased"})
 
 
-@dataclass
-class RunningMoments:
-    """Count, mean and sum of squared deviations, merged with Chan et al.'s parallel update."""
-
-    count: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
-
-    def add(self, values: torch.Tensor) -> None:
-        n = int(values.numel())
-        if n == 0:
-            return
-        mean_b = float(values.mean())
-        # Squared in place: `(values - mean_b) ** 2` held two fresh tile-sized temporaries at
-        # once, and glibc served them by mmap with page faults each time (20x the arithmetic).
-        m2_b = float((values - mean_b).square_().sum())
-        total = self.count + n
-        delta = mean_b - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2_b + delta * delta * self.count * n / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        """Population standard deviation (ddof = 0)."""
-        return math.sqrt(max(self.m2, 0.0) / self.count)
+def pair_keys(keys: Collection[str] | None) -> frozenset[str]:
+    """The pair metrics among `keys` (None: all of them)."""
+    return frozenset(PAIR_METRICS) if keys is None else frozenset(keys) & frozenset(PAIR_METRICS)
 
 
-@dataclass
-class RunningMean:
-    """`RunningMoments` without the squared deviations: the same mean, fewer passes (CDNV and
-    CDNV2 only report a mean, and the exact walk is dominated by passes over its tiles)."""
-
-    count: int = 0
-    mean: float = 0.0
-
-    def add(self, values: torch.Tensor) -> None:
-        n = int(values.numel())
-        if n == 0:
-            return
-        total = self.count + n
-        self.mean += (float(values.mean()) - self.mean) * n / total
-        self.count = total
+def draw_pairs(k: int, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`samples` pairs (i, j) of positions 0..k-1 with i != j, uniform among unordered pairs of
+    distinct classes, drawn with replacement from a CPU generator seeded with `seed`."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    first = torch.randint(0, k, (samples,), generator=gen)
+    # Uniform over j != i: draw from k - 1 values and skip i.
+    second = torch.randint(0, k - 1, (samples,), generator=gen)
+    second += (second >= first).to(second.dtype)
+    return first, second
 
 
 class _UnbiasedSums:
@@ -101,10 +87,12 @@ class _UnbiasedSums:
     Per tile: `keep` = 1 for kept pairs (resolved, see RESOLUTION, and c < c'), else 0, as
     sign(max(margin, 0)) rather than a boolean mask (a masked write or `heaviside` cost 2 to 15
     plain passes on the CPU); `r = keep / D~`; `sum (h_c + h_c') r = h . (r 1) + 1 . (r h)` by
-    two matrix-vector products, likewise for `r^2`, with `h = s~^2 / 2`.
+    two matrix-vector products, likewise for `r^2`, with `h = s~^2 / 2` (only when `squares`:
+    CDNV2 is wanted).
     """
 
-    def __init__(self, parts: UnbiasedParts) -> None:
+    def __init__(self, parts: UnbiasedParts, *, squares: bool = True) -> None:
+        self.squares = squares
         device = parts.noise.device
         zero = torch.zeros((), dtype=_F64, device=device)
         self.cdnv, self.cdnv2, self.kept = zero.clone(), zero.clone(), zero.clone()
@@ -139,17 +127,18 @@ class _UnbiasedSums:
         inv = keep.div_(d_tilde.clamp_min_(1e-300))
         h_i, h_j, ones = self.half[rows], self.half[cols], self.ones[cols]
         self.cdnv += torch.mv(inv, h_j).sum() + torch.dot(h_i, torch.mv(inv, ones))
+        if not self.squares:
+            return
         inv.mul_(inv)
         self.cdnv2 += torch.mv(inv, h_j).sum() + torch.dot(h_i, torch.mv(inv, ones))
 
     def results(self) -> dict[str, Estimate]:
         n = int(self.kept)
-        if n == 0:
-            return {"nc1_cdnv_unbiased": Estimate(None), "nc1_cdnv2_unbiased": Estimate(None)}
-        return {
-            "nc1_cdnv_unbiased": Estimate(float(self.cdnv) / n),
-            "nc1_cdnv2_unbiased": Estimate(float(self.cdnv2) / n),
+        out = {
+            "nc1_cdnv_unbiased": Estimate(float(self.cdnv) / n if n else None),
+            "nc1_cdnv2_unbiased": Estimate(float(self.cdnv2) / n if n else None),
         }
+        return out if self.squares else {"nc1_cdnv_unbiased": out["nc1_cdnv_unbiased"]}
 
 
 def _unresolved(dist2: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -210,144 +199,132 @@ class PairInputs:
         return UnbiasedParts(half, noise)
 
 
-def _where(mask: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """`values[mask]` for each, or the values themselves when the mask is all true.
-
-    Boolean indexing (a nonzero, then a gather and a copy per tensor) took about a third of
-    the exact pair walk, and in practice every pair passes: distinct, nonzero class means.
-    """
-    if bool(mask.all()):
-        return values
-    return tuple(v[mask] for v in values)
-
-
-class _PairAccumulator:
-    """Folds blocks of pair values into the moments of CDNV, CDNV2, cosine and log energy."""
-
-    def __init__(self) -> None:
-        self.cdnv = RunningMean()
-        self.cdnv2 = RunningMean()
-        self.cos = RunningMoments()
-        self.log_energy = RunningMoments()
-
-    def add(
-        self,
-        dist2: torch.Tensor,
-        var_sum: torch.Tensor,
-        cos: torch.Tensor,
-        angular: torch.Tensor | None,
-    ) -> None:
-        """All inputs are flat over the same valid pairs; `angular` masks pairs with m_c != 0
-        (None: every pair)."""
-        d2, vs = _where(dist2 > 0, dist2, var_sum)
-        denom = d2 * 2.0
-        cdnv = torch.div(vs, denom, out=denom)
-        self.cdnv.add(cdnv)
-        self.cdnv2.add(cdnv / d2)
-        c = cos if angular is None else _where(angular, cos)[0]
-        self.cos.add(c)
-        # ||u - u'||^2 = 2 - 2 cos for unit vectors; log(1/||u - u'||) = -log(that)/2.
-        chord2 = torch.mul(c, -2.0).add_(2.0).clamp_min_(0.0)  # the same values as 2 - 2c
-        self.log_energy.add(torch.log(_where(chord2 > 0, chord2)[0]).mul_(-0.5))
-
-    def results(self) -> dict[str, Estimate]:
-        def mean(m: RunningMoments | RunningMean) -> Estimate:
-            return Estimate(m.mean if m.count else None)
-
-        def std(m: RunningMoments) -> Estimate:
-            return Estimate(m.std if m.count else None)
-
-        return {
-            "nc1_cdnv": mean(self.cdnv),
-            "nc1_cdnv2": mean(self.cdnv2),
-            "nc2_equiangularity_mean": mean(self.cos),
-            "nc2_equiangularity_std": std(self.cos),
-            "nc2_log_energy_mean": mean(self.log_energy),
-            "nc2_log_energy_std": std(self.log_energy),
-        }
-
-
-def exact_pair_metrics(inputs: PairInputs, *, tile: int = 1024) -> dict[str, Estimate]:
-    """Every pair c < c' once, one Gram tile at a time.
+def exact_pair_metrics(
+    inputs: PairInputs, *, tile: int = 1024, keys: Collection[str] | None = None
+) -> dict[str, Estimate]:
+    """Every pair c < c' once, one Gram tile at a time; the pair metrics among `keys` (default
+    all), each the same value whichever others are asked for.
 
     Each tile of centred means is read K / tile times, so they are built once as a (K, d)
     matrix (`PairInputs.matrix`) rather than derived again for every tile.
     """
+    want = pair_keys(keys)
+    acc = PairAccumulator(want)
+    parts = inputs.unbiased() if want & UNBIASED_KEYS else None
+    robust = None
+    if parts is not None:
+        robust = _UnbiasedSums(parts, squares="nc1_cdnv2_unbiased" in want)
+    need_dist2 = acc.needs_distances or robust is not None
+    need_cos = acc.needs_cosines
+    if not (need_dist2 or need_cos):
+        return {}
     m, var, a = inputs.matrix(), inputs.variances, inputs.sq_norms
     k = inputs.num_classes
     norms = a.sqrt()
     inv_norm = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
     all_angular = bool((norms > 0).all())  # then no tile needs the angular mask
-    acc = _PairAccumulator()
-    parts = inputs.unbiased()
-    robust = _UnbiasedSums(parts) if parts is not None else None
     for i0 in range(0, k, tile):
         i1 = min(i0 + tile, k)
         for j0 in range(i0, k, tile):
             j1 = min(j0 + tile, k)
             gram = m[i0:i1] @ m[j0:j1].T
-            # In place where the values are the same (x - 2y == x - alpha y for alpha = 2):
-            # every fresh tile-sized temporary cost page faults (see RunningMoments.add).
-            dist2 = torch.add(a[i0:i1, None], a[None, j0:j1]).sub_(gram, alpha=2.0)
+            upper = None  # on a diagonal tile, only the pairs above the diagonal
             if i0 == j0:
-                upper = torch.ones_like(dist2, dtype=torch.bool).triu(diagonal=1)
-            # One reduction first: when no pair of the tile is near the cancellation bound
-            # (the rule off the diagonal), the T x T scale and mask are not built at all.
-            bound = _CANCELLATION_RATIO * float(a[i0:i1].max() + a[j0:j1].max())
-            if i0 == j0 or float(dist2.min()) < bound:
-                scale = a[i0:i1, None] + a[None, j0:j1]
-                risky = dist2 < _CANCELLATION_RATIO * scale
-                if i0 == j0:
-                    risky &= upper
-            else:
-                risky = None
-            if risky is not None and bool(risky.any()):
-                ri, rj = risky.nonzero(as_tuple=True)
-                diff = m[i0 + ri] - m[j0 + rj]
-                dist2[ri, rj] = (diff * diff).sum(dim=1)
-            cos = gram.mul_(inv_norm[i0:i1, None]).mul_(inv_norm[None, j0:j1])
-            var_sum = var[i0:i1, None] + var[None, j0:j1]
-            angular = None
-            if not all_angular:
-                angular = (norms[i0:i1, None] > 0) & (norms[None, j0:j1] > 0)
-            if robust is not None:
-                robust.add(dist2, slice(i0, i1), slice(j0, j1), i0 == j0)
-            if i0 == j0:
-                ang = None if angular is None else angular[upper]
-                acc.add(dist2[upper], var_sum[upper], cos[upper], ang)
-            else:
-                ang = None if angular is None else angular.flatten()
-                acc.add(dist2.flatten(), var_sum.flatten(), cos.flatten(), ang)
+                upper = torch.ones_like(gram, dtype=torch.bool).triu(diagonal=1)
+            dist2 = cos = var_sum = angular = None
+            if need_dist2:
+                dist2 = _distances(m, a, gram, (i0, i1, j0, j1), upper)
+            if need_cos:
+                cos = gram.mul_(inv_norm[i0:i1, None]).mul_(inv_norm[None, j0:j1])
+                if not all_angular:
+                    angular = (norms[i0:i1, None] > 0) & (norms[None, j0:j1] > 0)
+            if acc.needs_distances:
+                var_sum = var[i0:i1, None] + var[None, j0:j1]
+            if robust is not None and dist2 is not None:
+                robust.add(dist2, slice(i0, i1), slice(j0, j1), upper is not None)
+            if acc.needs_distances or need_cos:
+                acc.add(
+                    _pairs_of(dist2 if acc.needs_distances else None, upper),
+                    _pairs_of(var_sum, upper),
+                    _pairs_of(cos, upper),
+                    _pairs_of(angular, upper),
+                )
     out = acc.results()
     if robust is not None:
         out.update(robust.results())
     return out
 
 
-def sampled_pair_metrics(
-    inputs: PairInputs, *, samples: int, seed: int, chunk: int = 1024
-) -> dict[str, Estimate]:
-    """Unbiased estimates of the pair means from `samples` uniform pairs, with standard errors.
+def _pairs_of(tile: torch.Tensor | None, upper: torch.Tensor | None) -> torch.Tensor | None:
+    """A tile's values over its pairs, flat: those above the diagonal on a diagonal tile."""
+    if tile is None:
+        return None
+    return tile.flatten() if upper is None else tile[upper]
 
-    Pairs are drawn with replacement, uniformly among unordered pairs of distinct classes.
+
+def _distances(
+    m: torch.Tensor,
+    a: torch.Tensor,
+    gram: torch.Tensor,
+    bounds: tuple[int, int, int, int],
+    upper: torch.Tensor | None,
+) -> torch.Tensor:
+    """`||m_i - m_j||^2` of the tile rows i0..i1-1 x columns j0..j1-1 (`bounds`) from its Gram
+    block, recomputed from the difference where the identity loses digits (`upper`: the tile
+    is on the diagonal, only the pairs above it count)."""
+    i0, i1, j0, j1 = bounds
+    # In place where the values are the same (x - 2y == x - alpha y for alpha = 2):
+    # every fresh tile-sized temporary cost page faults (see RunningMoments.add).
+    dist2 = torch.add(a[i0:i1, None], a[None, j0:j1]).sub_(gram, alpha=2.0)
+    # One reduction first: when no pair of the tile is near the cancellation bound
+    # (the rule off the diagonal), the T x T scale and mask are not built at all.
+    bound = _CANCELLATION_RATIO * float(a[i0:i1].max() + a[j0:j1].max())
+    if upper is None and float(dist2.min()) >= bound:
+        return dist2
+    scale = a[i0:i1, None] + a[None, j0:j1]
+    risky = dist2 < _CANCELLATION_RATIO * scale
+    if upper is not None:
+        risky &= upper
+    if bool(risky.any()):
+        ri, rj = risky.nonzero(as_tuple=True)
+        diff = m[i0 + ri] - m[j0 + rj]
+        dist2[ri, rj] = (diff * diff).sum(dim=1)
+    return dist2
+
+
+def sampled_pair_metrics(
+    inputs: PairInputs,
+    *,
+    samples: int,
+    seed: int,
+    chunk: int = 1024,
+    keys: Collection[str] | None = None,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, Estimate]:
+    """Unbiased estimates of the pair means among `keys` (default all) from `samples` uniform
+    pairs, with standard errors.
+
+    Pairs are drawn with replacement, uniformly among unordered pairs of distinct classes
+    (`draw_pairs` with `seed`), unless `pairs` gives them: positions (i, j), i != j, in the
+    kept classes (then `samples` and `seed` are not used). No pair: every value None.
     The std metrics are the sample std (consistent) with a delta-method standard error.
     """
-    k = inputs.num_classes
+    want = pair_keys(keys)
+    first, second = pairs if pairs is not None else draw_pairs(inputs.num_classes, samples, seed)
+    samples = int(first.numel())
+    need_cos = bool(want & (COS_KEYS | LOG_ENERGY_KEYS))
+    need_dist2 = bool(want & (PLUG_IN_CDNV_KEYS | UNBIASED_KEYS))
+    if samples == 0 or not (need_cos or need_dist2):
+        return {key: Estimate(None) for key in want}
     device = inputs.sq_norms.device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    first = torch.randint(0, k, (samples,), generator=gen)
-    # Uniform over j != i: draw from k - 1 values and skip i.
-    second = torch.randint(0, k - 1, (samples,), generator=gen)
-    second += (second >= first).to(second.dtype)
     var, a = inputs.variances, inputs.sq_norms
     norms = a.sqrt()
     # Results go into buffers allocated up front. Appending each chunk's small result to a
     # list left long-lived 8 KB blocks between the freed chunk temporaries, so glibc's heap
     # could not reuse those holes and grew by GBs (3-7 GB peak at K = 30,000, d = 768).
-    dist2 = torch.empty(samples, dtype=_F64, device=device)
-    var_sum = torch.empty(samples, dtype=_F64, device=device)
-    cos = torch.empty(samples, dtype=_F64, device=device)
-    angular = torch.empty(samples, dtype=torch.bool, device=device)
+    dist2 = torch.empty(samples if need_dist2 else 0, dtype=_F64, device=device)
+    cos = torch.empty(samples if need_cos else 0, dtype=_F64, device=device)
+    angular = torch.empty(samples if need_cos else 0, dtype=torch.bool, device=device)
     # The chunk's rows go into three buffers reused by every chunk: fresh (chunk, d) tensors
     # cost page faults on each allocation, several times the arithmetic (10x for rows derived
     # from the class sums, which also need a division and a subtraction in place).
@@ -360,56 +337,37 @@ def sampled_pair_metrics(
         i = first[start:stop].to(device)
         j = second[start:stop].to(device)
         mi, mj, prod = inputs.take(i, rows_i[:n]), inputs.take(j, rows_j[:n]), work[:n]
-        dot = torch.mul(mi, mj, out=prod).sum(dim=1)
-        diff = mi.sub_(mj)
-        dist2[start:stop] = torch.mul(diff, diff, out=prod).sum(dim=1)
-        var_sum[start:stop] = var[i] + var[j]
-        denom = norms[i] * norms[j]
-        angular[start:stop] = denom > 0
-        cos[start:stop] = dot / denom.clamp_min(1e-300)
+        if need_cos:
+            dot = torch.mul(mi, mj, out=prod).sum(dim=1)
+            denom = norms[i] * norms[j]
+            angular[start:stop] = denom > 0
+            cos[start:stop] = dot / denom.clamp_min(1e-300)
+        if need_dist2:
+            diff = mi.sub_(mj)
+            dist2[start:stop] = torch.mul(diff, diff, out=prod).sum(dim=1)
 
-    separated = dist2 > 0
-    cdnv = var_sum[separated] / (2.0 * dist2[separated])
-    c = cos[angular]
-    chord2 = (2.0 - 2.0 * c).clamp_min(0.0)
-    log_energy = -0.5 * torch.log(chord2[chord2 > 0])
-    out = {
-        "nc1_cdnv": _mean_estimate(cdnv),
-        "nc1_cdnv2": _mean_estimate(cdnv / dist2[separated]),
-        "nc2_equiangularity_mean": _mean_estimate(c),
-        "nc2_equiangularity_std": _std_estimate(c),
-        "nc2_log_energy_mean": _mean_estimate(log_energy),
-        "nc2_log_energy_std": _std_estimate(log_energy),
-    }
-    parts = inputs.unbiased()
+    out: dict[str, Estimate] = {}
+    i, j = first.to(device), second.to(device)
+    if want & PLUG_IN_CDNV_KEYS:
+        separated = dist2 > 0
+        cdnv = (var[i] + var[j])[separated] / (2.0 * dist2[separated])
+        out["nc1_cdnv"] = mean_estimate(cdnv)
+        out["nc1_cdnv2"] = mean_estimate(cdnv / dist2[separated])
+    if need_cos:
+        c = cos[angular]
+        chord2 = (2.0 - 2.0 * c).clamp_min(0.0)
+        log_energy = -0.5 * torch.log(chord2[chord2 > 0])
+        out["nc2_equiangularity_mean"] = mean_estimate(c)
+        out["nc2_equiangularity_std"] = std_estimate(c)
+        out["nc2_log_energy_mean"] = mean_estimate(log_energy)
+        out["nc2_log_energy_std"] = std_estimate(log_energy)
+    parts = inputs.unbiased() if want & UNBIASED_KEYS else None
     if parts is not None:
         # Drawn pairs are uniform among all pairs, so those kept are uniform among kept pairs.
-        i, j = first.to(device), second.to(device)
         noise = parts.noise[i] + parts.noise[j]
         kept = ~_unresolved(dist2, noise)
         d_kept = (dist2 - noise)[kept]
         cdnv_u = (parts.half_var[i] + parts.half_var[j])[kept] / d_kept
-        out["nc1_cdnv_unbiased"] = _mean_estimate(cdnv_u)
-        out["nc1_cdnv2_unbiased"] = _mean_estimate(cdnv_u / d_kept)
-    return out
-
-
-def _mean_estimate(values: torch.Tensor) -> Estimate:
-    n = int(values.numel())
-    if n == 0:
-        return Estimate(None)
-    std = float(values.std(correction=1)) if n > 1 else math.inf
-    return Estimate(float(values.mean()), std / math.sqrt(n))
-
-
-def _std_estimate(values: torch.Tensor) -> Estimate:
-    """Sample std with the delta-method stderr sqrt((mu4 - s^4) / (4 s^2 n))."""
-    n = int(values.numel())
-    if n < 2:
-        return Estimate(None)
-    centred = values - values.mean()
-    var = float((centred**2).mean())
-    mu4 = float((centred**4).mean())
-    std = math.sqrt(var)
-    stderr = math.sqrt(max(mu4 - var * var, 0.0) / (4.0 * var * n)) if var > 0 else 0.0
-    return Estimate(std, stderr)
+        out["nc1_cdnv_unbiased"] = mean_estimate(cdnv_u)
+        out["nc1_cdnv2_unbiased"] = mean_estimate(cdnv_u / d_kept)
+    return {key: value for key, value in out.items() if key in want}
