@@ -233,6 +233,21 @@ class Settings(BaseSettings):
         "*_traffic_stderr keys (each group costs one more evaluation of the alerting metrics); "
         "0 turns the standard errors off.",
     )
+    stderr_interval: float = Field(
+        600.0,
+        ge=0,
+        description="Seconds between jackknifes of a window: in between, each evaluation carries "
+        "the last jackknife's relative errors, scaled by sqrt(N_then / N_now) (alerts change "
+        "slowly, and a jackknife computes the alerting metrics stderr_groups + 1 more times); "
+        "0 = every evaluation.",
+    )
+    stderr_pair_samples: int = Field(
+        100_000,
+        ge=100,
+        description="Class pairs the jackknife's replicates share (drawn once per jackknife, by "
+        "class id) when the window has more pairs than this (at most pair_samples); fewer "
+        "pairs exactly. Their differences carry almost no pair noise (docs/benchmarks.md).",
+    )
     top_drift_classes: int = Field(
         20, ge=0, le=100, description="Most drifted classes kept per snapshot (bounded labels)."
     )

@@ -18,8 +18,10 @@ from monitor.evaluate.snapshot import Snapshot, TopDrift
 from monitor.metrics import MetricReport, compute_metrics
 from monitor.metrics.baseline import BaselineSummary
 from monitor.metrics.drift import BucketSums, compute_drift
+from monitor.metrics.engine import ClassPairs, draw_class_pairs
 from monitor.metrics.jackknife import (
     NC4_KEY,
+    CarriedStderrs,
     Group,
     JackknifeResult,
     deal_groups,
@@ -27,6 +29,7 @@ from monitor.metrics.jackknife import (
     ratio_stderrs,
     traffic_stderrs,
 )
+from monitor.metrics.pairwise import PAIR_METRICS
 from monitor.metrics.report import ALERT_STDERR_KEYS
 from monitor.pipeline.baselines import TRAFFIC_STDERR_META, decode_calibration, load_baseline
 from monitor.pipeline.reference import encode_reference
@@ -42,6 +45,9 @@ from monitor.stats import CollapseStats
 from monitor.store.base import REFERENCE_STATE, baseline_state
 
 log = logging.getLogger(__name__)
+# What a replicate computes: the alerting keys but NC4 agreement, which is its own NC4 counts.
+_REPLICATE_KEYS = tuple(k for k in ALERT_STDERR_KEYS if k != NC4_KEY)
+_PAIR_KEYS = tuple(k for k in _REPLICATE_KEYS if k in PAIR_METRICS)
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ class Evaluator:
         self.custom = discover(runtime.settings.custom_metrics)
         self._baselines: dict[str, tuple[tuple[str, object], _Baseline]] = {}
         self._heads: dict[str, Head | None] = {}
+        # Each window's last jackknife, carried between jackknifes (settings.stderr_interval).
+        self._carried: dict[tuple[str, str], CarriedStderrs] = {}
 
     def evaluate_model(self, model: str, *, now: float | None = None) -> list[Snapshot]:
         """Evaluate every window of `model`, store the snapshots and the NC4 reference."""
@@ -200,12 +208,33 @@ class Evaluator:
         baseline: _Baseline | None,
     ) -> Snapshot:
         """The snapshot with `<key>_traffic_stderr` and `drift_<k>_ratio_stderr` added where
-        they can be computed (docs/architecture.md, "Standard errors"); `stats` is then spent."""
-        if self.runtime.settings.stderr_groups < 1 or not cut:
+        they can be computed (docs/architecture.md, "Standard errors"); `stats` is then spent.
+
+        A jackknife at most every `stderr_interval` seconds per window; the evaluations between
+        carry its relative errors, scaled to the window's volume now."""
+        settings = self.runtime.settings
+        if settings.stderr_groups < 1:
+            return snapshot
+        window = (model, snapshot.window)
+        carried = self._carried.get(window)
+        if carried is not None and 0 <= now - carried.at < settings.stderr_interval:
+            result = carried.scaled(snapshot.metrics, stats.sample_count, stats.nc4_total)
+            log.info(
+                "traffic stderrs of %s/%s carried from the jackknife of %.0f s ago: relative "
+                "errors scaled by sqrt(N_then / N_now) = sqrt(%d / %d); the next in %.0f s",
+                model,
+                snapshot.window,
+                now - carried.at,
+                carried.sample_count,
+                stats.sample_count,
+                settings.stderr_interval - (now - carried.at),
+            )
+            return self._add_stderrs(snapshot, result, baseline, 0.0)
+        if not cut:
             return snapshot
         started = time.perf_counter()
         try:
-            result = self._jackknife(model, stats, cut, now, snapshot.metrics)
+            result, full = self._jackknife(model, stats, cut, now, snapshot)
         except CollapseMonitorError as exc:  # late data, a busy lock: next evaluation
             log.info("no traffic stderrs for %s/%s this time: %s", model, snapshot.window, exc)
             return snapshot
@@ -218,21 +247,34 @@ class Evaluator:
                 "no traffic stderrs for %s/%s: fewer than 2 settled buckets", model, snapshot.window
             )
             return snapshot
-        metrics = dict(snapshot.metrics)
-        metrics.update(traffic_stderrs(metrics, result))
-        if baseline is not None:
-            metrics.update(
-                ratio_stderrs(metrics, baseline.metrics, baseline.stderrs, baseline.summary)
-            )
+        # The jackknife restored every count of `stats` exactly.
+        self._carried[window] = CarriedStderrs.of(result, full, stats, now)
         log.info(
-            "jackknife of %s/%s: %d groups of %d buckets, %.2f s beside %.2f s of evaluation",
+            "jackknife of %s/%s: %d groups of %d buckets, %.2f s beside %.2f s of evaluation; "
+            "carried for %.0f s",
             model,
             snapshot.window,
             result.groups,
             len(cut),
             elapsed,
             snapshot.duration_seconds,
+            settings.stderr_interval,
         )
+        return self._add_stderrs(snapshot, result, baseline, elapsed)
+
+    def _add_stderrs(
+        self,
+        snapshot: Snapshot,
+        result: JackknifeResult,
+        baseline: _Baseline | None,
+        elapsed: float,
+    ) -> Snapshot:
+        metrics = dict(snapshot.metrics)
+        metrics.update(traffic_stderrs(metrics, result))
+        if baseline is not None:
+            metrics.update(
+                ratio_stderrs(metrics, baseline.metrics, baseline.stderrs, baseline.summary)
+            )
         return replace(
             snapshot, metrics=metrics, duration_seconds=snapshot.duration_seconds + elapsed
         )
@@ -243,15 +285,21 @@ class Evaluator:
         stats: CollapseStats,
         cut: tuple[BucketCut, ...],
         now: float,
-        metrics: Mapping[str, float | int | None],
-    ) -> JackknifeResult:
-        """Delete-a-group jackknife over the window's settled buckets.
+        snapshot: Snapshot,
+    ) -> tuple[JackknifeResult, dict[str, float | int | None]]:
+        """Delete-a-group jackknife over the window's settled buckets; also returns the window
+        values the replicates were compared with.
 
         A bucket that may still receive data (it ended less than two compaction intervals, or
         one bucket length if shorter, before `now`) or that already did since the window was
         read is held fixed in every replicate: deleting it would need its content as the window
         summed it, and one that changed between a replicate's subtraction and its addition
         would abandon the jackknife.
+
+        When the window has more class pairs than `stderr_pair_samples`, the replicates'
+        pair metrics come from that many pairs drawn once, by class id (each replicate uses
+        those whose classes it keeps), and the window's value they are compared with from the
+        same pairs: the differences then carry almost no pair-sampling noise.
         """
         settings, store = self.runtime.settings, self.runtime.store
         settle = 2.0 * settings.compaction_interval
@@ -263,18 +311,33 @@ class Evaluator:
         for members in deal_groups([c.sample_count for c in movable], settings.stderr_groups):
             chosen = [movable[i] for i in members]
             groups.append(Group(BucketGroup(store, model, chosen)))
-        with_nc4 = metrics.get(NC4_KEY) is not None
-        return jackknife(
-            stats, groups, lambda s: self._replicate(s, with_nc4), metrics, ALERT_STDERR_KEYS
-        )
+        full = dict(snapshot.metrics)
+        pairs = None
+        k = snapshot.class_count
+        samples = min(settings.stderr_pair_samples, settings.pair_samples)
+        if len(groups) >= 2 and k * (k - 1) // 2 > samples:
+            pairs = draw_class_pairs(
+                stats, samples=samples, seed=settings.seed, min_count=settings.min_count
+            )
+            reference = self._replicate_metrics(stats, pairs, _PAIR_KEYS)
+            full.update({key: reference.value(key) for key in _PAIR_KEYS})
+        with_nc4 = full.get(NC4_KEY) is not None
 
-    def _replicate(self, stats: CollapseStats, with_nc4: bool) -> dict[str, float | int | None]:
-        """A replicate's metrics: the window's options, without the head (NC3 is no alert key;
-        NC4 is the replicate's own counts, as the window's is from its counts)."""
-        values = dict(compute_metrics(stats, **self.runtime.settings.metric_options()).as_dict())
-        nc4 = stats.nc4_hits / stats.nc4_total if with_nc4 and stats.nc4_total > 0 else None
-        values[NC4_KEY] = nc4
-        return values
+        def evaluate(replicate: CollapseStats) -> dict[str, float | int | None]:
+            values = dict(self._replicate_metrics(replicate, pairs, _REPLICATE_KEYS).as_dict())
+            total = replicate.nc4_total
+            values[NC4_KEY] = replicate.nc4_hits / total if with_nc4 and total > 0 else None
+            return values
+
+        return jackknife(stats, groups, evaluate, full, ALERT_STDERR_KEYS), full
+
+    def _replicate_metrics(
+        self, stats: CollapseStats, pairs: ClassPairs | None, keys: tuple[str, ...]
+    ) -> MetricReport:
+        """The alerting metrics of a replicate: the window's options, no head (NC3 is no alert
+        key; NC4 is the replicate's own counts, as the window's is from its counts)."""
+        options = self.runtime.settings.metric_options()
+        return compute_metrics(stats, keys=keys, pairs=pairs, **options)
 
     def _metrics(self, stats: CollapseStats, head: Head | None) -> MetricReport:
         return compute_metrics(

@@ -142,16 +142,16 @@ def test_late_data_during_the_jackknife_drops_its_stderrs_not_the_snapshot(
     now = time.time()
     feed(runtime, [300.0 * i + 400.0 for i in range(10)], "a", now)
     oldest = window_stats(runtime.store, "m", "1h", 3600, now=now).cut[0]
-    replicate = Evaluator._replicate
+    replicate = Evaluator._replicate_metrics
     calls: list[int] = []
 
-    def late(self: Evaluator, stats: CollapseStats, with_nc4: bool) -> dict[str, Any]:
+    def late(self: Evaluator, stats: CollapseStats, *args: Any) -> Any:
         if not calls:  # while the oldest group is out of the window: data lands in it
             feed(runtime, [now - oldest.start - 1.0], "late", now, rows=5)
         calls.append(1)
-        return replicate(self, stats, with_nc4)
+        return replicate(self, stats, *args)
 
-    monkeypatch.setattr(Evaluator, "_replicate", late)
+    monkeypatch.setattr(Evaluator, "_replicate_metrics", late)
     evaluator = Evaluator(runtime)
     snap = evaluator.evaluate_model("m", now=now)[0]
     assert calls == [1]  # abandoned when the group was added back
