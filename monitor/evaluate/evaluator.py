@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from monitor.errors import CollapseMonitorError
@@ -18,10 +18,8 @@ from monitor.evaluate.snapshot import Snapshot, TopDrift
 from monitor.metrics import MetricReport, compute_metrics
 from monitor.metrics.baseline import BaselineSummary
 from monitor.metrics.drift import BucketSums, compute_drift
-from monitor.metrics.engine import ClassPairs, draw_class_pairs
+from monitor.metrics.engine import ClassPairs
 from monitor.metrics.jackknife import (
-    NC4_KEY,
-    CarriedStderrs,
     Group,
     JackknifeResult,
     deal_groups,
@@ -29,7 +27,7 @@ from monitor.metrics.jackknife import (
     ratio_stderrs,
     traffic_stderrs,
 )
-from monitor.metrics.pairwise import PAIR_METRICS
+from monitor.metrics.replicates import CarriedStderrs, alert_replicates
 from monitor.metrics.report import ALERT_STDERR_KEYS
 from monitor.pipeline.baselines import TRAFFIC_STDERR_META, decode_calibration, load_baseline
 from monitor.pipeline.reference import encode_reference
@@ -45,9 +43,6 @@ from monitor.stats import CollapseStats
 from monitor.store.base import REFERENCE_STATE, baseline_state
 
 log = logging.getLogger(__name__)
-# What a replicate computes: the alerting keys but NC4 agreement, which is its own NC4 counts.
-_REPLICATE_KEYS = tuple(k for k in ALERT_STDERR_KEYS if k != NC4_KEY)
-_PAIR_KEYS = tuple(k for k in _REPLICATE_KEYS if k in PAIR_METRICS)
 
 
 @dataclass(frozen=True)
@@ -311,33 +306,27 @@ class Evaluator:
         for members in deal_groups([c.sample_count for c in movable], settings.stderr_groups):
             chosen = [movable[i] for i in members]
             groups.append(Group(BucketGroup(store, model, chosen)))
-        full = dict(snapshot.metrics)
-        pairs = None
-        k = snapshot.class_count
-        samples = min(settings.stderr_pair_samples, settings.pair_samples)
-        if len(groups) >= 2 and k * (k - 1) // 2 > samples:
-            pairs = draw_class_pairs(
-                stats, samples=samples, seed=settings.seed, min_count=settings.min_count
-            )
-            reference = self._replicate_metrics(stats, pairs, _PAIR_KEYS)
-            full.update({key: reference.value(key) for key in _PAIR_KEYS})
-        with_nc4 = full.get(NC4_KEY) is not None
-
-        def evaluate(replicate: CollapseStats) -> dict[str, float | int | None]:
-            values = dict(self._replicate_metrics(replicate, pairs, _REPLICATE_KEYS).as_dict())
-            total = replicate.nc4_total
-            values[NC4_KEY] = replicate.nc4_hits / total if with_nc4 and total > 0 else None
-            return values
-
+        if len(groups) < 2:
+            return JackknifeResult({}, 0), dict(snapshot.metrics)
+        evaluate, full = alert_replicates(
+            stats,
+            snapshot.metrics,
+            self._replicate_metrics,
+            class_count=snapshot.class_count,
+            pair_samples=min(settings.stderr_pair_samples, settings.pair_samples),
+            seed=settings.seed,
+            min_count=settings.min_count,
+        )
         return jackknife(stats, groups, evaluate, full, ALERT_STDERR_KEYS), full
 
     def _replicate_metrics(
-        self, stats: CollapseStats, pairs: ClassPairs | None, keys: tuple[str, ...]
-    ) -> MetricReport:
-        """The alerting metrics of a replicate: the window's options, no head (NC3 is no alert
-        key; NC4 is the replicate's own counts, as the window's is from its counts)."""
+        self, stats: CollapseStats, pairs: ClassPairs | None, keys: Sequence[str]
+    ) -> dict[str, float | int | None]:
+        """Metrics of a replicate (`monitor.metrics.replicates`): the window's options, no head
+        (NC3 is no alert key; NC4 is the replicate's own counts, as the window's is from its
+        counts)."""
         options = self.runtime.settings.metric_options()
-        return compute_metrics(stats, keys=keys, pairs=pairs, **options)
+        return dict(compute_metrics(stats, keys=keys, pairs=pairs, **options).as_dict())
 
     def _metrics(self, stats: CollapseStats, head: Head | None) -> MetricReport:
         return compute_metrics(

@@ -263,51 +263,6 @@ def jackknife(
     return JackknifeResult(stderrs, len(sizes), replicates, time.perf_counter() - started)
 
 
-# --------------------------------------------------------------------------- carrying
-
-
-@dataclass(frozen=True)
-class CarriedStderrs:
-    """A window's last jackknife, kept for the evaluations until the next (`stderr_interval`).
-
-    Relative errors are carried: a metric's error moves with its scale, and falls as 1/sqrt(N)
-    with the window's volume (N: its samples; for NC4 agreement, its NC4 total), so the error
-    of a later evaluation is `(se_then / |value_then|) |value_now| sqrt(N_then / N_now)`. A key
-    whose value was 0 then is not carried (no relative error).
-    """
-
-    at: float  # the evaluation time of the jackknife
-    groups: int
-    relative: dict[str, float]
-    sample_count: int
-    nc4_total: int
-
-    @classmethod
-    def of(
-        cls, result: JackknifeResult, full: Metrics, stats: CollapseStats, at: float
-    ) -> CarriedStderrs:
-        """From a jackknife of `stats` whose window values were `full`."""
-        relative = {}
-        for key, se in result.stderrs.items():
-            value = full.get(key)
-            if value is not None and math.isfinite(value) and value != 0:
-                relative[key] = se / abs(float(value))
-        return cls(at, result.groups, relative, stats.sample_count, stats.nc4_total)
-
-    def scaled(self, metrics: Metrics, sample_count: int, nc4_total: int) -> JackknifeResult:
-        """The carried errors for a window now holding `sample_count` samples (`nc4_total`)."""
-        stderrs = {}
-        for key, rel in self.relative.items():
-            value = metrics.get(key)
-            then, now = (
-                (self.nc4_total, nc4_total) if key == NC4_KEY else (self.sample_count, sample_count)
-            )
-            if value is None or not math.isfinite(value) or then <= 0 or now <= 0:
-                continue
-            stderrs[key] = rel * abs(float(value)) * math.sqrt(then / now)
-        return JackknifeResult(stderrs, self.groups)
-
-
 # --------------------------------------------------------------------------- combining
 
 
