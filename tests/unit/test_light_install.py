@@ -152,3 +152,18 @@ def test_numpy_checks_accept_what_the_tensor_checks_accept(dtype: type) -> None:
     assert isinstance(fx, torch.Tensor)
     assert torch.equal(fy, torch.from_numpy(y))
     check_batch(torch.from_numpy(x), torch.from_numpy(y), dim=4, num_classes=10)
+
+
+def test_slim_image_installs_the_core_and_the_others_every_extra() -> None:
+    deploy = ROOT / "deploy"
+    slim = (deploy / "Dockerfile.slim").read_text(encoding="utf-8")
+    assert "pip install --no-cache-dir /src \\" in slim  # the core install, no extras
+    assert not [line for line in slim.splitlines() if "pip install" in line and "torch" in line]
+    assert '! python -c "import torch"' in slim  # the build fails if an extra crept in
+    assert "ARG BASE_IMAGE=" in slim
+    assert "FROM ${BASE_IMAGE}" in slim
+    assert "USER 10001:10001" in slim
+    assert 'ENTRYPOINT ["collapse-monitor"]' in slim
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        worker = (deploy / name).read_text(encoding="utf-8")
+        assert 'pip install --no-cache-dir /src"[all]"' in worker, name
