@@ -1,7 +1,7 @@
 """What a core install (no torch) relies on, checked in this venv: imports stay light, lazy names
 still resolve, and the numpy batch checks judge as the tensor checks do.
 
-The fresh-venv install itself is tests/integration/test_light_install.py (slow).
+The fresh-venv install itself is tests/integration/test_core_venv.py (slow).
 """
 
 from __future__ import annotations
