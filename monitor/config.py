@@ -242,11 +242,12 @@ class Settings(BaseSettings):
         "0 = every evaluation.",
     )
     stderr_pair_samples: int = Field(
-        100_000,
+        DEFAULT_PAIR_SAMPLES,
         ge=100,
         description="Class pairs the jackknife's replicates share (drawn once per jackknife, by "
-        "class id) when the window has more pairs than this (at most pair_samples); fewer "
-        "pairs exactly. Their differences carry almost no pair noise (docs/benchmarks.md).",
+        "class id) when the window's pairs are sampled (at most pair_samples). Fewer make a "
+        "jackknife cheaper at large d but overstate nc2_equiangularity_std's error, by about "
+        "sqrt(pair_samples / this) (docs/benchmarks.md).",
     )
     top_drift_classes: int = Field(
         20, ge=0, le=100, description="Most drifted classes kept per snapshot (bounded labels)."

@@ -291,10 +291,10 @@ class Evaluator:
         summed it, and one that changed between a replicate's subtraction and its addition
         would abandon the jackknife.
 
-        When the window has more class pairs than `stderr_pair_samples`, the replicates'
-        pair metrics come from that many pairs drawn once, by class id (each replicate uses
-        those whose classes it keeps), and the window's value they are compared with from the
-        same pairs: the differences then carry almost no pair-sampling noise.
+        When the window's pairs were sampled, the replicates' pair metrics come from
+        `stderr_pair_samples` pairs drawn once, by class id (each replicate uses those whose
+        classes it keeps), and the window's value they are compared with from the same pairs
+        (`monitor.metrics.replicates`); else every replicate walks every pair.
         """
         settings, store = self.runtime.settings, self.runtime.store
         settle = 2.0 * settings.compaction_interval
@@ -312,7 +312,7 @@ class Evaluator:
             stats,
             snapshot.metrics,
             self._replicate_metrics,
-            class_count=snapshot.class_count,
+            sampled=snapshot.class_count > settings.max_exact_classes,  # compute_metrics' rule
             pair_samples=min(settings.stderr_pair_samples, settings.pair_samples),
             seed=settings.seed,
             min_count=settings.min_count,

@@ -149,7 +149,7 @@ def compute_metrics(
         fields["effective_rank"] = effective_rank(stats, dev)
     estimates: dict[str, Estimate] = {}
     if k < 1 or not want - _GLOBAL_KEYS:
-        return _report(stats, k, estimates, k < 2 or exact, started, fields)
+        return _report(stats, k, estimates, k < 2 or exact, started, fields, want)
     classes = ClassMeans(kept, dev)
     if k >= 2 and ((exact and pair_keys) or dev != kept.storage.device):
         # The exact walk reads every tile K / tile times, and a device other than the storage's
@@ -184,7 +184,7 @@ def compute_metrics(
             estimates["nc4_ncc_agreement"] = _nc4(
                 stats, eval_features, classes, head, nc4_max_samples, seed, dev
             )
-    return _report(stats, k, estimates, k < 2 or exact, started, fields)
+    return _report(stats, k, estimates, k < 2 or exact, started, fields, want)
 
 
 def _report(
@@ -194,14 +194,16 @@ def _report(
     exact: bool,
     started: float,
     fields: dict[str, float | None],
+    want: frozenset[str],
 ) -> MetricReport:
+    """The report of the keys in `want` (a value computed on the way to another is left out)."""
     return MetricReport(
         class_count=k,
         sample_count=stats.sample_count,
-        estimates=estimates,
+        estimates={key: e for key, e in estimates.items() if key in want},
         exact_pairs=exact,
         seconds=time.perf_counter() - started,
-        **fields,
+        **{key: value for key, value in fields.items() if key in want},
     )
 
 

@@ -2,14 +2,20 @@
 jackknifes: the affordable jackknife at an LLM's size (docs/architecture.md, "Standard errors").
 
 A replicate computes only the alerting keys (`compute_metrics(keys=...)`: no trace ratio, NC3,
-NC4 from a head, plug-in CDNV or log energy). When the window has more class pairs than
-`pair_samples`, every replicate uses the same `pair_samples` pairs, drawn once by class id
-(a replicate uses those whose two classes it keeps), and the window's value it is compared with
-is computed from the same pairs: the replicate-to-replicate differences then carry almost no
-pair-sampling noise, where pairs drawn afresh per replicate (by position in each replicate's
-own class list) would add the full pair noise of every replicate to the jackknife's spread.
-The pair-sampling error of the window's own value stays `<key>_stderr`, added in quadrature by
-`traffic_stderrs`.
+NC4 from a head, plug-in CDNV or log energy), with the window's pair mode:
+
+- exact window (K <= max_exact_classes): every pair, as the window's value. Sampled pairs here
+  would overstate `nc2_equiangularity_std`'s error many times (3x at K = 1,551, 38x at K =
+  19,009 with 100,000 pairs: docs/benchmarks.md): a pair's cosine moves with both classes'
+  noise, and that interaction averages out only over all K^2/2 pairs;
+- sampled window: every replicate uses the same `pair_samples` pairs, drawn once by class id (a
+  replicate uses those whose two classes it keeps), and the window's value it is compared with
+  is computed from the same pairs. Which pairs were drawn then adds nothing to the spread of
+  the replicates (pairs drawn by position in each replicate's own class list, as first
+  shipped, added it: 2.8x the error of `nc2_equiangularity_std` at K = 19,009); what remains
+  is the traffic noise of a mean over that many pairs, which the window's own value has too
+  when it has as many pairs. The pair-sampling error of the window's value stays
+  `<key>_stderr`, added in quadrature by `traffic_stderrs`.
 """
 
 from __future__ import annotations
@@ -38,28 +44,33 @@ def alert_replicates(
     window: Metrics,
     compute: Compute,
     *,
-    class_count: int,
+    sampled: bool,
     pair_samples: int,
     seed: int,
     min_count: int,
+    keys: Sequence[str] = ALERT_STDERR_KEYS,
 ) -> tuple[Evaluate, dict[str, float | int | None]]:
-    """The `evaluate` of a jackknife of ALERT_STDERR_KEYS over `stats`, and the window values
-    its replicates are compared with (`window`'s, the pair keys' from the shared pairs).
+    """The `evaluate` of a jackknife of `keys` (default the alerting keys) over `stats`, and
+    the window values its replicates are compared with (`window`'s; the pair keys' from the
+    shared pairs).
 
-    `class_count` is the window's kept classes: above `pair_samples` pairs, the replicates
-    share `pair_samples` pairs drawn with `seed`. NC4 agreement is each replicate's own NC4
-    counts when the window has a value (from its counts too).
+    `sampled`: the window's pair metrics were sampled; then the replicates share
+    `pair_samples` pairs drawn with `seed` (else they walk every pair, as the window did). NC4
+    agreement is each replicate's own NC4 counts when the window has a value (from its counts
+    too).
     """
+    computed = tuple(k for k in keys if k != NC4_KEY)
+    pair_keys = tuple(k for k in computed if k in PAIR_METRICS)
     full = dict(window)
     pairs = None
-    if class_count * (class_count - 1) // 2 > pair_samples:
+    if pair_keys and sampled:
         pairs = draw_class_pairs(stats, samples=pair_samples, seed=seed, min_count=min_count)
-        reference = compute(stats, pairs, PAIR_KEYS)
-        full.update({key: reference.get(key) for key in PAIR_KEYS})
-    with_nc4 = full.get(NC4_KEY) is not None
+        reference = compute(stats, pairs, pair_keys)
+        full.update({key: reference.get(key) for key in pair_keys})
+    with_nc4 = NC4_KEY in keys and full.get(NC4_KEY) is not None
 
     def evaluate(replicate: CollapseStats) -> dict[str, float | int | None]:
-        values = dict(compute(replicate, pairs, REPLICATE_KEYS))
+        values = dict(compute(replicate, pairs, computed))
         total = replicate.nc4_total
         values[NC4_KEY] = replicate.nc4_hits / total if with_nc4 and total > 0 else None
         return values

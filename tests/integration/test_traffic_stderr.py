@@ -21,6 +21,8 @@ from monitor.evaluate.evaluator import Evaluator
 from monitor.evaluate.snapshot import Snapshot
 from monitor.exporter.collector import CollapseCollector
 from monitor.metrics.drift import RATIO_KEYS, RATIO_SOURCE
+from monitor.metrics.engine import ClassPairs
+from monitor.metrics.replicates import PAIR_KEYS, REPLICATE_KEYS
 from monitor.metrics.report import ALERT_STDERR_KEYS
 from monitor.pipeline.baselines import TRAFFIC_STDERR_META, pin_window
 from monitor.pipeline.payload import encode_batch
@@ -242,3 +244,93 @@ def test_a_window_of_one_bucket_has_no_stderrs(redis_server: RedisServer, tmp_pa
         assert not [k for k in snap.metrics if k.endswith("_traffic_stderr")], snap.window
         assert not [k for k in snap.metrics if k.startswith("drift_") and k.endswith("_stderr")]
     assert not [k for k in gauges(runtime) if "traffic_stderr" in k[0]]
+
+
+def count_replicates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> list[tuple[ClassPairs | None, tuple[str, ...]]]:
+    """Every `_replicate_metrics` call's (pairs, keys), in order."""
+    calls: list[tuple[ClassPairs | None, tuple[str, ...]]] = []
+    compute = Evaluator._replicate_metrics
+
+    def counted(self: Evaluator, stats: CollapseStats, pairs: Any, keys: Any) -> Any:
+        calls.append((pairs, tuple(keys)))
+        return compute(self, stats, pairs, keys)
+
+    monkeypatch.setattr(Evaluator, "_replicate_metrics", counted)
+    return calls
+
+
+def test_stderrs_are_carried_between_jackknifes_scaled_by_volume(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within stderr_interval the last jackknife's relative errors are carried, scaled by
+    sqrt(N_then / N_now); after it, a new jackknife."""
+    runtime = make_runtime(redis_server, tmp_path, windows={"1h": 3600}, stderr_interval=600)
+    calls = count_replicates(monkeypatch)
+    now = time.time() - 1200
+    feed(runtime, [300.0 * i + 400.0 for i in range(6)], "a", now)
+    evaluator = Evaluator(runtime)
+    first = evaluator.evaluate_model("m", now=now)[0]
+    assert len(calls) == 6  # a jackknife: 6 settled buckets, one replicate each
+    feed(runtime, [10.0, 20.0], "b", now + 60)  # more samples, in the open bucket
+    second = evaluator.evaluate_model("m", now=now + 60)[0]
+    assert len(calls) == 6  # carried: no replicate computed
+    n_then, n_now = first.sample_count, second.sample_count
+    assert n_now > n_then
+    for key in ALERT_STDERR_KEYS:
+        then, value = first.metrics[key], second.metrics[key]
+        se_then = first.metrics[f"{key}_traffic_stderr"]
+        assert isinstance(then, float)
+        assert isinstance(value, float)
+        assert se_then is not None
+        size = (n_then, n_now)
+        if key == "nc4_ncc_agreement":
+            size = (6 * 200, 8 * 200)  # the NC4 totals: every batch counted all its rows
+        want = se_then / abs(then) * abs(value) * math.sqrt(size[0] / size[1])
+        assert second.metrics[f"{key}_traffic_stderr"] == pytest.approx(want, rel=1e-9), key
+    third = evaluator.evaluate_model("m", now=now + 601)[0]
+    assert len(calls) == 6 + 7  # the interval has passed: a jackknife (b's bucket settled)
+    assert third.metrics["effective_rank_traffic_stderr"] is not None
+    # stderr_interval = 0: a jackknife at every evaluation.
+    every = Evaluator(make_runtime(redis_server, tmp_path, windows={"1h": 3600}, stderr_interval=0))
+    every.evaluate_model("m", now=now + 602)
+    every.evaluate_model("m", now=now + 603)
+    assert len(calls) == 6 + 7 + 2 * 7
+
+
+def test_replicates_of_a_sampled_window_share_one_draw_of_pairs(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A window whose pairs are sampled (K above max_exact_classes): one draw of
+    stderr_pair_samples pairs, by class id, serves the window's reference value and every
+    replicate. An exact window's replicates walk every pair."""
+    runtime = make_runtime(redis_server, tmp_path, windows={"1h": 3600})
+    calls = count_replicates(monkeypatch)
+    now = time.time()
+    feed(runtime, [300.0 * i + 400.0 for i in range(5)], "a", now)
+    exact = Evaluator(runtime).evaluate_model("m", now=now)[0]
+    assert calls == [(None, REPLICATE_KEYS)] * 5
+    calls.clear()
+    sampled = make_runtime(
+        redis_server,
+        tmp_path,
+        windows={"1h": 3600},
+        max_exact_classes=10,
+        pair_samples=5_000,
+        stderr_pair_samples=100,
+    )
+    shared = Evaluator(sampled).evaluate_model("m", now=now)[0]
+    assert shared.metrics["nc1_cdnv_unbiased_stderr"] is not None  # the window's pairs: sampled
+    assert len(calls) == 6  # the window's value on the shared pairs, then 5 replicates
+    pairs, keys = calls[0]
+    assert isinstance(pairs, ClassPairs)
+    assert len(pairs) == 100
+    assert keys == PAIR_KEYS
+    assert all(p is pairs and k == REPLICATE_KEYS for p, k in calls[1:])
+    for key in ALERT_STDERR_KEYS:
+        se = shared.metrics[f"{key}_traffic_stderr"]
+        assert se is not None, key
+        assert 0 < se < math.inf, key
+        if key not in PAIR_KEYS:  # computed the same way: the same jackknife
+            assert se == pytest.approx(exact.metrics[f"{key}_traffic_stderr"], rel=1e-9), key
