@@ -19,6 +19,7 @@ Why the request path looks the way it does:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -119,6 +120,11 @@ def create_api(
         raise ApiConfigError(
             "COLLAPSE_API_MAX_INFLIGHT_BYTES must be at least COLLAPSE_MAX_PAYLOAD_BYTES "
             "(else a body of the allowed size could never be read)"
+        )
+    if settings.embedded and importlib.util.find_spec("torch") is None:
+        raise ApiConfigError(
+            "embedded mode (no COLLAPSE_REDIS_URL) computes statistics in this process and needs "
+            "torch: pip install 'collapse-monitor[worker]', or set COLLAPSE_REDIS_URL"
         )
     if settings.api_token is not None and len(settings.api_token.get_secret_value()) < 16:
         log.warning("COLLAPSE_API_TOKEN is shorter than 16 characters; use a long random token")

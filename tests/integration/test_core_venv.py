@@ -142,6 +142,11 @@ def test_core_venv_has_no_torch_and_runs_the_offline_commands(core_venv: Path) -
     assert analyzed.returncode == 1
     assert "collapse-monitor[worker]" in analyzed.stderr
     assert len(analyzed.stderr.strip().splitlines()) == 1
+    # The embedded API (no Redis) computes statistics in-process: refused at start, not at the
+    # first request.
+    embedded = run(core_venv, "api", "--port", str(free_port()))
+    assert embedded.returncode == 2, embedded.stderr
+    assert "collapse-monitor[worker]" in embedded.stderr
 
 
 def fill_store(server: RedisServer) -> dict[str, Any]:
