@@ -1,7 +1,8 @@
 """Run every benchmark script in `benchmarks/` and record their tables in docs/benchmarks.md.
 
-The scripts: every `bench_*.py`, `profile_hotspots.py` and `probe_overhead.py`, and, on a
-machine where torch sees a CUDA device, `gpu.sh` (the CUDA tests and CUDA variants).
+The scripts: every `bench_*.py`, `profile_hotspots.py`, `probe_overhead.py` and
+`alert_quality.py`, and, on a machine where torch sees a CUDA device, `gpu.sh` (the CUDA tests
+and CUDA variants).
 
 Each script prints Markdown on stdout (progress on stderr, passed through). The tables go,
 verbatim and under the command that produced them, into the section of the output file between
@@ -97,7 +98,7 @@ def machine_description() -> str:
 
 
 # Scripts besides bench_*.py, and the arguments of their smoke runs (default: --quick).
-EXTRA_SCRIPTS = ("profile_hotspots.py", "probe_overhead.py")
+EXTRA_SCRIPTS = ("profile_hotspots.py", "probe_overhead.py", "alert_quality.py")
 QUICK_ARGS = {
     "probe_overhead.py": ["--reps", "3", "--big-reps", "2", "--tiny-random"],
     "bench_store_scale.py": ["--tiny"],

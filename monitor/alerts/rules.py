@@ -195,16 +195,21 @@ def _drift_rule(alerting: AlertingSettings, bound: DriftBound) -> dict[str, Any]
     threshold = f"max by ({BY_SERIES}) ({_selector('drift_mmd_threshold', bound.matchers)})"
     scaled = threshold if bound.factor == 1.0 else f"{_number(bound.factor)} * {threshold}"
     times = "" if bound.factor == 1.0 else f"{bound.factor:g} times "
+    expr = f"{mmd} > {scaled}"
+    effect = ""
+    if bound.min_mmd is not None:
+        expr = f"({expr}) and ({mmd} > {_number(bound.min_mmd)})"
+        effect = f" and above the effect size {bound.min_mmd:g}"
     detail = (
         f"Drift MMD of model {{{{ $labels.model }}}} (window {{{{ $labels.window }}}}) against "
-        f"its pinned baseline is {VALUE}, above {times}its calibrated null threshold for "
-        f"{bound.for_}: the hidden-state distribution moved (traffic shift, new checkpoint, "
-        "tokenizer or quantisation change)."
+        f"its pinned baseline is {VALUE}, above {times}its calibrated null threshold{effect} "
+        f"for {bound.for_}: the hidden-state distribution moved (traffic shift, new "
+        "checkpoint, tokenizer or quantisation change)."
     )
     return _rule(
         alerting,
         bound.alert,
-        f"{mmd} > {scaled}",
+        expr,
         bound.for_,
         bound.severity,
         bound.summary or f"Hidden-state drift above its calibrated threshold on {WHERE}",

@@ -196,9 +196,28 @@ class PredictiveBound(_Bounded):
 
 
 class DriftBound(_Rule):
-    """`collapse_drift_mmd > factor * collapse_drift_mmd_threshold` for `for`."""
+    """`collapse_drift_mmd > factor * collapse_drift_mmd_threshold` for `for`.
+
+    The threshold is the null of sampling noise at the window's volume: it shrinks as 1/N,
+    while a real shift of the traffic (another class mix) gives an MMD that does not. Alone it
+    therefore fires on any busy window whose traffic differs a little from the baseline's.
+    `min_mmd` adds an effect size: the squared MMD itself (an unbiased estimate, whatever the
+    volume) must also exceed it, so only a shift that large alerts.
+    """
 
     factor: float = Field(1.0, gt=0, description="Multiple of the calibrated threshold.")
+    min_mmd: float | None = Field(
+        None,
+        gt=0,
+        description="Effect size: drift_mmd must also exceed this (squared MMD in the kernel's "
+        "units; the kernel's bandwidth follows the data, so values compare across models).",
+    )
+
+    def fires(self, mmd: float | None, threshold: float | None) -> bool:
+        """The rendered rule: above `factor` thresholds and above `min_mmd`."""
+        if mmd is None or threshold is None or not mmd > self.factor * threshold:
+            return False
+        return self.min_mmd is None or mmd > self.min_mmd
 
 
 def _absolute() -> list[AbsoluteBound]:
@@ -220,47 +239,86 @@ def _absolute() -> list[AbsoluteBound]:
     ]
 
 
+# Shipped significance of the baseline ratios: two standard errors. Measured
+# (benchmarks/alert_quality.py): it silences nothing real, and a third would have delayed or
+# missed collapses in the 15m window at night, whose jackknife has only 3 buckets.
+MIN_Z = 2.0
+# Shipped effect size of the drift alert (squared MMD): above every healthy window of the
+# benchmark's shifting traffic, below every injected failure it should catch.
+MIN_MMD = 0.005
+# The trend rules watch the day window: its volume hardly moves with the time of day, so a
+# residual volume effect in a ratio cannot pose as a trend, and a failure turns into the steady
+# ramp predict_linear extrapolates (the short windows have the bound rules).
+TREND_WINDOW = {"window": "24h"}
+
+
 def _relative() -> list[RelativeBound]:
     cdnv, ncc = "drift_nc1_cdnv_ratio", "drift_nc4_ncc_agreement_ratio"
     rank = "drift_effective_rank_ratio"
+    z = MIN_Z
     return [
-        RelativeBound(alert="CollapseCDNVRisingVsBaseline", metric=cdnv, max=1.5),
+        RelativeBound(alert="CollapseCDNVRisingVsBaseline", metric=cdnv, max=1.5, min_z=z),
         RelativeBound(
-            alert="CollapseCDNVRisingVsBaseline", metric=cdnv, max=3.0, severity="critical"
+            alert="CollapseCDNVRisingVsBaseline", metric=cdnv, max=3.0, severity="critical", min_z=z
         ),
-        RelativeBound(alert="CollapseNCCAgreementFallingVsBaseline", metric=ncc, min=0.8),
+        RelativeBound(alert="CollapseNCCAgreementFallingVsBaseline", metric=ncc, min=0.8, min_z=z),
         RelativeBound(
-            alert="CollapseNCCAgreementFallingVsBaseline", metric=ncc, min=0.5, severity="critical"
+            alert="CollapseNCCAgreementFallingVsBaseline",
+            metric=ncc,
+            min=0.5,
+            severity="critical",
+            min_z=z,
         ),
         RelativeBound(
             alert="CollapseInterferenceRisingVsBaseline",
             metric="drift_nc2_equiangularity_std_ratio",
             max=1.3,
             for_="30m",
+            min_z=z,
         ),
-        RelativeBound(alert="CollapseEffectiveRankFallingVsBaseline", metric=rank, min=0.7),
+        RelativeBound(
+            alert="CollapseEffectiveRankFallingVsBaseline", metric=rank, min=0.7, min_z=z
+        ),
         RelativeBound(
             alert="CollapseEffectiveRankFallingVsBaseline",
             metric=rank,
             min=0.4,
             severity="critical",
+            min_z=z,
         ),
     ]
 
 
 def _predictive() -> list[PredictiveBound]:
+    day, fit = TREND_WINDOW, "3h"
     return [
-        PredictiveBound(alert="CollapseCDNVRisingTrend", metric="drift_nc1_cdnv_ratio", max=1.5),
+        PredictiveBound(
+            alert="CollapseCDNVRisingTrend",
+            metric="drift_nc1_cdnv_ratio",
+            max=1.5,
+            range=fit,
+            matchers=day,
+        ),
         PredictiveBound(
             alert="CollapseNCCAgreementFallingTrend",
             metric="drift_nc4_ncc_agreement_ratio",
             min=0.8,
+            range=fit,
+            matchers=day,
         ),
         PredictiveBound(
-            alert="CollapseEffectiveRankFallingTrend", metric="drift_effective_rank_ratio", min=0.7
+            alert="CollapseEffectiveRankFallingTrend",
+            metric="drift_effective_rank_ratio",
+            min=0.7,
+            range=fit,
+            matchers=day,
         ),
         PredictiveBound(
-            alert="CollapseAnisotropyRisingTrend", metric="anisotropy_mean_cos", max=0.95
+            alert="CollapseAnisotropyRisingTrend",
+            metric="anisotropy_mean_cos",
+            max=0.95,
+            range=fit,
+            matchers=day,
         ),
     ]
 
@@ -282,7 +340,7 @@ class AlertingSettings(BaseModel):
     relative: list[RelativeBound] = Field(default_factory=_relative)
     predictive: list[PredictiveBound] = Field(default_factory=_predictive)
     drift: list[DriftBound] = Field(
-        default_factory=lambda: [DriftBound(alert="CollapseDriftAboveThreshold")]
+        default_factory=lambda: [DriftBound(alert="CollapseDriftAboveThreshold", min_mmd=MIN_MMD)]
     )
     pipeline: PipelineAlerts = Field(default_factory=PipelineAlerts)
 

@@ -74,7 +74,7 @@ class VerdictTracker:
             mmd, threshold = values.get("drift_mmd"), values.get("drift_mmd_threshold")
             if not drift.enabled or not _matches(drift.matchers, snap):
                 continue
-            if mmd is not None and threshold is not None and mmd > drift.factor * threshold:
+            if drift.fires(mmd, threshold):
                 alert = self._alert(drift.alert, drift.severity, snap, mmd)
                 found.append((alert, duration_seconds(drift.for_)))
         return found

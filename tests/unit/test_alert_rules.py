@@ -29,6 +29,7 @@ from monitor.alerts.rules import (
     to_yaml,
 )
 from monitor.alerts.thresholds import (
+    MIN_MMD,
     MIN_WINDOW_SAMPLES,
     AlertingSettings,
     default_alerting,
@@ -119,14 +120,16 @@ def _bounded_case(
 def _trend_case(
     expect: Expect, alert: str, bound_alert: str, metric: str, start: float, slope: float
 ) -> Case:
-    """A steady trend fires the early warning at 90m while the bound itself stays uncrossed."""
+    """A steady trend of the day window fires the early warning at 90m while the bound itself
+    stays uncrossed; the same trend in a short window (volume swings pose as trends) does not."""
     predicted = start + slope * 90 + slope * 6 * 60
     series = [
-        _series(metric, f"{start}{slope:+}x120", model="bad", window="1h"),
-        _series(metric, _flat(start, 120), model="good", window="1h"),
-        _series(metric, f"{start}{-slope / 2:+}x120", model="recovering", window="1h"),
+        _series(metric, f"{start}{slope:+}x120", model="bad", window="24h"),
+        _series(metric, _flat(start, 120), model="good", window="24h"),
+        _series(metric, f"{start}{-slope / 2:+}x120", model="recovering", window="24h"),
+        _series(metric, f"{start}{slope:+}x120", model="short", window="1h"),  # not the day
     ]
-    firing = [expect(alert, "warning", predicted)]
+    firing = [expect(alert, "warning", predicted, window="24h")]
     return _case(series, ("20m", alert, []), ("90m", alert, firing), ("90m", bound_alert, []))
 
 
@@ -255,7 +258,10 @@ def _cases(rules: dict[str, Any]) -> list[Case]:
          _series(thr, _flat(0.01, 30), model="bad", window="1h"),
          _series(mmd, _flat(0.005, 30), model="good", window="1h"),
          _series(thr, _flat(0.01, 30), model="good", window="1h"),
-         _series(mmd, _flat(0.5, 30), model="uncalibrated", window="1h")],  # no threshold
+         _series(mmd, _flat(0.5, 30), model="uncalibrated", window="1h"),  # no threshold
+         _series(mmd, _flat(MIN_MMD * 0.6, 30), model="busy", window="24h"),  # 3x its
+         _series(thr, _flat(MIN_MMD * 0.2, 30), model="busy", window="24h")],  # threshold, but
+        # below the effect size: a busy window whose traffic differs a little from the baseline
         ("10m", drift_alert, []), ("20m", drift_alert, [e(drift_alert, "warning", 0.02)]),
     )  # fmt: skip
     r = "collapse_drift_"

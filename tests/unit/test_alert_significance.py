@@ -239,3 +239,29 @@ def test_absolute_bounds_skip_windows_with_too_few_samples() -> None:
     assert expr.endswith(
         "and on (model, window) (max by (model, window) (collapse_sample_count) >= 100.0)"
     )
+
+
+def test_drift_needs_the_effect_size_on_both_paths() -> None:
+    drift = "CollapseDriftAboveThreshold"
+    alerting = load_alerting(
+        {"relative": [], "predictive": [], "absolute": [],
+         "drift": [{"alert": drift, "min_mmd": 0.01, "for": "0s"}]}
+    )  # fmt: skip
+    cases = {  # model: (mmd, threshold, fires)
+        "shifted": (0.05, 0.01, True),
+        "busy": (0.008, 0.001, False),  # 8 thresholds, but below the effect size
+        "noisy": (0.05, 0.1, False),  # above the effect size, within sampling noise
+        "edge": (0.01, 0.001, False),  # the effect size is a strict bound, as in PromQL
+    }
+    snaps = [
+        Snapshot(m, "1h", 3600, 1000.0, "ok", None, 0.1, 5000, 50,
+                 {"drift_mmd": v, "drift_mmd_threshold": t})
+        for m, (v, t, _) in cases.items()
+    ]  # fmt: skip
+    fired = {a.labels["model"] for a in VerdictTracker(alerting).firing(snaps)}
+    assert fired == {m for m, (_, _, fires) in cases.items() if fires}
+    (group,) = [g for g in render_rules(alerting)["groups"] if g["name"].endswith(".drift")]
+    assert group["rules"][0]["expr"] == (
+        "(max by (model, window) (collapse_drift_mmd) > max by (model, window) "
+        "(collapse_drift_mmd_threshold)) and (max by (model, window) (collapse_drift_mmd) > 0.01)"
+    )
