@@ -240,8 +240,9 @@ def _absolute() -> list[AbsoluteBound]:
 
 
 # Shipped significance of the baseline ratios: two standard errors. Measured
-# (benchmarks/alert_quality.py): it silences nothing real, and a third would have delayed or
-# missed collapses in the 15m window at night, whose jackknife has only 3 buckets.
+# (benchmarks/alert_quality.py, docs/operations.md): it delays no detection, while three
+# delayed a full collapse at night and missed a full checkpoint swap (the 15m window's
+# jackknife has only 3 buckets, so its z is noisy).
 MIN_Z = 2.0
 # Shipped effect size of the drift alert (squared MMD): above every healthy window of the
 # benchmark's shifting traffic, below every injected failure it should catch.
