@@ -1,5 +1,9 @@
 """The jackknife behind `*_traffic_stderr` at scale (issue 15): its cost beside one evaluation,
-before and after replicates were made cheap, and the pair noise of replicates that share pairs.
+before and after replicates were made cheap; the pair noise of replicates on sampled pairs; and,
+for windows whose pairs are sampled, the reported error against the spread across windows.
+
+Every child process runs with `--threads` torch threads (default 1: on a shared 2-core machine,
+two threads made small operations wait for the busy core, up to 70x longer and erratic).
 
 **Cost** (one fresh process per size, `--sizes`, default K x d = 2,000 x 256 and 128,256 x
 4,096). A synthetic window of K classes is the exact sum of G = 8 groups of buckets (below);
@@ -13,24 +17,29 @@ measured in one run, on the same window:
   **options)` (no head), its sampled pairs drawn afresh by position. Replicates are run until
   `--before-budget` seconds are spent (at least one); the rest are extrapolated from their mean.
 - `after`: the evaluator's path now (`monitor.metrics.replicates.alert_replicates`): each
-  replicate computes only the alerting keys, and above `stderr_pair_samples` = 100,000 class
-  pairs every replicate uses the same 100,000 pairs drawn once by class id, compared with the
-  window's value on those pairs (one more pair-only evaluation, "reference").
+  replicate computes only the alerting keys; an exact window's replicates walk every pair, a
+  sampled window's share `stderr_pair_samples` pairs (default 500,000; 100,000 measured too)
+  drawn once by class id, compared with the window's value on those pairs (one more pair-only
+  evaluation, "reference").
 
 "replicate metrics" is the time inside the replicates' metrics, "streaming" the time spent
-subtracting and adding back the groups' statistics (here generated again from their seeds, as
-fast as numpy's RNG allows; in production read twice from Redis). "amortised" divides the
-after jackknife by stderr_interval / evaluation_interval = 600 s / 60 s (it runs once per 10
-evaluations; the evaluations between carry its relative errors).
+subtracting and adding back the groups' statistics (here generated again from their seeds; in
+production read twice from Redis). "amortised": the jackknife runs once per stderr_interval /
+evaluation_interval = 600 s / 60 s = 10 evaluations (those between carry its relative errors).
 
-**Pair noise** (`--noise`, default 2,000 x 256 and 8,000 x 64): jackknife standard errors of
-the two pair keys among the alerting keys (`nc1_cdnv_unbiased`, `nc2_equiangularity_std`) with
-replicates that (a) walk every pair exactly, (b) share P pairs drawn once (the evaluator now),
-(c) draw P pairs each by position in their own class list, as before (a replicate that lost a
-class draws other pairs from there on), each over 5 pair seeds. Reported: se / exact se (mean
-and spread over the draws), and the pair noise of the replicate differences, rms over replicates
-and draws of (theta_g - theta)_P - (theta_g - theta)_exact, over the rms of the exact
-differences (their spread about their mean): what the jackknife reads as traffic.
+**Pair noise** (`--noise`, default 2,000 x 256, 8,000 x 64, 30,000 x 64): jackknife standard
+errors of the two pair keys among the alerting keys (`nc1_cdnv_unbiased`,
+`nc2_equiangularity_std`) with replicates that (a) walk every pair exactly, (b) share P pairs
+drawn once (the evaluator now, for a sampled window), (c) draw P pairs each by position in their
+own class list, as before (a replicate that lost a class draws other pairs from there on), each
+over `--draws` pair seeds. Reported: se / exact se (mean and spread over the draws), and the
+pair noise of the replicate differences, rms over replicates and draws of (theta_g - theta)_P -
+(theta_g - theta)_exact, over the rms of the exact differences about their mean.
+
+**Coverage** (`--coverage`, default 8,000 x 64, `--windows` 30, `--coverage-pairs` 100,000):
+independent windows of one model (same class means, other traffic), pair metrics sampled as a
+window above max_exact_classes has them; the error the evaluator reports, hypot(jackknife se,
+`<key>_stderr`), against the spread of the values across windows.
 
 Synthetic window: class means mu_c ~ 0.5 N(0, 1) offset + N(0, I_d) (float32); in group g
 class c has n_gc ~ Poisson(8 K p_c / G) samples with Zipf-like shares p_c ~ 1 / (c + 10) (8 K
@@ -42,9 +51,9 @@ The second moment is sum_c s_c s_c^T / n_c + 0.25 (N - K') I over the first 4,09
 scaled to all (its content does not change the cost); each group carries 1/G of it. NC4
 counts: 90% of each group's samples. Head: mu_c + 0.1 N(0, I_d) in float32, bias 0.01 N(0, 1).
 
-    .venv/bin/python benchmarks/bench_jackknife.py                       # both, default sizes
-    .venv/bin/python benchmarks/bench_jackknife.py --sizes 2000x256 --noise ''
-    .venv/bin/python benchmarks/bench_jackknife.py --quick               # smoke run
+    .venv/bin/python benchmarks/bench_jackknife.py                  # everything, default sizes
+    .venv/bin/python benchmarks/bench_jackknife.py --sizes 2000x256 --noise '' --coverage ''
+    .venv/bin/python benchmarks/bench_jackknife.py --quick          # smoke run
 """
 
 from __future__ import annotations
@@ -205,34 +214,56 @@ class SyntheticWindow:
         return weight, 0.01 * torch.randn(self.k, generator=gen)
 
 
+class Clock:
+    """Wall and CPU seconds (this process: with one torch thread, the work done; on a shared
+    machine the wall time also holds the waits for a core)."""
+
+    def __init__(self) -> None:
+        self.wall = 0.0
+        self.cpu = 0.0
+        self._started = (0.0, 0.0)
+
+    def start(self) -> Clock:
+        self._started = (time.perf_counter(), time.process_time())
+        return self
+
+    def stop(self) -> Clock:
+        self.wall += time.perf_counter() - self._started[0]
+        self.cpu += time.process_time() - self._started[1]
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        return {"wall": self.wall, "cpu": self.cpu}
+
+
 class Timed:
     """Wraps the groups' reads and the replicates' metrics to split a jackknife's time."""
 
     def __init__(self) -> None:
-        self.stream = 0.0
-        self.metrics = 0.0
+        self.stream = Clock()
+        self.metrics = Clock()
         self.replicates = 0
 
     def group(self, group: Group) -> Group:
         def read() -> Iterator[Part]:
             parts = group.read()
             while True:
-                t0 = time.perf_counter()
+                self.stream.start()
                 part = next(parts, None)
-                self.stream += time.perf_counter() - t0
+                self.stream.stop()
                 if part is None:
                     return
-                t0 = time.perf_counter()
+                self.stream.start()
                 yield part  # the jackknife applies it while we wait: streaming too
-                self.stream += time.perf_counter() - t0
+                self.stream.stop()
 
         return Group(read)
 
     def evaluate(self, inner: Any) -> Any:
         def run(stats: CollapseStats) -> Any:
-            t0 = time.perf_counter()
+            self.metrics.start()
             out = inner(stats)
-            self.metrics += time.perf_counter() - t0
+            self.metrics.stop()
             self.replicates += 1
             return out
 
@@ -266,39 +297,38 @@ def gemm_gflops() -> float:
 def run_cost(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     k, d = spec["k"], spec["d"]
-    t0 = time.perf_counter()
+    setup = Clock().start()
     window = SyntheticWindow(k, d, spec["seed"])
     stats = window.build()
     weight, bias = window.head()
-    setup = time.perf_counter() - t0
+    setup.stop()
     gflops = gemm_gflops()
-    log(f"   set-up {setup:.0f} s; GEMM {gflops:.0f} GFLOP/s")
+    log(f"   set-up {setup.wall:.0f} s; GEMM {gflops:.0f} GFLOP/s")
 
-    t0 = time.perf_counter()
+    evaluation = Clock().start()
     report = compute_metrics(stats, weight, bias, **OPTIONS)
-    evaluation = time.perf_counter() - t0
+    evaluation.stop()
     full = dict(report.as_dict())
-    log(f"   evaluation {evaluation:.1f} s (exact pairs: {report.exact_pairs})")
+    log(f"   evaluation {evaluation.wall:.1f} s (exact pairs: {report.exact_pairs})")
 
     # Before: full replicates, as many as the budget allows (one at least).
     before = Timed()
     groups = window.groups()
-    budget = spec["before_budget"]
     done = 0
     old = before.evaluate(old_replicate)
     t0 = time.perf_counter()
-    while done < GROUPS and (done == 0 or time.perf_counter() - t0 < budget):
+    while done < GROUPS and (done == 0 or time.perf_counter() - t0 < spec["before_budget"]):
         # One group at a time: subtract, evaluate, add back (what jackknife() does per group).
         jackknife(stats, [before.group(groups[done]), _empty()], old, full, ALERT_STDERR_KEYS)
         done += 1
-    before_seconds = time.perf_counter() - t0
-    log(f"   before: {done} of {GROUPS} replicates in {before_seconds:.1f} s")
+    log(f"   before: {done} of {GROUPS} replicates in {time.perf_counter() - t0:.1f} s")
 
     afters = []
     for pairs in [STDERR_PAIRS] + ([] if report.exact_pairs else [SMALL_STDERR_PAIRS]):
         after = Timed()
-        t0 = time.perf_counter()
-        evaluate, reference = alert_replicates(
+        total = Clock().start()
+        reference = Clock().start()
+        evaluate, values = alert_replicates(
             stats,
             full,
             replicate_compute,
@@ -307,23 +337,23 @@ def run_cost(spec: dict[str, Any]) -> dict[str, Any]:
             seed=OPTIONS["seed"],
             min_count=OPTIONS["min_count"],
         )
-        reference_seconds = time.perf_counter() - t0
+        reference.stop()
         result = jackknife(
             stats,
             [after.group(g) for g in groups],
             after.evaluate(evaluate),
-            reference,
+            values,
             ALERT_STDERR_KEYS,
         )
-        seconds = time.perf_counter() - t0
-        log(f"   after ({pairs:,} pairs): {seconds:.1f} s")
+        total.stop()
+        log(f"   after ({pairs:,} pairs): {total.wall:.1f} s")
         afters.append(
             {
                 "pairs": pairs,
-                "seconds": seconds,
-                "reference": reference_seconds,
-                "metrics": after.metrics,
-                "stream": after.stream,
+                "total": total.as_dict(),
+                "reference": reference.as_dict(),
+                "metrics": after.metrics.as_dict(),
+                "stream": after.stream.as_dict(),
                 "stderrs": result.stderrs,
             }
         )
@@ -332,13 +362,12 @@ def run_cost(spec: dict[str, Any]) -> dict[str, Any]:
         "classes": report.class_count,
         "samples": stats.sample_count,
         "exact": report.exact_pairs,
-        "setup": setup,
+        "setup": setup.as_dict(),
         "gflops": gflops,
-        "evaluation": evaluation,
+        "evaluation": evaluation.as_dict(),
         "before_done": done,
-        "before_seconds": before_seconds,
-        "before_metrics": before.metrics,
-        "before_stream": before.stream,
+        "before_metrics": before.metrics.as_dict(),
+        "before_stream": before.stream.as_dict(),
         "afters": afters,
         "values": {key: full.get(key) for key in ALERT_STDERR_KEYS},
         "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -482,14 +511,12 @@ def run_coverage(spec: dict[str, Any]) -> dict[str, Any]:
 def spawn(mode: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, json.dumps(spec)]
     log(f"-- {mode} K={spec['k']:,} d={spec['d']:,}")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    try:  # the child's progress goes straight to stderr
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timed out after {timeout:.0f} s"}
-    sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-2:]
-        return {**spec, "error": f"exit {proc.returncode}: {' / '.join(tail)}"}
+        return {**spec, "error": f"exit {proc.returncode} (its stderr above)"}
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 
@@ -508,41 +535,46 @@ def print_cost(results: list[dict[str, Any]], threads: int) -> None:
         f"### Cost of a jackknife (G = {GROUPS}) beside one evaluation\n\n"
         f"{threads} torch thread(s), {os.cpu_count()} cores; 1-minute load average "
         f"{os.getloadavg()[0]:.1f} at the end. GEMM = a 1024^3 float64 product timed before the "
-        "steps (about 40 GFLOP/s on one quiet core). Seconds; x = times the evaluation; "
-        "amortised = the jackknife once per 10 evaluations (stderr_interval 600 s, "
-        "evaluation_interval 60 s).\n"
+        "steps (about 40 GFLOP/s on one quiet core). CPU = this process's CPU seconds (the "
+        "work, with one thread), wall = elapsed (also the waits for a core on a shared "
+        "machine); x = CPU seconds over the evaluation's; amortised = the jackknife once per 10 "
+        "evaluations (stderr_interval 600 s, evaluation_interval 60 s).\n"
     )
     print(
-        "| K (kept) | d | window's pairs | GEMM GFLOP/s | evaluation s | jackknife | seconds "
-        "(replicate metrics + streaming [+ reference]) | x evaluation | amortised x "
-        "| peak RSS MiB |"
+        "| K (kept) | d | window's pairs | GEMM GFLOP/s | evaluation CPU s (wall) | jackknife "
+        "| CPU s: replicate metrics + streaming [+ reference] = total (wall) | x evaluation "
+        "| amortised x | peak RSS MiB |"
     )
     print("|---:|---:|---|---:|---:|---|---|---:|---:|---:|")
     for r in results:
-        lead = f"| {r['k']:,} | {r['d']:,} |"
         if "error" in r:
-            print(f"{lead} - | - | - | - | {r['error'].replace('|', '/')} | - | - | - |")
+            print(f"| {r['k']:,} | {r['d']:,} | - | - | - | {r['error']} | - | - | - | - |")
             continue
         ev, n = r["evaluation"], r["before_done"]
         pairs = "exact" if r["exact"] else f"{OPTIONS['pair_samples']:,} sampled"
         lead = (
             f"| {r['k']:,} ({r['classes']:,}) | {r['d']:,} | {pairs} | {r['gflops']:.0f} "
-            f"| {ev:.2f} |"
+            f"| {ev['cpu']:.2f} ({ev['wall']:.2f}) |"
         )
-        per, stream = r["before_metrics"] / n, r["before_stream"] / n
-        before = (per + stream) * GROUPS
-        measured = "" if n == GROUPS else f"; {n} of {GROUPS} replicates measured, x {GROUPS / n:g}"
+        scale = GROUPS / n
+        metrics, stream = r["before_metrics"], r["before_stream"]
+        cpu = (metrics["cpu"] + stream["cpu"]) * scale
+        wall = (metrics["wall"] + stream["wall"]) * scale
+        measured = "" if n == GROUPS else f"; {n} of {GROUPS} replicates measured, x {scale:g}"
         print(
-            f"{lead} before: every metric, pairs by position | {before:.2f} "
-            f"({per * GROUPS:.2f} + {stream * GROUPS:.2f}{measured}) | {before / ev:.2f}x "
-            f"| {before / ev * AMORTISED:.3f}x | {r['maxrss_mib']:,.0f} |"
+            f"{lead} before: every metric, pairs by position | {metrics['cpu'] * scale:.2f} + "
+            f"{stream['cpu'] * scale:.2f} = {cpu:.2f} ({wall:.2f}{measured}) "
+            f"| {cpu / ev['cpu']:.2f}x | {cpu / ev['cpu'] * AMORTISED:.3f}x "
+            f"| {r['maxrss_mib']:,.0f} |"
         )
         for a in r["afters"]:
             how = "every pair" if r["exact"] else f"{a['pairs']:,} shared pairs"
+            total = a["total"]
             print(
-                f"{lead} after: alerting keys, {how} | {a['seconds']:.2f} ({a['metrics']:.2f} "
-                f"+ {a['stream']:.2f} + {a['reference']:.2f}) | {a['seconds'] / ev:.2f}x "
-                f"| {a['seconds'] / ev * AMORTISED:.3f}x | |"
+                f"{lead} after: alerting keys, {how} | {a['metrics']['cpu']:.2f} + "
+                f"{a['stream']['cpu']:.2f} + {a['reference']['cpu']:.2f} = {total['cpu']:.2f} "
+                f"({total['wall']:.2f}) | {total['cpu'] / ev['cpu']:.2f}x "
+                f"| {total['cpu'] / ev['cpu'] * AMORTISED:.3f}x | |"
             )
     print()
     shown = [r for r in results if "error" not in r]
@@ -626,9 +658,9 @@ def print_coverage(results: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default="2000x256,128256x4096", help="cost: K x d, comma-separated")
-    p.add_argument("--noise", default="2000x256,8000x64", help="pair noise: K x d sizes")
-    p.add_argument("--pairs", default="10000,30000,100000,500000", help="pair noise: P values")
-    p.add_argument("--draws", type=int, default=5, help="pair noise: pair seeds per P")
+    p.add_argument("--noise", default="2000x256,8000x64,30000x64", help="pair noise: K x d")
+    p.add_argument("--pairs", default="10000,100000,500000", help="pair noise: P values")
+    p.add_argument("--draws", type=int, default=4, help="pair noise: pair seeds per P")
     p.add_argument("--coverage", default="8000x64", help="sampled coverage: K x d sizes")
     p.add_argument("--coverage-pairs", type=int, default=100_000, help="coverage: pairs")
     p.add_argument("--windows", type=int, default=30, help="coverage: independent windows")
