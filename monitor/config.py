@@ -238,15 +238,15 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds between jackknifes of a window: in between, each evaluation carries "
         "the last jackknife's relative errors, scaled by sqrt(N_then / N_now) (alerts change "
-        "slowly, and a jackknife computes the alerting metrics stderr_groups + 1 more times); "
-        "0 = every evaluation.",
+        "slowly, and a jackknife computes the alerting metrics stderr_groups more times); 0 = "
+        "every evaluation.",
     )
     stderr_pair_samples: int = Field(
         DEFAULT_PAIR_SAMPLES,
         ge=100,
         description="Class pairs the jackknife's replicates share (drawn once per jackknife, by "
         "class id) when the window's pairs are sampled (at most pair_samples). Fewer make a "
-        "jackknife cheaper at large d but overstate nc2_equiangularity_std's error, by about "
+        "jackknife cheaper at large d but overstate nc2_equiangularity_std's error, by up to "
         "sqrt(pair_samples / this) (docs/benchmarks.md).",
     )
     top_drift_classes: int = Field(
