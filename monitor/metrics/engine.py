@@ -87,7 +87,7 @@ def wanted_keys(keys: Collection[str] | None) -> frozenset[str]:
     if keys is None:
         return frozenset(REPORT_KEYS)
     out = set()
-    for key in keys:
+    for key in (keys,) if isinstance(keys, str) else keys:  # one key, not its letters
         if key not in REPORT_KEYS:
             raise ValueError(f"compute_metrics has no key {key!r}")
         base = key.removesuffix("_stderr")

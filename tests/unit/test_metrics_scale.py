@@ -25,6 +25,7 @@ import torch
 import monitor.metrics.duality as duality_module
 import monitor.metrics.rows as rows_module
 from monitor import CollapseStats, compute_metrics
+from monitor.metrics.engine import draw_class_pairs
 from monitor.metrics.pairwise import PairInputs, sampled_pair_metrics
 from monitor.metrics.rows import ClassMeans
 from monitor.stats import ClassStatistics
@@ -309,3 +310,22 @@ def test_peak_memory_above_the_inputs_is_tiles_not_matrices(tmp_path: Path) -> N
     matrix = 40_000 * 256 * 8
     for name, peak in peaks.items():
         assert peak < 0.5 * matrix, f"{name}: {peak / 2**20:.0f} MiB above the inputs"
+
+
+def test_keys_and_pairs_by_class_id_keep_the_values_of_the_tiled_path(tiny_tiles: None) -> None:
+    """A jackknife replicate's call (`keys`, `pairs`) on rows out of class order, tiles of
+    three rows, pairs from the sums: each value is the full call's, bit for bit."""
+    x, y = _data(11)
+    stats = _layouts(x, y, 300)[0]
+    options: dict[str, Any] = {"max_exact_classes": 10, "pair_samples": 4_000, "seed": 6}
+    full = compute_metrics(stats, **options).as_dict()
+    keys = ("nc1_cdnv_unbiased", "nc2_equiangularity_std", "effective_rank", "anisotropy_mean_cos")
+    part = compute_metrics(stats, keys=keys, **options).as_dict()
+    pairs = draw_class_pairs(stats, samples=4_000, seed=6)
+    given = compute_metrics(stats, keys=keys, pairs=pairs).as_dict()  # exact by K: sampled
+    for key in keys:
+        assert full[key] is not None, key
+        assert part[key] == full[key], key
+        assert given[key] == full[key], key
+    assert part["nc1_trace_ratio"] is None
+    assert given["nc1_cdnv_unbiased_stderr"] == full["nc1_cdnv_unbiased_stderr"]
