@@ -11,6 +11,9 @@ next to a graph. It imports nothing heavy, so docs and rule generators can read 
 
 from __future__ import annotations
 
+# The key names come from their torch-free catalogue, not from copies kept equal by a test.
+from monitor.metrics.keys import ALERT_STDERR_KEYS, ESTIMATED_KEYS, RATIO_KEYS
+
 PREFIX = "collapse_"
 
 # One line per METRICS.md key: what it measures and which way is bad. Catalogue order.
@@ -70,40 +73,17 @@ METRIC_HELP: dict[str, str] = {
     "drift_effective_rank_ratio": "effective_rank over the baseline's (absent when either side "
     "has under 10 samples per dimension); below 1 = the space collapses (bad).",
 }
-# The metrics that may be sampled estimates (monitor.metrics.report.ESTIMATED_KEYS; a test
-# keeps the two equal without importing the metric engine here).
-ESTIMATED = (
-    "nc1_cdnv",
-    "nc1_cdnv2",
-    "nc1_cdnv_unbiased",
-    "nc1_cdnv2_unbiased",
-    "nc2_equiangularity_mean",
-    "nc2_equiangularity_std",
-    "nc2_log_energy_mean",
-    "nc2_log_energy_std",
-    "nc4_ncc_agreement",
-)
-for _key in ESTIMATED:
+for _key in ESTIMATED_KEYS:
     METRIC_HELP[f"{_key}_stderr"] = (
         f"Standard error of the sampled estimate of {_key} (absent when exact); large = "
         "the value is noisy, not necessarily bad."
     )
-# The keys default alerts use (monitor.metrics.report.ALERT_STDERR_KEYS) and the drift ratios
-# (monitor.metrics.drift.RATIO_KEYS); tests keep these copies equal to those.
-ALERT_STDERR = (
-    "nc1_cdnv_unbiased",
-    "nc2_equiangularity_std",
-    "nc4_ncc_agreement",
-    "effective_rank",
-    "anisotropy_mean_cos",
-)
-RATIOS = ("nc1_cdnv", "nc2_equiangularity_std", "nc4_ncc_agreement", "effective_rank")
-for _key in ALERT_STDERR:
+for _key in ALERT_STDERR_KEYS:
     METRIC_HELP[f"{_key}_traffic_stderr"] = (
         f"Standard error of {_key} as an estimate of the model's value under its traffic "
         "(jackknife over the window's buckets); large = the window cannot pin it down."
     )
-for _key in RATIOS:
+for _key in RATIO_KEYS:
     METRIC_HELP[f"drift_{_key}_ratio_stderr"] = (
         f"Standard error of drift_{_key}_ratio (delta method on window and baseline); an alert "
         "may require the ratio's distance from 1 to exceed a multiple of it."
