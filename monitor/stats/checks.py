@@ -7,6 +7,8 @@ core install without torch. Same rules, reasons and messages as the tensor check
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from monitor.errors import InvalidInput
@@ -36,6 +38,35 @@ def check_array_values(x: np.ndarray, what: str = "features") -> None:
     )
 
 
+def check_layout(
+    x_shape: tuple[int, ...],
+    y_shape: tuple[int, ...],
+    label_bounds: Callable[[], tuple[int, int]],
+    dim: int,
+    num_classes: int,
+) -> None:
+    """The checks a batch's shapes and label range must pass, whatever holds them (numpy or
+    torch): `label_bounds` gives (min, max) of the labels, asked only for a non-empty batch."""
+    if len(x_shape) != 2:
+        raise InvalidInput("wrong_shape", f"features must be 2-D (N, dim), got shape {x_shape}")
+    if len(y_shape) != 1:
+        raise InvalidInput("wrong_shape", f"labels must be 1-D (N,), got shape {y_shape}")
+    if x_shape[1] != dim:
+        raise InvalidInput(
+            "wrong_dimension", f"features have dimension {x_shape[1]}, these statistics use {dim}"
+        )
+    if x_shape[0] != y_shape[0]:
+        raise InvalidInput("length_mismatch", f"{x_shape[0]} feature rows but {y_shape[0]} labels")
+    if x_shape[0] == 0:
+        raise InvalidInput("empty_batch", "empty batch: no samples to add")
+    lo, hi = label_bounds()
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise InvalidInput(
+            "label_out_of_range", f"label {bad} is outside the vocabulary [0, {num_classes})"
+        )
+
+
 def check_arrays(features: np.ndarray, labels: np.ndarray, *, dim: int, num_classes: int) -> None:
     """Validate a numpy batch; raises `InvalidInput` naming the first problem found (the order
     and reasons of `validation.check_batch`)."""
@@ -46,22 +77,5 @@ def check_arrays(features: np.ndarray, labels: np.ndarray, *, dim: int, num_clas
         )
     if y.dtype not in INT_DTYPES:
         raise InvalidInput("wrong_dtype", f"labels must be integers, got {y.dtype}")
-    if x.ndim != 2:
-        raise InvalidInput("wrong_shape", f"features must be 2-D (N, dim), got shape {x.shape}")
-    if y.ndim != 1:
-        raise InvalidInput("wrong_shape", f"labels must be 1-D (N,), got shape {y.shape}")
-    if x.shape[1] != dim:
-        raise InvalidInput(
-            "wrong_dimension", f"features have dimension {x.shape[1]}, these statistics use {dim}"
-        )
-    if x.shape[0] != y.shape[0]:
-        raise InvalidInput("length_mismatch", f"{x.shape[0]} feature rows but {y.shape[0]} labels")
-    if x.shape[0] == 0:
-        raise InvalidInput("empty_batch", "empty batch: no samples to add")
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= num_classes:
-        bad = lo if lo < 0 else hi
-        raise InvalidInput(
-            "label_out_of_range", f"label {bad} is outside the vocabulary [0, {num_classes})"
-        )
+    check_layout(x.shape, y.shape, lambda: (int(y.min()), int(y.max())), dim, num_classes)
     check_array_values(x)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from monitor.errors import InvalidInput
-from monitor.stats.checks import FLOAT32_MAX, check_arrays
+from monitor.stats.checks import FLOAT32_MAX, check_arrays, check_layout
 
 ArrayLike: TypeAlias = torch.Tensor | np.ndarray
 
@@ -100,26 +100,8 @@ def check_batch(
         )
     if y.dtype not in _INT_DTYPES:
         raise InvalidInput("wrong_dtype", f"labels must be integers, got {y.dtype}")
-    if x.ndim != 2:
-        raise InvalidInput(
-            "wrong_shape", f"features must be 2-D (N, dim), got shape {tuple(x.shape)}"
-        )
-    if y.ndim != 1:
-        raise InvalidInput("wrong_shape", f"labels must be 1-D (N,), got shape {tuple(y.shape)}")
-    if x.shape[1] != dim:
-        raise InvalidInput(
-            "wrong_dimension", f"features have dimension {x.shape[1]}, these statistics use {dim}"
-        )
-    if x.shape[0] != y.shape[0]:
-        raise InvalidInput("length_mismatch", f"{x.shape[0]} feature rows but {y.shape[0]} labels")
-    if x.shape[0] == 0:
-        raise InvalidInput("empty_batch", "empty batch: no samples to add")
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= num_classes:
-        bad = lo if lo < 0 else hi
-        raise InvalidInput(
-            "label_out_of_range",
-            f"label {bad} is outside the vocabulary [0, {num_classes})",
-        )
+    check_layout(
+        tuple(x.shape), tuple(y.shape), lambda: (int(y.min()), int(y.max())), dim, num_classes
+    )
     check_values(x)
     return x, y
