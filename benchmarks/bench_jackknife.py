@@ -76,6 +76,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_scale_eval import gemm_gflops  # noqa: E402
+
 from monitor.metrics import compute_metrics  # noqa: E402
 from monitor.metrics.engine import ClassPairs  # noqa: E402
 from monitor.metrics.jackknife import (  # noqa: E402
@@ -282,15 +284,6 @@ def old_replicate(stats: CollapseStats) -> Metrics:
     values = dict(compute_metrics(stats, **OPTIONS).as_dict())
     values[NC4_KEY] = stats.nc4_hits / stats.nc4_total if stats.nc4_total else None
     return values
-
-
-def gemm_gflops() -> float:
-    a = torch.randn(1024, 1024, dtype=F64)
-    a @ a
-    t0 = time.perf_counter()
-    for _ in range(4):
-        a @ a
-    return 4 * 2 * 1024**3 / (time.perf_counter() - t0) / 1e9
 
 
 # --------------------------------------------------------------------------- cost child
