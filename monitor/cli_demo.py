@@ -115,11 +115,15 @@ def _run(
     # give a less trained model); the demo itself then runs on one intra-op thread, sized for
     # 2 cores: traffic and evaluator share the machine, and tiny matrices gain nothing more.
     checkpoint = model if model is not None else _bundled_model(view)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    view.event(0.0, f"loading {checkpoint}")
-    options = DemoOptions(duration=duration, inject=inject, port=port, out=out, seed=seed)
-    with _sigterm_as_interrupt():
-        return Demo(options, checkpoint, view).run()
+    try:  # restored: a caller in the same process (tests, notebooks) keeps its own setting
+        view.event(0.0, f"loading {checkpoint}")
+        options = DemoOptions(duration=duration, inject=inject, port=port, out=out, seed=seed)
+        with _sigterm_as_interrupt():
+            return Demo(options, checkpoint, view).run()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _bundled_model(view: DemoView) -> Path:

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 # The same recipe as tests/unit/test_compare.py: one build per session, shared via basetemp.
 SPEC = TinyModelSpec(
-    vocab_size=300, n_embd=32, n_layer=2, n_head=2, max_steps=200, max_seconds=30, eval_every=100
+    vocab_size=300, n_embd=32, n_layer=2, n_head=2, max_steps=200, max_seconds=600, eval_every=100
 )
 
 

@@ -39,8 +39,10 @@ except ModuleNotFoundError:  # tests/ is not a package: pytest puts tests/unit o
     from reference import reference_metrics
 
 # Trained long enough (about 10 s) for a real spread of directions: effective rank near 4.
+# Bounded by steps, not seconds (600 s is only a guard): a time bound gave a less trained model
+# when an earlier test had left torch on one thread, and this file's values depend on it.
 SPEC = TinyModelSpec(
-    vocab_size=300, n_embd=32, n_layer=2, n_head=2, max_steps=200, max_seconds=30, eval_every=100
+    vocab_size=300, n_embd=32, n_layer=2, n_head=2, max_steps=200, max_seconds=600, eval_every=100
 )
 
 
@@ -239,10 +241,8 @@ def test_planted_collapse_fails_with_exit_3(models: dict[str, Path], corpus: Pat
     got = by_key(doc)
     # Two dimensions left: the total covariance has rank <= 2, and classes blur together.
     assert got["effective_rank"]["candidate"] <= 2.0 + 1e-6
-    # The reference keeps more directions than the two the collapse leaves. (It read above 3
-    # when this file runs alone, 2.13 after the whole unit suite: an order dependence of the
-    # tiny models' features, noted for investigation.)
-    assert got["effective_rank"]["reference"] > got["effective_rank"]["candidate"] + 0.1
+    # The reference keeps more directions than the two the collapse leaves.
+    assert got["effective_rank"]["reference"] > 3.0
     assert got["nc1_cdnv"]["candidate"] > 1.25 * got["nc1_cdnv"]["reference"]
     assert got["drift_mmd"]["value"] > 0.05
     assert got["nc2_equiangularity_std"]["relative_change"] > 0.25
