@@ -10,7 +10,7 @@ feature batches through MonitorClient (features path), and reports:
     beat (compaction every second, evaluation every 2 s), a maintenance worker and the
     exporter, under a steady load; /metrics is scraped every 50 ms and, per batch, the time
     from its submission until `collapse_samples_ingested_total` (read from Redis at scrape
-    time) and until the window gauge `collapse_sample_count` (written by an evaluation)
+    time) and until the window gauge `collapse_window_samples` (written by an evaluation)
     include it is recorded.
 Usage: python benchmarks/bench_pipeline.py [--quick]
 """
@@ -127,7 +127,7 @@ def scrape(url: str) -> tuple[float, float] | None:
         return None
     ingested = re.search(r'^collapse_samples_ingested_total\{model="bench"\} (\S+)$', text, re.M)
     window = re.search(
-        rf'^collapse_sample_count\{{model="bench",window="{GAUGE_WINDOW}"\}} (\S+)$', text, re.M
+        rf'^collapse_window_samples\{{model="bench",window="{GAUGE_WINDOW}"\}} (\S+)$', text, re.M
     )
     return (
         float(ingested.group(1)) if ingested else 0.0,
@@ -314,7 +314,7 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     print(f"| arrival -> `collapse_samples_ingested_total` | {g['counter_median_s']:.2f} s "
           f"| {g['counter_p95_s']:.2f} s | |")  # fmt: skip
-    print(f"| arrival -> `collapse_sample_count{{window=\"{GAUGE_WINDOW}\"}}` "
+    print(f"| arrival -> `collapse_window_samples{{window=\"{GAUGE_WINDOW}\"}}` "
           f"| {g['gauge_median_s']:.2f} s | {g['gauge_p95_s']:.2f} s "
           f"| {g['gauge_max_s']:.2f} s |")  # fmt: skip
     print(f"| last evaluation (`collapse_evaluation_duration_seconds`) "

@@ -30,6 +30,7 @@ from monitor.alerts.thresholds import (
     RelativeBound,
 )
 from monitor.errors import InvalidInput
+from monitor.exporter import gauge_name
 
 __all__ = ["alert_labels", "alert_names", "render_prometheus_rule", "render_rules", "to_yaml"]
 
@@ -83,12 +84,12 @@ _number = number
 
 def _selector(metric: str, matchers: Mapping[str, str]) -> str:
     if not matchers:
-        return PREFIX + metric
+        return gauge_name(metric)
     parts = []
     for name, value in sorted(matchers.items()):
         escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         parts.append(f'{name}="{escaped}"')
-    return f"{PREFIX}{metric}{{{','.join(parts)}}}"
+    return f"{gauge_name(metric)}{{{','.join(parts)}}}"
 
 
 def _side(inner: str, agg: str, op: str, bound: float, noise: tuple[str, float] | None) -> str:
@@ -143,7 +144,7 @@ def _bounded_rule(
     alerting: AlertingSettings, bound: AbsoluteBound | RelativeBound | PredictiveBound
 ) -> dict[str, Any]:
     selector = _selector(bound.metric, bound.matchers)
-    what, meaning = METRIC_TEXT.get(bound.metric, (f"{PREFIX}{bound.metric}", ""))
+    what, meaning = METRIC_TEXT.get(bound.metric, (gauge_name(bound.metric), ""))
     limit = _bound_text(bound.min, bound.max)
     if isinstance(bound, PredictiveBound):
         horizon = duration_seconds(bound.horizon)

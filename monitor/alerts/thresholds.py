@@ -134,7 +134,7 @@ class AbsoluteBound(_Bounded):
     min_samples: int | None = Field(
         None,
         ge=1,
-        description="Judge only windows with at least this many samples (collapse_sample_count).",
+        description="Judge only windows with at least this many samples (collapse_window_samples).",
     )
 
 

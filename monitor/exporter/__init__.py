@@ -15,6 +15,18 @@ from __future__ import annotations
 from monitor.metrics.keys import ALERT_STDERR_KEYS, ESTIMATED_KEYS, RATIO_KEYS
 
 PREFIX = "collapse_"
+# Keys whose gauge is not `collapse_<key>`: a `_count` suffix on a gauge fails `promtool check
+# metrics` (it reads as a histogram's or summary's count), so METRICS.md names these two so.
+GAUGE_NAMES: dict[str, str] = {
+    "sample_count": "window_samples",
+    "class_count": "window_classes",
+}
+
+
+def gauge_name(key: str) -> str:
+    """The Prometheus gauge of a snapshot key: `collapse_<key>` but for `GAUGE_NAMES`."""
+    return PREFIX + GAUGE_NAMES.get(key, key)
+
 
 # One line per METRICS.md key: what it measures and which way is bad. Catalogue order.
 METRIC_HELP: dict[str, str] = {
@@ -131,6 +143,8 @@ FAMILY_HELP: dict[str, str] = {
     "store_memory_bytes": "Redis memory of the model's buckets, baselines, partials and "
     "snapshots (dedup markers excluded); near the limit is bad.",
     "queue_depth": "Tasks waiting in a Celery queue; growing = workers cannot keep up (bad).",
+    "build_info": "Always 1; the labels name the collapse-monitor version and the Python that "
+    "runs the exporter (join on it to see which release exported a series).",
 }
 COUNTERS = (
     "samples_ingested",
@@ -153,6 +167,7 @@ REASON_COUNTERS = {
 # Names a custom metric key must not take: it would collide with a family defined here.
 RESERVED_NAMES: frozenset[str] = frozenset(
     {PREFIX + n for n in FAMILY_HELP}
+    | {PREFIX + n for n in GAUGE_NAMES.values()}
     | {PREFIX + n + s for n in COUNTERS for s in ("_total", "_created")}
 )
 

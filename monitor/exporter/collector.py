@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 import redis
@@ -39,6 +41,7 @@ from monitor.exporter import (
     REASON_COUNTERS,
     RESERVED_NAMES,
     custom_help,
+    gauge_name,
 )
 from monitor.pipeline.deadletter import DEAD_LETTER_REASONS, FAILURE_REASONS
 from monitor.store.base import Store
@@ -139,9 +142,11 @@ class CollapseCollector(Collector):
         self.budget_seconds = budget_seconds
         self._was_up: bool | None = None  # only to log transitions once, never read by output
         self._secrets = settings.secret_values()
+        self._build = build_info()
 
     # ------------------------------------------------------------------ collect
     def collect(self) -> Iterator[Metric]:
+        yield self._build  # not a store series: shown whether or not Redis answers
         try:
             view = self._read(_Deadline(self.budget_seconds))
         except SCRAPE_ERRORS as exc:
@@ -210,6 +215,25 @@ def _parse_snapshot(raw: str | None, model: str, window: str) -> dict[str, Any] 
     return doc
 
 
+def package_version() -> str:
+    """The installed distribution's version (what pip installed), else the source tree's."""
+    try:
+        return metadata.version("collapse-monitor")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        from monitor import __version__
+
+        return __version__
+
+
+def build_info() -> GaugeMetricFamily:
+    """`collapse_build_info{version, python} 1`: which release exports these series."""
+    family = GaugeMetricFamily(
+        f"{PREFIX}build_info", FAMILY_HELP["build_info"], labels=["version", "python"]
+    )
+    family.add_metric([package_version(), platform.python_version()], 1.0)
+    return family
+
+
 def _store_up(value: int) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{PREFIX}store_up", FAMILY_HELP["store_up"], value=value)
 
@@ -271,7 +295,7 @@ def _snapshot_families(models: list[_ModelView]) -> Iterator[Metric]:
     ordered = [k for k in METRIC_HELP if k in values] + sorted(set(values) - set(METRIC_HELP))
     for suffix in ordered:
         family = GaugeMetricFamily(
-            PREFIX + suffix,
+            gauge_name(suffix),
             METRIC_HELP.get(suffix) or custom_help(suffix),
             labels=["model", "window"],
         )

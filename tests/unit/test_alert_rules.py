@@ -108,7 +108,7 @@ def _bounded_case(
         series.append(_series(metric, _flat(worse[0], n), model="worse", window="1h"))
         firing += [expect(alert, sev, worse[0], model="worse") for sev in worse[1]]
     if min_samples is not None:
-        count = "collapse_sample_count"
+        count = "collapse_window_samples"
         series += [_series(count, _flat(min_samples, n), model=m, window="1h")
                    for m in ("good", "bad", "worse")]  # fmt: skip
         few = _flat(min_samples - 1, n)

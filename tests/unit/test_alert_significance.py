@@ -237,7 +237,7 @@ def test_absolute_bounds_skip_windows_with_too_few_samples() -> None:
     assert [a.labels["model"] for a in fired] == ["enough"]
     expr = render_rules(alerting)["groups"][0]["rules"][0]["expr"]
     assert expr.endswith(
-        "and on (model, window) (max by (model, window) (collapse_sample_count) >= 100.0)"
+        "and on (model, window) (max by (model, window) (collapse_window_samples) >= 100.0)"
     )
 
 

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from monitor import cli_dashboards
 from monitor.errors import InvalidInput
-from monitor.exporter import COUNTERS, FAMILY_HELP, METRIC_HELP, PREFIX
+from monitor.exporter import COUNTERS, FAMILY_HELP, METRIC_HELP, PREFIX, gauge_name
 from monitor.grafana import push as push_module
 from monitor.grafana.push import push_dashboards
 
@@ -38,7 +38,7 @@ EXPECTED_UIDS = {
 }
 PANEL_DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 EXPORTED = (
-    {PREFIX + key for key in METRIC_HELP}
+    {gauge_name(key) for key in METRIC_HELP}
     | {PREFIX + name for name in FAMILY_HELP if name not in COUNTERS}
     | {PREFIX + name + "_total" for name in COUNTERS}
     | {"ALERTS"}
@@ -105,7 +105,7 @@ def test_template_variables(path: Path) -> None:
     names = ("reference", "candidate") if path.name == "ab.json" else ("model",)
     for name in names:
         assert variables[name]["type"] == "query"
-        assert "label_values(collapse_sample_count" in variables[name]["definition"]
+        assert "label_values(collapse_window_samples" in variables[name]["definition"]
         assert variables[name]["datasource"] == PANEL_DATASOURCE
     if path.name != "pipeline.json":  # pipeline health is per model, not per window
         assert variables["window"]["type"] == "query"
@@ -156,7 +156,7 @@ def test_overview_covers_every_metric_and_draws_default_thresholds() -> None:
     text = " ".join(exprs(board))
     for key in METRIC_HELP:
         if not key.endswith("_stderr"):
-            assert f"collapse_{key}{{" in text, key
+            assert f"{gauge_name(key)}{{" in text, key
     lines = {
         p["title"]: [s["value"] for s in p["fieldConfig"]["defaults"]["thresholds"]["steps"]]
         for p in panels(board)
