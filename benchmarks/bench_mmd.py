@@ -43,8 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitor.metrics.drift import bucket_sums, mmd_unbiased
+from monitor.metrics.drift import mmd_unbiased
 from monitor.stats import CollapseStats, RFFConfig, median_bandwidth
+from monitor.stats.rff import bucket_sums
 
 F64 = torch.float64
 CHUNK = 8_192  # rows per generated chunk and per `update` call

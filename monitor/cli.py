@@ -114,7 +114,7 @@ def analyze(
 
     from monitor.config import Settings
     from monitor.offline.analyze import analyze_arrays
-    from monitor.offline.arrays import load_array
+    from monitor.data.arrays import load_array
 
     def opt(path: Path | None, what: str) -> torch.Tensor | None:
         return None if path is None else load_array(path, what)

@@ -174,7 +174,7 @@ def replay(
 
     Texts go to the `embed` queue, so a GPU (or CPU) embed worker must be running.
     """
-    from monitor.offline.arrays import load_array
+    from monitor.data.arrays import load_array
     from monitor.pipeline.client import MonitorClient
 
     settings = _service_settings()
@@ -235,7 +235,7 @@ def baseline_pin(
 
     Prints the baseline's stamp (source, counts, dimension, creation time).
     """
-    from monitor.offline.arrays import load_array
+    from monitor.data.arrays import load_array
     from monitor.pipeline.baselines import pin_batches, pin_window
 
     runtime = _runtime()

@@ -1,4 +1,7 @@
-"""Bundled data: a small English corpus of public-domain fables retold in plain words.
+"""Data in and out: the bundled corpus, arrays read from user files (`arrays`), safe paths
+(`files`) and written results (`output`).
+
+The bundled corpus is a small English corpus of public-domain fables retold in plain words.
 
 `train` builds the tiny demo model's tokenizer and weights; `heldout` is demo traffic the model
 never saw. Documents are separated by blank lines.

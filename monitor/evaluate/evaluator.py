@@ -17,7 +17,7 @@ from monitor.evaluate.heads import Head, load_head
 from monitor.evaluate.snapshot import Snapshot, TopDrift
 from monitor.metrics import MetricReport, compute_metrics
 from monitor.metrics.baseline import BaselineSummary
-from monitor.metrics.drift import BucketSums, compute_drift
+from monitor.metrics.drift import compute_drift
 from monitor.metrics.engine import ClassPairs
 from monitor.metrics.jackknife import (
     Group,
@@ -40,6 +40,7 @@ from monitor.pipeline.windows import (
     window_stats,
 )
 from monitor.stats import CollapseStats
+from monitor.stats.rff import BucketSums
 from monitor.store.base import REFERENCE_STATE, baseline_state
 
 log = logging.getLogger(__name__)

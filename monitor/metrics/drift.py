@@ -93,11 +93,12 @@ from monitor.metrics.keys import (
     RATIO_STDERR_KEYS,
     SAMPLES_GUARDED,
 )
-from monitor.metrics.mmd import BucketSums, bucket_sums, mmd_threshold, mmd_unbiased
+from monitor.metrics.mmd import mmd_threshold, mmd_unbiased
 from monitor.metrics.options import DEFAULT_MAX_MEAN_NOISE, DEFAULT_MIN_SAMPLES_PER_DIM
 from monitor.metrics.report import finite_or_none
 from monitor.metrics.rows import row_ranges, tile_rows
 from monitor.stats import CollapseStats
+from monitor.stats.rff import BucketSums, bucket_sums
 
 _F64 = torch.float64
 # The key names and guard defaults above are defined torch-free (monitor.metrics.keys, .options,
@@ -114,10 +115,8 @@ __all__ = [
     "RATIO_SOURCE",
     "RATIO_STDERR_KEYS",
     "SAMPLES_GUARDED",
-    "BucketSums",
     "ClassDrift",
     "DriftReport",
-    "bucket_sums",
     "compute_drift",
     "mmd_threshold",
     "mmd_unbiased",

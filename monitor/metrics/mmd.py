@@ -29,30 +29,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from monitor.stats import CollapseStats
+from monitor.stats.rff import BucketSums
 
 _F64 = torch.float64
-
-
-@dataclass(frozen=True)
-class BucketSums:
-    """The random-Fourier-feature sums of one time bucket of a baseline (for calibration)."""
-
-    count: int
-    rff_sum: torch.Tensor  # (D,) float64, sum of phi(h)
-    rff_sq: float  # sum of ||phi(h)||^2
-
-
-def bucket_sums(stats: CollapseStats) -> BucketSums:
-    """The RFF sums of `stats`; raises ValueError when it has none."""
-    if stats.rff_sum is None:
-        raise ValueError("these statistics carry no random Fourier feature sums")
-    return BucketSums(stats.sample_count, stats.rff_sum.detach().clone().to(_F64), stats.rff_sq)
 
 
 def mmd_unbiased(a: BucketSums, b: BucketSums) -> float:

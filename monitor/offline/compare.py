@@ -25,7 +25,7 @@ from monitor.config import Settings
 from monitor.data.files import read_lines
 from monitor.errors import ExitCode, InvalidInput
 from monitor.metrics import compute_metrics
-from monitor.metrics.drift import BucketSums, DriftReport, compute_drift
+from monitor.metrics.drift import DriftReport, compute_drift
 from monitor.metrics.engine import resolve_device
 from monitor.metrics.report import COLLAPSE_KEYS, GEOMETRY_KEYS
 from monitor.offline.corpus_run import (
@@ -40,6 +40,7 @@ from monitor.offline.corpus_run import (
 )
 from monitor.offline.tolerances import BAD_DIRECTION, Tolerances
 from monitor.stats import CollapseStats
+from monitor.stats.rff import BucketSums
 
 SCHEMA_VERSION = 1
 COMPARED_KEYS: tuple[str, ...] = COLLAPSE_KEYS + GEOMETRY_KEYS

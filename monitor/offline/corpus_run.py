@@ -17,9 +17,8 @@ import torch
 
 from monitor.capture.mirror import embed_batches, load_model
 from monitor.errors import InvalidInput
-from monitor.metrics.drift import BucketSums
 from monitor.stats import CollapseStats, RFFConfig
-from monitor.stats.rff import median_bandwidth, rff_features
+from monitor.stats.rff import BucketSums, median_bandwidth, rff_features
 
 Progress = Callable[[str, int, int], None]
 RFF_FEATURES = 256

@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import load, save
 
 from monitor.errors import IncompatibleStats, InvalidInput
-from monitor.metrics.drift import BucketSums, bucket_sums
 from monitor.metrics.report import TRAFFIC_STDERR_SUFFIX
 from monitor.pipeline.registry import ModelRegistry, ModelShape
 from monitor.pipeline.windows import bucket_globals, maintain_model, read_state
 from monitor.stats import CollapseStats
 from monitor.stats.fields import GLOBAL_FIELD, Globals, decode_globals, field_chunks
 from monitor.stats.fields import VERSION as STORE_FORMAT
+from monitor.stats.rff import BucketSums, bucket_sums
 from monitor.store.base import Store, window_state
 from monitor.store.keys import check_model_name
 

@@ -18,7 +18,9 @@ of float64 is paid only by the rows that need it. Bandwidths are bounded so that
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,7 +28,18 @@ import torch
 from monitor.stats.rff_config import BANDWIDTH_RANGE, RFFConfig, valid_bandwidth
 from monitor.stats.validation import all_finite
 
-__all__ = ["BANDWIDTH_RANGE", "RFFConfig", "median_bandwidth", "rff_features", "valid_bandwidth"]
+if TYPE_CHECKING:
+    from monitor.stats.collapse_stats import CollapseStats
+
+__all__ = [
+    "BANDWIDTH_RANGE",
+    "BucketSums",
+    "RFFConfig",
+    "bucket_sums",
+    "median_bandwidth",
+    "rff_features",
+    "valid_bandwidth",
+]
 
 _F64 = torch.float64
 _F32 = torch.float32
@@ -75,3 +88,20 @@ def median_bandwidth(x: torch.Tensor, *, max_samples: int = 1000, seed: int = 0)
     if not median > 0:
         raise ValueError("all sampled rows are identical: no bandwidth can be chosen")
     return median
+
+
+@dataclass(frozen=True)
+class BucketSums:
+    """The random-Fourier-feature sums of one time bucket of a baseline: the MMD calibration
+    (`monitor.metrics.mmd`) reads them, the pipeline stores them beside each baseline."""
+
+    count: int
+    rff_sum: torch.Tensor  # (D,) float64, sum of phi(h)
+    rff_sq: float  # sum of ||phi(h)||^2
+
+
+def bucket_sums(stats: CollapseStats) -> BucketSums:
+    """The RFF sums of `stats`; raises ValueError when it has none."""
+    if stats.rff_sum is None:
+        raise ValueError("these statistics carry no random Fourier feature sums")
+    return BucketSums(stats.sample_count, stats.rff_sum.detach().clone().to(_F64), stats.rff_sq)

@@ -13,14 +13,13 @@ from monitor.errors import IncompatibleStats
 from monitor.metrics import compute_metrics, rows
 from monitor.metrics.drift import (
     DRIFT_KEYS,
-    BucketSums,
-    bucket_sums,
     compute_drift,
     mmd_threshold,
     mmd_unbiased,
     top_drift_classes,
 )
 from monitor.stats import CollapseStats, RFFConfig, median_bandwidth, rff_features
+from monitor.stats.rff import BucketSums, bucket_sums
 
 
 def _stats(
