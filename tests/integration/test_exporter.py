@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import re
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,9 @@ def test_nothing_but_health_before_any_snapshot(setup: Any) -> None:
     _, _, collector = setup
     families = parse(scrape_text(collector))
     assert series(families, "collapse_store_up") == {(): 1.0}
+    build = labels(version=metadata.version("collapse-monitor"), python=platform.python_version())
+    assert series(families, "collapse_build_info") == {build: 1.0}
+    assert "version" in families["collapse_build_info"].documentation
     for key in ALL_KEYS:
         assert not series(families, gauge(key)), key
     for name in ("snapshot_ok", "snapshot_timestamp_seconds", "baseline_info"):
