@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from monitor.errors import CollapseMonitorError
+from monitor.errors import CollapseMonitorError, InvalidInput
 from monitor.evaluate.custom import discover, run_custom
 from monitor.evaluate.heads import Head, load_head
 from monitor.evaluate.snapshot import Snapshot, TopDrift
@@ -29,19 +29,20 @@ from monitor.metrics.jackknife import (
 )
 from monitor.metrics.replicates import CarriedStderrs, alert_replicates
 from monitor.metrics.report import ALERT_STDERR_KEYS
-from monitor.pipeline.baselines import TRAFFIC_STDERR_META, decode_calibration, load_baseline
+from monitor.pipeline.baselines import TRAFFIC_STDERR_META, checked_baseline, decode_calibration
 from monitor.pipeline.reference import encode_reference
 from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import (
     BucketCut,
     BucketGroup,
     changed_buckets,
+    read_state,
     state_rows,
     window_stats,
 )
 from monitor.stats import CollapseStats
 from monitor.stats.rff import BucketSums
-from monitor.store.base import REFERENCE_STATE, baseline_state
+from monitor.store.base import REFERENCE_STATE
 
 log = logging.getLogger(__name__)
 
@@ -353,15 +354,21 @@ class Evaluator:
         cached = self._baselines.get(model)
         if cached is None or cached[0] != key:
             self._baselines.pop(model, None)  # the old one's memory goes before the new loads
-            stats, meta = load_baseline(store, registry, model, name)
-            found = store.baseline(model, name)
-            buckets = decode_calibration(found.calibration if found else None)
+            found = checked_baseline(store, registry, model, name)  # stamp read once
+            stats = read_state(store, model, found.state)
+            if stats is None:
+                raise InvalidInput(
+                    "unknown_baseline", f"baseline {name!r} of {model!r} has no data"
+                )
+            buckets = decode_calibration(found.calibration)
             metrics = dict(self._metrics(stats, head).as_dict())
             summary = BaselineSummary.of(stats)
             del stats  # only the summary stays: O(K + d), not K x d
-            state = found.state if found else baseline_state(name)
-            stderrs = _pinned_stderrs(meta)
-            cached = (key, _Baseline(name, meta, state, summary, metrics, buckets, stderrs))
+            stderrs = _pinned_stderrs(found.meta)
+            cached = (
+                key,
+                _Baseline(name, found.meta, found.state, summary, metrics, buckets, stderrs),
+            )
             self._baselines[model] = cached
         return cached[1]
 

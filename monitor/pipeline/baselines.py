@@ -25,7 +25,7 @@ from monitor.stats import CollapseStats
 from monitor.stats.fields import GLOBAL_FIELD, Globals, decode_globals, field_chunks
 from monitor.stats.fields import VERSION as STORE_FORMAT
 from monitor.stats.rff import BucketSums, bucket_sums
-from monitor.store.base import Store, window_state
+from monitor.store.base import Baseline, Store, window_state
 from monitor.store.keys import check_model_name
 
 # Stamp entry: the pinned window's `<key>_traffic_stderr` values by metric key (see
@@ -232,6 +232,16 @@ def load_baseline(
     store: Store, registry: ModelRegistry, model: str, name: str
 ) -> tuple[CollapseStats, dict[str, object]]:
     """The baseline's statistics, refused when its stamp does not match the model now."""
+    found = checked_baseline(store, registry, model, name)
+    stats = read_state(store, model, found.state)
+    if stats is None:
+        raise InvalidInput("unknown_baseline", f"baseline {name!r} of {model!r} has no data")
+    return stats, found.meta
+
+
+def checked_baseline(store: Store, registry: ModelRegistry, model: str, name: str) -> Baseline:
+    """The baseline's stamp, state and calibration (its rows unread), refused when the stamp
+    does not match the model now."""
     found = store.baseline(model, name)
     if found is None:
         raise InvalidInput("unknown_baseline", f"no baseline {name!r} pinned for {model!r}")
@@ -248,7 +258,4 @@ def load_baseline(
         raise IncompatibleStats(
             f"baseline {name!r} was pinned under other statistics settings; pin it again"
         )
-    stats = read_state(store, model, found.state)
-    if stats is None:
-        raise InvalidInput("unknown_baseline", f"baseline {name!r} of {model!r} has no data")
-    return stats, meta
+    return found
