@@ -118,6 +118,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["msgpack", "json"],
         "result_accept_content": ["msgpack", "json"],
         "event_serializer": "json",
+        # Monitoring events (docs/operations.md, "Worker metrics"): workers report every task
+        # (received, started, succeeded, failed, retried) and producers, beat included, report
+        # each send, so Flower can count rates, failures and runtimes from outside. Over Redis
+        # the event exchange is PUBLISH to a pub/sub channel: with nobody listening an event
+        # costs one round trip and leaves no key behind (tests/integration/test_worker_metrics.py).
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        # A listener's own queue (AMQP brokers; kombu's Redis transport keeps only its
+        # binding): unread events expire after 5 s, a queue whose listener died after 60 s,
+        # and on Redis the binding of a listener killed without closing it is swept an hour on.
+        "event_queue_ttl": 5.0,
+        "event_queue_expires": 60.0,
+        # Events, message headers and log lines name a task's arguments by their repr: one
+        # level (`[{...}]`) keeps the payload (mirrored traffic texts, model and batch ids)
+        # out of them, and out of Flower's task pages.
+        "task_repr_maxlevels": 1,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         # Bad input is counted once, not redelivered. Infrastructure failures never reach
