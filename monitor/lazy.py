@@ -7,8 +7,11 @@ top-level names include torch-backed ones lists them here and they load on first
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
 
 
 def lazy_attributes(package: str, table: Mapping[str, str]) -> Callable[[str], Any]:
@@ -48,3 +51,31 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
         f"this command needs {module}, which the core install leaves out: "
         f"pip install 'collapse-monitor[{extra}]' (or 'collapse-monitor[all]')"
     )
+
+
+class ProcessLocal(Generic[T]):
+    """One value per process, built by `factory` on first use.
+
+    Under a lock, because a threads pool or the API's executor may ask for it concurrently and
+    the value (a runtime with its Redis pools, an evaluator with cached heads) is costly to
+    build twice. `set` replaces it (embedded mode and tests).
+    """
+
+    def __init__(self, factory: Callable[[], T]) -> None:
+        self._factory = factory
+        self._value: T | None = None
+        self._built = False
+        self._lock = threading.Lock()
+
+    def get(self) -> T:
+        with self._lock:
+            if not self._built:
+                self._value = self._factory()
+                self._built = True
+            return self._value  # type: ignore[return-value]  # built: a T (possibly None)
+
+    def set(self, value: T | None) -> None:
+        """Use `value` from now on; None means "build again on next use"."""
+        with self._lock:
+            self._value = value
+            self._built = value is not None

@@ -1,4 +1,4 @@
-"""Capture (DESIGN.md step 1): hidden states and next-token labels from live causal LMs.
+"""Capture (docs/architecture.md): hidden states and next-token labels from live causal LMs.
 
 - `CollapseProbe`: hooks inside the serving process (sampled, bounded, never blocking).
 - `embed_batches`: the mirror, a teacher-forced rerun of sampled traffic on a worker.

@@ -1,1 +1,1 @@
-"""Evaluation (DESIGN.md step 5): window statistics -> metric snapshots, per model and window."""
+"""Evaluation (docs/architecture.md): window statistics -> metric snapshots, per model, window."""

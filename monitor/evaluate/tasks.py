@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 
 from monitor.alerts.alertmanager import AlertmanagerClient
@@ -12,21 +11,17 @@ from monitor.alerts.verdicts import VerdictTracker
 from monitor.errors import CollapseMonitorError
 from monitor.evaluate.evaluator import Evaluator
 from monitor.evaluate.snapshot import Snapshot
+from monitor.lazy import ProcessLocal
 from monitor.pipeline.celery_app import TASK_EVALUATE, app
 from monitor.pipeline.runtime import Runtime, get_runtime
 
 log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_evaluator: Evaluator | None = None
+_evaluator: ProcessLocal[Evaluator] = ProcessLocal(lambda: Evaluator(get_runtime()))
 
 
 def process_evaluator() -> Evaluator:
     """One evaluator per process: it caches heads and baseline metrics between runs."""
-    global _evaluator
-    with _lock:
-        if _evaluator is None:
-            _evaluator = Evaluator(get_runtime())
-        return _evaluator
+    return _evaluator.get()
 
 
 @app.task(name=TASK_EVALUATE)  # type: ignore[untyped-decorator]
@@ -86,22 +81,24 @@ def claim_evaluation(runtime: Runtime, model: str, now: float | None = None) -> 
     return runtime.store.claim(model, f"evaluate:{slot}", max(1, math.ceil(2 * interval)))
 
 
-_alerts: tuple[VerdictTracker, AlertmanagerClient] | None = None
+def _direct_alerts() -> tuple[VerdictTracker, AlertmanagerClient] | None:
+    settings = get_runtime().settings
+    if settings.alertmanager_url is None:
+        return None
+    client = AlertmanagerClient(
+        settings.alertmanager_url,
+        username=settings.alertmanager_username,
+        password=settings.alertmanager_password,
+        bearer_token=settings.alertmanager_token,
+    )
+    return VerdictTracker(settings.alert_thresholds()), client
+
+
+_alerts: ProcessLocal[tuple[VerdictTracker, AlertmanagerClient] | None] = ProcessLocal(
+    _direct_alerts
+)
 
 
 def process_alerts() -> tuple[VerdictTracker, AlertmanagerClient] | None:
     """The direct Alertmanager path of this process, when `alertmanager_url` is set."""
-    global _alerts
-    settings = get_runtime().settings
-    if settings.alertmanager_url is None:
-        return None
-    with _lock:
-        if _alerts is None:
-            client = AlertmanagerClient(
-                settings.alertmanager_url,
-                username=settings.alertmanager_username,
-                password=settings.alertmanager_password,
-                bearer_token=settings.alertmanager_token,
-            )
-            _alerts = (VerdictTracker(settings.alert_thresholds()), client)
-        return _alerts
+    return _alerts.get()

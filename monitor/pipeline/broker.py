@@ -37,6 +37,7 @@ from kombu.exceptions import ContentDisallowed
 from kombu.transport.redis import Channel, SentinelChannel, SentinelTransport, Transport
 
 from monitor.config import Settings
+from monitor.lazy import ProcessLocal
 from monitor.pipeline.deadletter import DeadLetter, DeadLetterSink
 from monitor.pipeline.ingest import UNKNOWN_MODEL
 from monitor.pipeline.runtime import Runtime
@@ -46,17 +47,19 @@ log = logging.getLogger(__name__)
 _lock = threading.RLock()
 # Messages read from the broker that it then failed to file as unacked (see `_put_back`).
 _orphans: deque[tuple[bytes, bytes]] = deque()
-_recorder: tuple[DeadLetterSink, Runtime] | None = None
+
+
+def _new_recorder() -> tuple[DeadLetterSink, Runtime]:
+    settings = Settings()
+    return DeadLetterSink(settings), Runtime(settings)
+
+
+_recorder: ProcessLocal[tuple[DeadLetterSink, Runtime]] = ProcessLocal(_new_recorder)
 
 
 def _main_recorder() -> tuple[DeadLetterSink, Runtime]:
     """The consumer loop's sink and runtime, built on first use from the environment."""
-    global _recorder
-    with _lock:
-        if _recorder is None:
-            settings = Settings()
-            _recorder = (DeadLetterSink(settings), Runtime(settings))
-        return _recorder
+    return _recorder.get()
 
 
 def dead_letter_message(reason: str, raw: bytes, queue: str | None, error: str) -> None:

@@ -8,7 +8,6 @@ never sharing a socket with the parent.
 from __future__ import annotations
 
 import ssl
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,6 +23,7 @@ from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from monitor.config import NO_CLUSTER_BROKER, Settings, sentinel_address
+from monitor.lazy import ProcessLocal
 from monitor.store.base import BucketPolicy, Store
 from monitor.store.memory import MemoryStore
 from monitor.store.redis_store import RedisStore
@@ -249,21 +249,14 @@ class Runtime:
         )
 
 
-_lock = threading.Lock()
-_runtime: Runtime | None = None
+_runtime: ProcessLocal[Runtime] = ProcessLocal(lambda: Runtime(Settings()))
 
 
 def get_runtime() -> Runtime:
     """This process's runtime, from the environment's settings."""
-    global _runtime
-    with _lock:
-        if _runtime is None:
-            _runtime = Runtime(Settings())
-        return _runtime
+    return _runtime.get()
 
 
 def set_runtime(runtime: Runtime | None) -> None:
     """Replace the process runtime (embedded mode and tests)."""
-    global _runtime
-    with _lock:
-        _runtime = runtime
+    _runtime.set(runtime)

@@ -36,6 +36,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.signals import worker_process_init
 
 from monitor.errors import InvalidInput
+from monitor.lazy import ProcessLocal
 from monitor.pipeline.celery_app import TASK_COMPACT, TASK_EMBED, TASK_INGEST, app
 from monitor.pipeline.deadletter import (
     FAILURE_REASONS,
@@ -50,8 +51,7 @@ from monitor.pipeline.windows import compact_model, maintain_model
 
 log = logging.getLogger(__name__)
 _compact_lock = threading.Lock()
-_sink_lock = threading.Lock()
-_sink: DeadLetterSink | None = None
+_sink: ProcessLocal[DeadLetterSink] = ProcessLocal(lambda: DeadLetterSink(get_runtime().settings))
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
@@ -63,11 +63,7 @@ def _one_thread_per_process(**_: object) -> None:
 
 def dead_letter_sink() -> DeadLetterSink:
     """This process's dead-letter sink (its broker client is made on first use)."""
-    global _sink
-    with _sink_lock:
-        if _sink is None:
-            _sink = DeadLetterSink(get_runtime().settings)
-        return _sink
+    return _sink.get()
 
 
 def retry_delay(runtime: Runtime, retries: int) -> float:
