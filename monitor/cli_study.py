@@ -13,7 +13,7 @@ from rich.table import Table
 from monitor.cli_common import FormatOption, OutputFormat, progress_bar
 
 if TYPE_CHECKING:  # numpy loads when the command runs: --help stays fast
-    from monitor.offline.correlation import Correlation
+    from monitor.offline.correlation import Correlation, Interval
 
 # A few metrics for the per-checkpoint table; every key is in the CSV and JSON.
 _TABLE_KEYS = ("nc1_cdnv2", "nc1_cdnv", "nc4_ncc_agreement", "nc2_equiangularity_std")
@@ -38,21 +38,35 @@ def _print_tables(doc: dict[str, object], correlations: list[Correlation]) -> No
             *(_fmt(row["metrics"][k]) for k in _TABLE_KEYS),
         )
     console.print(table)
-    corr = Table(title="correlation with validation loss")
-    for col in ("metric", "n", "scale", "Pearson r", "R^2", "Spearman rho", "as paper"):
+    level = doc["bootstrap"]["level"]  # type: ignore[index]
+    corr = Table(
+        title=f"correlation with validation loss ([..]: {level:.0%} bootstrap over runs; "
+        f"partial: controlling for {', '.join(doc['controls']) or 'nothing'})"  # type: ignore[arg-type]
+    )
+    columns = ("metric", "n", "runs", "scale", "Pearson r", "Spearman rho", "partial r",
+               "partial rho", "as paper")  # fmt: skip
+    for col in columns:
         corr.add_column(col, justify="left" if col in ("metric", "scale") else "right")
     for c in correlations:
         agrees = {True: "yes", False: "no", None: "-"}[c.agrees]
         corr.add_row(
             c.metric,
             str(c.n),
+            _fmt(c.runs, "d"),
             c.scale,
-            _fmt(c.pearson_r, "+.3f"),
-            _fmt(c.r2, ".3f"),
-            _fmt(c.spearman_rho, "+.3f"),
+            _with_ci(c.pearson_r, c.pearson_ci),
+            _with_ci(c.spearman_rho, c.spearman_ci),
+            _with_ci(c.partial_r, c.partial_r_ci),
+            _with_ci(c.partial_rho, c.partial_rho_ci),
             agrees,
         )
     console.print(corr)
+
+
+def _with_ci(value: float | None, ci: Interval | None) -> str:
+    if value is None:
+        return "null"
+    return f"{value:+.2f}" + ("" if ci is None else f" [{ci.low:+.2f}, {ci.high:+.2f}]")
 
 
 def register(app: typer.Typer) -> None:
@@ -90,6 +104,19 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(min=2, help="Longest window (capped by the model's context).")
         ] = 256,
         batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 16,
+        meta: Annotated[
+            Path | None,
+            typer.Option(
+                dir_okay=False,
+                help="CSV checkpoint,run,tokens_seen: the run each checkpoint is a snapshot of "
+                "(the bootstrap resamples runs) and its training tokens (a partial-correlation "
+                "control). Default: each checkpoint its own run, tokens unknown.",
+            ),
+        ] = None,
+        resamples: Annotated[
+            int, typer.Option(min=0, help="Bootstrap resamples (0: no intervals).")
+        ] = 2000,
+        bootstrap_seed: Annotated[int, typer.Option(help="Seed of the bootstrap draws.")] = 0,
         plots: Annotated[bool, typer.Option(help="Write the PNG plots.")] = True,
         device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N]. [env: auto]")] = (
             None
@@ -100,7 +127,18 @@ def register(app: typer.Typer) -> None:
 
         Then each metric's correlation with validation loss across the checkpoints (Pearson on
         log10 of the metric where it spans more than a decade, Spearman, R^2), as Wu & Papyan
-        do across their TinyStories models. Metric options come from the settings (COLLAPSE_*).
+        do across their TinyStories models, with 95% bootstrap intervals that resample whole
+        runs (--meta), and partial correlations controlling for log10 parameters and log10
+        tokens seen (residuals of least squares on [1, controls]; on ranks for partial rho).
+        Besides the METRICS.md keys: class_mean_sq_norm (mean ||mu_c - mu_G||^2) and
+        nc1_cdnv2_scale_free (nc1_cdnv2 times it). Metric options come from the settings.
+
+        study.json (schema_version 2): options; bootstrap {cluster, runs, resamples, level,
+        seed}; controls; checkpoints [{name, path, parameters, n_embd, n_layer, train_tokens,
+        eval_tokens, val_loss, metrics, run, tokens_seen, derived}]; correlations [{metric, n,
+        runs, scale, pearson_r, pearson_ci, r2, spearman_rho, spearman_ci, partial_r,
+        partial_r_ci, partial_rho, partial_rho_ci, expected_sign, agrees}], each *_ci
+        [low, high] or null. study.csv, correlations.csv: the same as tables.
         """
         from transformers.utils import logging as hf_logging
 
@@ -118,6 +156,8 @@ def register(app: typer.Typer) -> None:
             max_eval_tokens=max_eval_tokens,
             context=context,
             batch_size=batch_size,
+            resamples=resamples,
+            seed=bootstrap_seed,
         )
         with progress_bar("checkpoints", "{task.fields[name]}") as bar:
             task = bar.add_task("study", total=None, name="")
@@ -125,7 +165,7 @@ def register(app: typer.Typer) -> None:
             def step(done: int, total: int, name: str) -> None:
                 bar.update(task, completed=done, total=total, name=name)
 
-            result = run_study(checkpoints, corpus, eval_corpus, options, settings, step)
+            result = run_study(checkpoints, corpus, eval_corpus, options, settings, step, meta)
         write_study(result, out)
         if plots:
             write_plots(result, out)

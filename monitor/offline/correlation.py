@@ -11,13 +11,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 Scale = Literal["log10", "linear"]
 FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A percentile bootstrap interval and how many resamples gave a value."""
+
+    low: float
+    high: float
+    valid: int
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,11 @@ class Correlation:
     `expected_sign` is the sign Wu & Papyan's finding predicts (+1: more collapse, i.e. a
     lower metric, goes with lower loss; -1: a higher metric does), None when there is none;
     `agrees` says whether Spearman's sign matches it.
+
+    The inference fields are filled in by `study_stats.infer` (None otherwise): `runs` is the
+    number of runs (bootstrap clusters) among the checkpoints used; `*_ci` are run-clustered
+    bootstrap intervals; `partial_r`/`partial_rho` are Pearson/Spearman after removing the
+    linear fit on the controls (log10 parameters, log10 tokens seen) from both sides.
     """
 
     metric: str
@@ -38,6 +52,13 @@ class Correlation:
     r2: float | None
     spearman_rho: float | None
     expected_sign: int | None = None
+    runs: int | None = None
+    pearson_ci: Interval | None = None
+    spearman_ci: Interval | None = None
+    partial_r: float | None = None
+    partial_r_ci: Interval | None = None
+    partial_rho: float | None = None
+    partial_rho_ci: Interval | None = None
 
     @property
     def agrees(self) -> bool | None:
@@ -122,3 +143,28 @@ def correlate(
         spearman_rho=spearman(x, y),
         expected_sign=expected_sign,
     )
+
+
+def _interval(value: Interval | None) -> list[float] | None:
+    return None if value is None else [value.low, value.high]
+
+
+def correlation_json(c: Correlation) -> dict[str, Any]:
+    """One correlation as study.json has it (intervals as [low, high] or null)."""
+    return {
+        "metric": c.metric,
+        "n": c.n,
+        "runs": c.runs,
+        "scale": c.scale,
+        "pearson_r": c.pearson_r,
+        "pearson_ci": _interval(c.pearson_ci),
+        "r2": c.r2,
+        "spearman_rho": c.spearman_rho,
+        "spearman_ci": _interval(c.spearman_ci),
+        "partial_r": c.partial_r,
+        "partial_r_ci": _interval(c.partial_r_ci),
+        "partial_rho": c.partial_rho,
+        "partial_rho_ci": _interval(c.partial_rho_ci),
+        "expected_sign": c.expected_sign,
+        "agrees": c.agrees,
+    }

@@ -7,6 +7,8 @@ geometry keys; NC4 on the validation corpus, against the class means of the trai
 the mean next-token cross-entropy on the validation corpus. Both corpora are read as one
 document per line and cut into windows of the model's context (at most `context` tokens),
 spread evenly over the corpus up to a token budget, so a long corpus costs a bounded time.
+Then, across checkpoints, each metric's correlations with loss with run-clustered bootstrap
+intervals and partial correlations controlling for scale (`study_stats`).
 """
 
 from __future__ import annotations
@@ -27,13 +29,26 @@ from monitor.errors import InvalidInput
 from monitor.metrics import REPORT_KEYS, compute_metrics
 from monitor.metrics.engine import resolve_device
 from monitor.metrics.report import COLLAPSE_KEYS
+from monitor.metrics.rows import ClassMeans
 from monitor.offline.corpus_run import context_length, head_of
-from monitor.offline.correlation import Correlation, correlate
+from monitor.offline.correlation import Correlation, correlation_json
+from monitor.offline.study_meta import RunInfo, default_meta, read_meta
+from monitor.offline.study_stats import analyse
 from monitor.stats import CollapseStats
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # The metrics correlated with loss (class_count and sample_count are fixed by the corpus).
-STUDY_KEYS: tuple[str, ...] = (*COLLAPSE_KEYS, "anisotropy_mean_cos", "effective_rank")
+# Study-only quantities, not METRICS.md keys (docs/metrics.md defines them):
+# class_mean_sq_norm = mean over the kept classes of ||mu_c - mu_G||^2, the squared scale of the
+# class means; nc1_cdnv2_scale_free = nc1_cdnv2 * class_mean_sq_norm, which does not change when
+# the features are multiplied by a constant (nc1_cdnv2 scales as 1 / constant^2).
+DERIVED_KEYS: tuple[str, ...] = ("class_mean_sq_norm", "nc1_cdnv2_scale_free")
+STUDY_KEYS: tuple[str, ...] = (
+    *COLLAPSE_KEYS,
+    "anisotropy_mean_cos",
+    "effective_rank",
+    *DERIVED_KEYS,
+)
 # The sign of the correlation with loss that "more collapse, lower loss" predicts (METRICS.md's
 # healthy directions); equiangularity_mean heads toward -1/(K-1), so it predicts no sign.
 EXPECTED_SIGN: dict[str, int] = {
@@ -41,6 +56,7 @@ EXPECTED_SIGN: dict[str, int] = {
     "nc1_cdnv2": 1,
     "nc1_cdnv_unbiased": 1,
     "nc1_cdnv2_unbiased": 1,
+    "nc1_cdnv2_scale_free": 1,
     "nc1_trace_ratio": 1,
     "nc2_equinorm_cv": 1,
     "nc2_equiangularity_std": 1,
@@ -63,6 +79,9 @@ class StudyOptions:
     max_eval_tokens: int = 32_768  # validation positions for the loss and NC4
     context: int = 256  # longest window, capped by the model's own context
     batch_size: int = 16
+    resamples: int = 2000  # run-clustered bootstrap resamples
+    level: float = 0.95  # of the bootstrap intervals
+    seed: int = 0  # of the bootstrap's draws
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,14 @@ class CheckpointRow:
     eval_tokens: int  # predicted positions of the validation loss
     val_loss: float
     metrics: dict[str, float | int | None]
+    run: str | None = None  # the training run it is a snapshot of (None: its own)
+    tokens_seen: int | None = None  # training tokens before it (None: unknown)
+    derived: dict[str, float | None] = field(default_factory=dict)  # DERIVED_KEYS
+
+    def value(self, key: str) -> float | None:
+        """A metric or derived quantity as a float (None: not computable)."""
+        raw = self.derived[key] if key in DERIVED_KEYS else self.metrics.get(key)
+        return None if raw is None else float(raw)
 
 
 @dataclass(frozen=True)
@@ -89,6 +116,8 @@ class StudyResult:
     options: StudyOptions
     rows: list[CheckpointRow]
     correlations: list[Correlation] = field(default_factory=list)
+    controls: tuple[str, ...] = ()  # of the partial correlations
+    runs: int | None = None  # bootstrap clusters among the rows
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,6 +129,14 @@ class StudyResult:
                 "max_eval_tokens": self.options.max_eval_tokens,
                 "context": self.options.context,
             },
+            "bootstrap": {
+                "cluster": "run",
+                "runs": self.runs,
+                "resamples": self.options.resamples,
+                "level": self.options.level,
+                "seed": self.options.seed,
+            },
+            "controls": list(self.controls),
             "checkpoints": [
                 {
                     "name": r.name,
@@ -111,22 +148,13 @@ class StudyResult:
                     "eval_tokens": r.eval_tokens,
                     "val_loss": r.val_loss,
                     "metrics": r.metrics,
+                    "run": r.run if r.run is not None else r.name,
+                    "tokens_seen": r.tokens_seen,
+                    "derived": {k: r.derived.get(k) for k in DERIVED_KEYS},
                 }
                 for r in self.rows
             ],
-            "correlations": [
-                {
-                    "metric": c.metric,
-                    "n": c.n,
-                    "scale": c.scale,
-                    "pearson_r": c.pearson_r,
-                    "r2": c.r2,
-                    "spearman_rho": c.spearman_rho,
-                    "expected_sign": c.expected_sign,
-                    "agrees": c.agrees,
-                }
-                for c in self.correlations
-            ],
+            "correlations": [correlation_json(c) for c in self.correlations],
         }
 
 
@@ -239,8 +267,31 @@ class _Streams:
         return self._cache[key]
 
 
+def class_mean_sq_norm(stats: CollapseStats, min_count: int, device: torch.device) -> float | None:
+    """Mean over the kept classes of ||mu_c - mu_G||^2 (the metrics' classes and centring)."""
+    kept = stats.classes(min_count=min_count)
+    if kept.num_classes < 2:
+        return None
+    norms = ClassMeans(kept, device).centred_norms()
+    return float((norms * norms).mean())
+
+
+def derived_values(
+    metrics: dict[str, float | int | None], scale2: float | None
+) -> dict[str, float | None]:
+    """DERIVED_KEYS from the report and the squared class-mean scale."""
+    cdnv2 = metrics.get("nc1_cdnv2")
+    free = None if cdnv2 is None or scale2 is None else float(cdnv2) * scale2
+    return {"class_mean_sq_norm": scale2, "nc1_cdnv2_scale_free": free}
+
+
 def measure_checkpoint(
-    path: Path, name: str, streams: _Streams, options: StudyOptions, settings: Settings
+    path: Path,
+    name: str,
+    streams: _Streams,
+    options: StudyOptions,
+    settings: Settings,
+    info: RunInfo | None = None,
 ) -> CheckpointRow:
     """Load one checkpoint, measure its metrics and validation loss."""
     from monitor.capture.mirror import embed_batches, load_model
@@ -271,6 +322,8 @@ def measure_checkpoint(
         stats, weight, bias, eval_features=eval_features, **settings.metric_options()
     )
     val_loss, eval_tokens = validation_loss(model, eval_windows, options.batch_size)
+    metrics = {key: report.value(key) for key in REPORT_KEYS}
+    scale2 = class_mean_sq_norm(stats, settings.min_count, device)
     config = getattr(model, "config", None)
     n_embd = getattr(config, "n_embd", None) or getattr(config, "hidden_size", None)
     n_layer = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", None)
@@ -283,19 +336,29 @@ def measure_checkpoint(
         train_tokens=train_tokens,
         eval_tokens=eval_tokens,
         val_loss=val_loss,
-        metrics={key: report.value(key) for key in REPORT_KEYS},
+        metrics=metrics,
+        run=None if info is None else info.run,
+        tokens_seen=None if info is None else info.tokens_seen,
+        derived=derived_values(metrics, scale2),
     )
 
 
-def correlations(rows: Sequence[CheckpointRow]) -> list[Correlation]:
-    """Each STUDY_KEYS metric against validation loss."""
-    losses = [r.val_loss for r in rows]
-    out = []
-    for key in STUDY_KEYS:
-        values = [r.metrics.get(key) for r in rows]
-        floats = [None if v is None else float(v) for v in values]
-        out.append(correlate(key, floats, losses, EXPECTED_SIGN.get(key)))
-    return out
+def correlations(
+    rows: Sequence[CheckpointRow], options: StudyOptions
+) -> tuple[list[Correlation], tuple[str, ...], int]:
+    """Each STUDY_KEYS quantity against validation loss: (correlations, controls, runs)."""
+    analysis = analyse(
+        {key: [r.value(key) for r in rows] for key in STUDY_KEYS},
+        [r.val_loss for r in rows],
+        [r.run if r.run is not None else r.name for r in rows],
+        [r.parameters for r in rows],
+        [r.tokens_seen for r in rows],
+        EXPECTED_SIGN,
+        resamples=options.resamples,
+        seed=options.seed,
+        level=options.level,
+    )
+    return analysis.correlations, analysis.controls, analysis.runs
 
 
 def run_study(
@@ -305,20 +368,29 @@ def run_study(
     options: StudyOptions | None = None,
     settings: Settings | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    meta: Path | None = None,
 ) -> StudyResult:
-    """Measure every checkpoint (calling `progress(done, total, name)`), then correlate."""
+    """Measure every checkpoint (calling `progress(done, total, name)`), then correlate.
+
+    `meta`: the CSV of runs and tokens seen (`study_meta`); without it each checkpoint is its
+    own run and the partial correlations control for log10 parameters only.
+    """
     opts = options or StudyOptions()
     if min(opts.max_tokens, opts.max_eval_tokens, opts.context) < 2 or opts.batch_size < 1:
         raise InvalidInput("invalid_option", "token budgets and context need >= 2, batch >= 1")
+    if opts.resamples < 0 or not 0.0 < opts.level < 1.0:
+        raise InvalidInput("invalid_option", "resamples must be >= 0 and level in (0, 1)")
     paths = resolve_checkpoints(checkpoints)
     names = checkpoint_names(paths)
+    infos = default_meta(names) if meta is None else read_meta(meta, names)
     streams = _Streams(read_lines(corpus), read_lines(eval_corpus), opts)
     chosen = settings if settings is not None else Settings()
     rows: list[CheckpointRow] = []
     for i, (path, name) in enumerate(zip(paths, names, strict=True)):
         if progress is not None:
             progress(i, len(paths), name)
-        rows.append(measure_checkpoint(path, name, streams, opts, chosen))
+        rows.append(measure_checkpoint(path, name, streams, opts, chosen, infos[name]))
     if progress is not None:
         progress(len(paths), len(paths), "")
-    return StudyResult(str(corpus), str(eval_corpus), opts, rows, correlations(rows))
+    found, controls, runs = correlations(rows, opts)
+    return StudyResult(str(corpus), str(eval_corpus), opts, rows, found, controls, runs)

@@ -1,4 +1,8 @@
-"""The files of a study: study.csv (one row per checkpoint), correlations.csv, study.json."""
+"""The files of a study: study.csv (one row per checkpoint), correlations.csv, study.json.
+
+study.csv: ROW_COLUMNS, every METRICS.md key, then the study's DERIVED_KEYS. correlations.csv:
+CORRELATION_COLUMNS, each interval split into `<name>_low` and `<name>_high`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 
 from monitor.data.output import OutputDir
 from monitor.metrics import REPORT_KEYS
-from monitor.offline.study import StudyResult
+from monitor.offline.study import DERIVED_KEYS, StudyResult
 
 ROW_COLUMNS: tuple[str, ...] = (
     "name",
@@ -21,17 +25,46 @@ ROW_COLUMNS: tuple[str, ...] = (
     "train_tokens",
     "eval_tokens",
     "val_loss",
+    "run",
+    "tokens_seen",
 )
 CORRELATION_COLUMNS: tuple[str, ...] = (
     "metric",
     "n",
+    "runs",
     "scale",
     "pearson_r",
+    "pearson_ci",
     "r2",
     "spearman_rho",
+    "spearman_ci",
+    "partial_r",
+    "partial_r_ci",
+    "partial_rho",
+    "partial_rho_ci",
     "expected_sign",
     "agrees",
 )
+
+
+def _correlation_cells(item: dict[str, object]) -> list[str]:
+    """One row of correlations.csv: each `*_ci` interval as two columns, `_low` and `_high`."""
+    cells: list[str] = []
+    for column in CORRELATION_COLUMNS:
+        value = item[column]
+        if column.endswith("_ci"):
+            pair = value if isinstance(value, list) else [None, None]
+            cells.extend(_cell(v) for v in pair)
+        else:
+            cells.append(_cell(value))
+    return cells
+
+
+def _correlation_header() -> list[str]:
+    out: list[str] = []
+    for column in CORRELATION_COLUMNS:
+        out.extend([f"{column}_low", f"{column}_high"] if column.endswith("_ci") else [column])
+    return out
 
 
 def _cell(value: object) -> str:
@@ -56,13 +89,13 @@ def write_study(result: StudyResult, out_dir: Path) -> list[Path]:
     replaced atomically.
     """
     doc = result.to_json()
-    table: list[list[str]] = [list(ROW_COLUMNS + REPORT_KEYS)]
+    table: list[list[str]] = [list(ROW_COLUMNS + REPORT_KEYS + DERIVED_KEYS)]
     for row in doc["checkpoints"]:
         cells = [row[c] for c in ROW_COLUMNS] + [row["metrics"][k] for k in REPORT_KEYS]
+        cells += [row["derived"][k] for k in DERIVED_KEYS]
         table.append([_cell(v) for v in cells])
-    corr: list[list[str]] = [list(CORRELATION_COLUMNS)]
-    for item in doc["correlations"]:
-        corr.append([_cell(item[c]) for c in CORRELATION_COLUMNS])
+    corr: list[list[str]] = [_correlation_header()]
+    corr.extend(_correlation_cells(item) for item in doc["correlations"])
     with OutputDir(out_dir) as out:
         return [
             out.write_text("study.csv", _csv(table)),

@@ -1,8 +1,9 @@
 """Plots of a study: each metric against validation loss, one point per checkpoint.
 
 In the style of Wu & Papyan's figures: validation loss on x, the metric on y (log axis where
-the correlation used log10), points coloured by architecture (width x depth), so the training
-lengths of one architecture read as a trail. The title carries R^2 and Spearman's rho.
+the correlation used log10), points coloured by architecture (width x depth) and joined per
+training run, so the snapshots of one run read as a trail. The title carries R^2, Spearman's
+rho and its run-clustered interval.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from monitor.offline.study import CheckpointRow, StudyResult
 # The overview: the metrics the paper found most predictive, plus NC3 (which it did not).
 OVERVIEW_KEYS: tuple[str, ...] = (
     "nc1_cdnv2",
-    "nc1_cdnv",
+    "nc1_cdnv2_scale_free",
     "nc4_ncc_agreement",
     "nc2_equiangularity_std",
     "nc2_log_energy_std",
@@ -36,20 +37,28 @@ def _group(row: CheckpointRow) -> str:
 def _title(corr: Correlation) -> str:
     r2 = "n/a" if corr.r2 is None else f"{corr.r2:.2f}"
     rho = "n/a" if corr.spearman_rho is None else f"{corr.spearman_rho:+.2f}"
+    if corr.spearman_ci is not None:
+        rho += f" [{corr.spearman_ci.low:+.2f}, {corr.spearman_ci.high:+.2f}]"
     scale = "log10 " if corr.scale == "log10" else ""
     return f"{corr.metric}\nR²({scale}metric) {r2}, Spearman ρ {rho}, n={corr.n}"
 
 
 def _draw(ax: Any, rows: Sequence[CheckpointRow], corr: Correlation, legend: bool) -> None:
-    groups: dict[str, list[CheckpointRow]] = {}
+    groups: dict[str, dict[str, list[CheckpointRow]]] = {}
     for row in rows:
-        if row.metrics.get(corr.metric) is not None:
-            groups.setdefault(_group(row), []).append(row)
-    for label, members in sorted(groups.items(), key=lambda kv: min(r.parameters for r in kv[1])):
-        members = sorted(members, key=lambda r: r.val_loss)
-        xs = [r.val_loss for r in members]
-        ys = [float(r.metrics[corr.metric] or 0.0) for r in members]
-        ax.plot(xs, ys, marker="o", markersize=4, linewidth=0.8, label=label)
+        if row.value(corr.metric) is not None:
+            run = row.run if row.run is not None else row.name
+            groups.setdefault(_group(row), {}).setdefault(run, []).append(row)
+    ordered = sorted(
+        groups.items(), key=lambda kv: min(r.parameters for m in kv[1].values() for r in m)
+    )
+    for i, (label, runs) in enumerate(ordered):
+        for j, members in enumerate(runs.values()):
+            members = sorted(members, key=lambda r: r.val_loss)
+            xs = [r.val_loss for r in members]
+            ys = [r.value(corr.metric) or 0.0 for r in members]
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=0.6, color=f"C{i % 10}",
+                    label=label if j == 0 else None)  # fmt: skip
     if corr.scale == "log10":
         from matplotlib.ticker import NullFormatter
 

@@ -31,7 +31,13 @@ from monitor.offline.correlation import (
     pearson,
     spearman,
 )
-from monitor.offline.study import checkpoint_names, resolve_checkpoints, token_windows
+from monitor.offline.study import (
+    DERIVED_KEYS,
+    STUDY_KEYS,
+    checkpoint_names,
+    resolve_checkpoints,
+    token_windows,
+)
 
 SPEC = TinyModelSpec(vocab_size=300, n_embd=32, n_layer=1, n_head=2, max_steps=2, max_seconds=30)
 
@@ -187,11 +193,14 @@ def test_study_writes_consistent_tables_plots_and_true_val_loss(
     family: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
+    meta = tmp_path / "meta.csv"
+    meta.write_text("checkpoint,run,tokens_seen\nshort,one-run,2048\nlong,one-run,12288\n")
     proc = run_study_cli(
         "--checkpoints", family["ckpt"],
         "--corpus", family["train"],
         "--eval-corpus", family["val"],
         "--out", out,
+        "--meta", meta,
         "--max-tokens", "4096",
         "--max-eval-tokens", "1000000",
         "--format", "json",
@@ -199,7 +208,11 @@ def test_study_writes_consistent_tables_plots_and_true_val_loss(
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc == json.loads((out / "study.json").read_text())
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2
+    assert doc["controls"] == ["log10_parameters", "log10_tokens_seen"]
+    assert doc["bootstrap"] == {
+        "cluster": "run", "runs": 1, "resamples": 2000, "level": 0.95, "seed": 0
+    }  # fmt: skip
     rows = doc["checkpoints"]
     assert [r["name"] for r in rows] == ["long", "short"]  # sorted folder listing
     for name in ("study.csv", "correlations.csv", "overview.png", "nc1_cdnv.png"):
@@ -211,9 +224,17 @@ def test_study_writes_consistent_tables_plots_and_true_val_loss(
     assert [t["name"] for t in table] == ["long", "short"]
     for row, line in zip(rows, table, strict=True):
         assert float(line["val_loss"]) == row["val_loss"]
+        assert (line["run"], int(line["tokens_seen"])) == (row["run"], row["tokens_seen"])
         for key in REPORT_KEYS:
             want = row["metrics"][key]
             assert (line[key] == "") if want is None else float(line[key]) == want, key
+        for key in DERIVED_KEYS:
+            assert float(line[key]) == row["derived"][key], key
+        # nc1_cdnv2 * the squared class-mean scale, as docs/metrics.md defines it.
+        assert row["derived"]["nc1_cdnv2_scale_free"] == pytest.approx(
+            row["metrics"]["nc1_cdnv2"] * row["derived"]["class_mean_sq_norm"], rel=1e-12
+        )
+    assert {r["name"]: r["tokens_seen"] for r in rows} == {"short": 2048, "long": 12288}
 
     val_lines = family["val"].read_text().splitlines()
     for row in rows:
@@ -231,6 +252,14 @@ def test_study_writes_consistent_tables_plots_and_true_val_loss(
     corr = {c["metric"]: c for c in doc["correlations"]}
     assert corr["nc1_cdnv"]["n"] == 2
     assert corr["nc1_cdnv"]["r2"] is None
+    assert corr["nc1_cdnv"]["runs"] == 1
+    assert corr["nc1_cdnv"]["pearson_ci"] is None
+    assert corr["nc1_cdnv"]["partial_r"] is None
+    assert set(corr) == set(STUDY_KEYS)
+    with (out / "correlations.csv").open() as handle:
+        header = next(csv.reader(handle))
+    assert header[:6] == ["metric", "n", "runs", "scale", "pearson_r", "pearson_ci_low"]
+    assert "partial_rho_ci_high" in header
 
 
 def test_table_output_names_every_checkpoint_and_metric(
@@ -283,3 +312,16 @@ def test_bad_input_is_one_line_and_exit_2(family: dict[str, Path], tmp_path: Pat
         assert len(lines) == 1, proc.stderr
         assert message in lines[0], proc.stderr
         assert not (tmp_path / "o").exists()
+
+
+def test_help_documents_the_inference_and_the_json_schema() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "monitor.cli", "study", "--help"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    for word in ("--meta", "--resamples", "--bootstrap-seed", "partial_r_ci", "schema_version 2",
+                 "nc1_cdnv2_scale_free", "resample whole runs"):  # fmt: skip
+        assert word in text, word
