@@ -6,14 +6,34 @@ class means of the last evaluation), so both count a hit the same way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+
+from monitor.metrics.report import Estimate
 
 _F64 = torch.float64
 
 # (start, stop) -> (means, weight, bias) rows of those classes, float64 on the features' device.
 ClassTiles = Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+def agreement_estimate(hits: int, n: int, num_classes: int, *, sampled: bool) -> Estimate:
+    """The agreement fraction `hits / n`, null below two classes or without samples.
+
+    With one class both decisions are that class whatever the geometry, so 1.0 would say
+    nothing: null. A subsample (`sampled`) carries the Wilson score interval's half-width at
+    z = 1, `sqrt(p (1 - p) / n + 1 / (4 n^2)) / (1 + 1 / n)`: the binomial `sqrt(p (1 - p) / n)`
+    for large n, but 1 / (2 (n + 1)) rather than 0 at p = 0 or 1, where a finite subsample
+    cannot be certain.
+    """
+    if num_classes < 2 or n < 1:
+        return Estimate(None)
+    p = hits / n
+    if not sampled:
+        return Estimate(p)
+    return Estimate(p, math.sqrt(p * (1.0 - p) / n + 0.25 / (n * n)) / (1.0 + 1.0 / n))
 
 
 def ncc_agreement(
