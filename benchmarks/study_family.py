@@ -1,9 +1,9 @@
 """Train a family of tiny causal LMs on the King James Bible and run `collapse-monitor study`.
 
 A small-scale check of Wu & Papyan's finding (lower CDNV and higher NC4 agreement go with lower
-validation loss): several widths and depths, each snapshotted at several training lengths, on
-CPU. Nothing is downloaded: the corpus comes from the Debian packages `bible-kjv` and
-`bible-kjv-text` (public domain); when `bible` is missing the script prints the apt-get command.
+validation loss): several widths and depths, several seeds each, on CPU. Nothing is
+downloaded: the corpus comes from the Debian packages `bible-kjv` and `bible-kjv-text` (public
+domain); when `bible` is missing the script prints the apt-get command.
 
 Corpus and split: `bible -f "gen1:1-rev22:21"` prints one verse per line ("Ge1:1 In the ...").
 The verse references are stripped and the verses of a chapter joined into one document (one
@@ -12,22 +12,28 @@ the 1,189) is validation, the rest is training: the validation set spans every p
 Bible, and no chapter is split between the two.
 
 Training: one byte-level BPE tokenizer (2,048 tokens) on the training chapters, shared by all
-models; GPT-2 models trained with AdamW, 100 warmup steps then a constant learning rate, one
-seed. Each size is one run, saved at several step counts (the "training lengths" are snapshots
-of that run, not separately scheduled runs). Resumable: a checkpoint that exists is not
-rebuilt, and a size whose checkpoints all exist is skipped.
+models; GPT-2 models trained with AdamW and 100 warmup steps. Per size and seed, two kinds of
+run: one "const" run at a constant learning rate, saved at every length of STEPS (snapshots of
+one run, as the paper's checkpoints are not), and one "cos" run per length of SCHEDULED,
+trained to exactly that many steps with its own cosine decay to 10% of the rate (a separately
+scheduled run). The seed sets both the initialisation and the batch order. Resumable: a
+checkpoint that exists is not rebuilt, and a run whose checkpoints all exist is skipped.
 
-    OMP_NUM_THREADS=1 python benchmarks/study_family.py [--out DIR] [--quick] [--no-study]
+    OMP_NUM_THREADS=1 python benchmarks/study_family.py [--out DIR] [--seeds N] [--quick]
+        [--no-study] [--tables-only]
 
-Then the study runs over every checkpoint and writes benchmarks/results/study.{csv,json} and
+Then the study runs over every checkpoint (runs as clusters, tokens seen as the length; the
+file study_meta.csv says which) and writes benchmarks/results/study.{csv,json} and
 docs/study/*.png (with --quick, into OUT/study only).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -43,6 +49,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from study_family_tables import markdown_tables  # noqa: E402
+
 from monitor.capture.tinymodel import _token_stream, _windows, train_tokenizer  # noqa: E402
 
 APT_COMMAND = "sudo apt-get install -y bible-kjv bible-kjv-text"
@@ -52,8 +60,9 @@ SEQ_LEN = 64
 BATCH = 16
 LR = 2e-3
 WARMUP = 100
-SEED = 0
+FINAL_LR_FRACTION = 0.1  # a scheduled run's cosine decays to this fraction of LR
 DONE = "study_family.json"
+META = "study_meta.csv"
 
 
 @dataclass(frozen=True)
@@ -66,19 +75,33 @@ class Size:
     n_head: int
 
 
-FAMILY = (
-    Size("d32-l1", 32, 1, 2),
-    Size("d64-l2", 64, 2, 2),
-    Size("d96-l2", 96, 2, 4),
-    Size("d128-l3", 128, 3, 4),
-    Size("d192-l4", 192, 4, 4),
+@dataclass(frozen=True)
+class Grid:
+    """What to train: sizes x seeds, const-run snapshots at `steps`, cos runs at `scheduled`."""
+
+    family: tuple[Size, ...]
+    steps: tuple[int, ...]
+    scheduled: tuple[int, ...]
+    max_tokens: int
+    max_eval_tokens: int
+
+
+# Sized for a ~60-minute rerun on one shared CPU thread (3 seeds: ~35 min of training).
+FULL = Grid(
+    family=(Size("d32-l1", 32, 1, 2), Size("d64-l2", 64, 2, 2), Size("d128-l3", 128, 3, 4)),
+    steps=(150, 300, 600, 1200),
+    scheduled=(300, 600),
+    max_tokens=65_536,
+    max_eval_tokens=32_768,
 )
-STEPS = (100, 250, 600, 1200, 2500)
-STUDY_MAX_TOKENS = 131_072
-STUDY_MAX_EVAL_TOKENS = 65_536
+QUICK = Grid(
+    family=(Size("d32-l1", 32, 1, 2), Size("d64-l1", 64, 1, 2)),
+    steps=(20, 60),
+    scheduled=(60,),
+    max_tokens=16_384,
+    max_eval_tokens=8_192,
+)
 PUBLISHED_PLOTS = ("overview.png", "nc1_cdnv2.png", "nc4_ncc_agreement.png")
-QUICK_FAMILY = (Size("d32-l1", 32, 1, 2), Size("d64-l1", 64, 1, 2))
-QUICK_STEPS = (20, 60)
 
 
 def say(msg: str) -> None:
@@ -121,18 +144,48 @@ def write_corpus(out: Path) -> tuple[Path, Path]:
     return train_file, val_file
 
 
-def train_size(
-    size: Size, steps: tuple[int, ...], tokenizer: Any, stream: torch.Tensor, out: Path
+def run_name(size: Size, seed: int, schedule: str) -> str:
+    """A training run: one size, one seed, one schedule ("const", or "cos<L>" for length L)."""
+    return f"{size.name}-seed{seed}-{schedule}"
+
+
+def learning_rate(step: int, total: int | None) -> float:
+    """Linear warmup, then constant (`total` None) or a cosine decay ending at step `total`.
+
+    A scheduled run shorter than 2 x WARMUP (only --quick's) warms up for half its length.
+    """
+    warmup = WARMUP if total is None else max(1, min(WARMUP, total // 2))
+    warm = LR * min(1.0, step / warmup)
+    if total is None or step <= warmup:
+        return warm
+    progress = (step - warmup) / (total - warmup)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return LR * (FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * cosine)
+
+
+def train_run(
+    size: Size,
+    seed: int,
+    steps: tuple[int, ...],
+    total: int | None,
+    tokenizer: Any,
+    stream: torch.Tensor,
+    out: Path,
 ) -> None:
-    """Train one architecture and save it at each step count in `steps` (skipping done ones)."""
+    """One run of `size` from `seed`, saved at each step count in `steps` (skipping done ones).
+
+    `total` None: constant rate after warmup; otherwise a cosine schedule ending at `total`.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    targets = {s: out / "checkpoints" / f"{size.name}-s{s:05d}" for s in steps}
+    schedule = "const" if total is None else f"cos{total:05d}"
+    run = run_name(size, seed, schedule)
+    targets = {s: out / "checkpoints" / f"{run}-s{s:05d}" for s in steps}
     todo = [s for s, p in targets.items() if not (p / DONE).exists()]
     if not todo:
-        say(f"{size.name}: all {len(steps)} checkpoints exist, skipped")
+        say(f"{run}: all {len(steps)} checkpoints exist, skipped")
         return
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_embd=size.n_embd,
@@ -147,13 +200,13 @@ def train_size(
     model.train()
     params = sum(p.numel() for p in model.parameters())
     optim = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(SEED)
+    gen = torch.Generator().manual_seed(seed)
     high = int(stream.numel()) - SEQ_LEN
     start = time.monotonic()
     running = 0.0
     for step in range(1, max(todo) + 1):
         for group in optim.param_groups:
-            group["lr"] = LR * min(1.0, step / WARMUP)
+            group["lr"] = learning_rate(step, total)
         batch = _windows(stream, torch.randint(0, high, (BATCH,), generator=gen), SEQ_LEN)
         loss = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch).loss
         optim.zero_grad(set_to_none=True)
@@ -162,16 +215,19 @@ def train_size(
         optim.step()
         value = float(loss.detach())
         running = 0.98 * running + 0.02 * value if step > 1 else value
-        if step % 100 == 0:
+        if step % 300 == 0:
             elapsed = time.monotonic() - start
-            say(f"{size.name} step {step}: train loss ~{running:.3f} ({elapsed:.0f}s)")
-        if step in targets and step in todo:
+            say(f"{run} step {step}: train loss ~{running:.3f} ({elapsed:.0f}s)")
+        if step in todo:
             path = targets[step]
             model.eval()
             model.save_pretrained(path)
             tokenizer.save_pretrained(path)
             info = {
                 "size": dataclasses.asdict(size),
+                "seed": seed,
+                "schedule": schedule,
+                "run": run,
                 "parameters": params,
                 "steps": step,
                 "tokens_seen": step * BATCH * SEQ_LEN,
@@ -184,23 +240,38 @@ def train_size(
             say(f"saved {path.name} ({params:,} parameters)")
 
 
+def write_meta(out: Path) -> Path:
+    """study_meta.csv: each checkpoint's run (the bootstrap's cluster) and tokens seen."""
+    rows = []
+    for done in sorted((out / "checkpoints").glob(f"*/{DONE}")):
+        info = json.loads(done.read_text())
+        rows.append([done.parent.name, info["run"], str(info["tokens_seen"])])
+    path = out / META
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows([["checkpoint", "run", "tokens_seen"], *rows])
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     cache = Path(os.environ.get("COLLAPSE_CACHE_DIR", Path.home() / ".cache" / "collapse-monitor"))
     parser.add_argument("--out", type=Path, default=cache / "study-family")
     parser.add_argument("--quick", action="store_true", help="two tiny sizes, few steps")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
     parser.add_argument("--no-study", action="store_true", help="train only")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--tables-only", action="store_true", help="print the tables of an existing study"
     )
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
     torch.set_num_threads(args.threads)
     out: Path = args.out / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
-    family, steps = (QUICK_FAMILY, QUICK_STEPS) if args.quick else (FAMILY, STEPS)
+    grid = QUICK if args.quick else FULL
     if args.tables_only:
-        print(markdown_tables(json.loads((out / "study" / "study.json").read_text()), out))
+        print(markdown_tables(json.loads((out / "study" / "study.json").read_text())))
         return 0
     train_file, val_file = write_corpus(out)
     tok_dir = out / "tokenizer"
@@ -215,14 +286,19 @@ def main(argv: list[str] | None = None) -> int:
     train_texts = [ln for ln in train_file.read_text().splitlines() if ln.strip()]
     stream = _token_stream(tokenizer, train_texts)
     say(f"training stream: {int(stream.numel()):,} tokens")
-    for size in family:
-        train_size(size, steps, tokenizer, stream, out)
+    # Seed by seed, so an interrupted rerun leaves whole seeds of the grid.
+    for seed in range(args.seeds):
+        for size in grid.family:
+            train_run(size, seed, grid.steps, None, tokenizer, stream, out)
+            for length in grid.scheduled:
+                train_run(size, seed, (length,), length, tokenizer, stream, out)
+    write_meta(out)
     if args.no_study:
         return 0
-    return run_study(out, train_file, val_file, quick=args.quick)
+    return run_study(out, train_file, val_file, grid, quick=args.quick)
 
 
-def run_study(out: Path, train_file: Path, val_file: Path, *, quick: bool) -> int:
+def run_study(out: Path, train_file: Path, val_file: Path, grid: Grid, *, quick: bool) -> int:
     """`collapse-monitor study` over every checkpoint; publish the results unless --quick."""
     study_dir = out / "study"
     cmd = [
@@ -230,9 +306,10 @@ def run_study(out: Path, train_file: Path, val_file: Path, *, quick: bool) -> in
         "--checkpoints", str(out / "checkpoints"),
         "--corpus", str(train_file),
         "--eval-corpus", str(val_file),
+        "--meta", str(out / META),
         "--out", str(study_dir),
-        "--max-tokens", str(STUDY_MAX_TOKENS // (8 if quick else 1)),
-        "--max-eval-tokens", str(STUDY_MAX_EVAL_TOKENS // (8 if quick else 1)),
+        "--max-tokens", str(grid.max_tokens),
+        "--max-eval-tokens", str(grid.max_eval_tokens),
         "--format", "json",
     ]  # fmt: skip
     say("running: " + " ".join(cmd[1:]))
@@ -243,7 +320,7 @@ def run_study(out: Path, train_file: Path, val_file: Path, *, quick: bool) -> in
         return proc.returncode
     say(f"study took {time.monotonic() - started:.0f}s")
     doc = json.loads(proc.stdout)
-    print(markdown_tables(doc, out))
+    print(markdown_tables(doc))
     if not quick:
         results, figures = ROOT / "benchmarks" / "results", ROOT / "docs" / "study"
         results.mkdir(parents=True, exist_ok=True)
@@ -254,84 +331,6 @@ def run_study(out: Path, train_file: Path, val_file: Path, *, quick: bool) -> in
             shutil.copy(study_dir / name, figures / name)
         say(f"wrote {results}/study.{{csv,json}} and {len(PUBLISHED_PLOTS)} plots in {figures}")
     return 0
-
-
-def markdown_tables(doc: dict[str, Any], out: Path) -> str:
-    """The per-checkpoint table and the correlation table, in Markdown, for docs/study.md."""
-
-    def num(value: Any, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
-
-    lines = [
-        "| checkpoint | parameters | steps | tokens seen | val loss | CDNV2 | CDNV | NC4 | "
-        "equiang. std | log-energy std | NC3 cos |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in sorted(doc["checkpoints"], key=lambda r: (r["parameters"], r["name"])):
-        info = json.loads((out / "checkpoints" / row["name"] / DONE).read_text())
-        m = row["metrics"]
-        lines.append(
-            f"| {row['name']} | {row['parameters']:,} | {info['steps']} | "
-            f"{info['tokens_seen']:,} | {row['val_loss']:.3f} | {num(m['nc1_cdnv2'], '.3g')} | "
-            f"{num(m['nc1_cdnv'], '.3g')} | {num(m['nc4_ncc_agreement'], '.3f')} | "
-            f"{num(m['nc2_equiangularity_std'], '.3f')} | {num(m['nc2_log_energy_std'], '.3f')} | "
-            f"{num(m['nc3_duality_mean_cos'], '.3f')} |"
-        )
-    lines += [
-        "",
-        "| metric | n | scale | Pearson r | R^2 | Spearman rho | expected sign | agrees |",
-        "|---|---:|---|---:|---:|---:|---:|---|",
-    ]
-    for c in doc["correlations"]:
-        sign = {1: "+", -1: "-", None: "none"}[c["expected_sign"]]
-        agrees = {True: "yes", False: "**no**", None: "-"}[c["agrees"]]
-        lines.append(
-            f"| `{c['metric']}` | {c['n']} | {c['scale']} | {num(c['pearson_r'], '+.3f')} | "
-            f"{num(c['r2'], '.3f')} | {num(c['spearman_rho'], '+.3f')} | {sign} | {agrees} |"
-        )
-    lines += ["", *subgroup_table(doc, out)]
-    return "\n".join(lines)
-
-
-def subgroup_table(doc: dict[str, Any], out: Path) -> list[str]:
-    """Spearman's rho with loss inside groups that hold one factor fixed.
-
-    The pooled correlation mixes two factors, training length and model size; within one
-    training length only size varies, within one size only length. Each cell: the rho of each
-    group of five (n/a where a side is constant).
-    """
-    from monitor.offline.correlation import spearman
-
-    rows = doc["checkpoints"]
-    info = {
-        r["name"]: json.loads((out / "checkpoints" / r["name"] / DONE).read_text()) for r in rows
-    }
-    by_steps: dict[int, list[dict[str, Any]]] = {}
-    by_size: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_steps.setdefault(info[r["name"]]["steps"], []).append(r)
-        by_size.setdefault(info[r["name"]]["size"]["name"], []).append(r)
-    keys = ("nc1_cdnv2", "nc1_cdnv", "nc4_ncc_agreement", "nc2_equiangularity_std",
-            "nc3_uniform_duality_cv")  # fmt: skip
-
-    def rho(group: list[dict[str, Any]], key: str) -> str:
-        pairs = [(r["metrics"][key], r["val_loss"]) for r in group if r["metrics"][key] is not None]
-        value = spearman([p[0] for p in pairs], [p[1] for p in pairs]) if len(pairs) > 2 else None
-        return "n/a" if value is None else f"{value:+.2f}"
-
-    head = "| group | " + " | ".join(f"`{k}`" for k in keys) + " |"
-    lines = [head, "|---|" + "---:|" * len(keys)]
-    for steps, group in sorted(by_steps.items()):
-        lines.append(
-            f"| {steps} steps, 5 sizes | " + " | ".join(rho(group, k) for k in keys) + " |"
-        )
-    for size, group in sorted(by_size.items(), key=lambda kv: kv[1][0]["parameters"]):
-        lines.append(f"| {size}, 5 lengths | " + " | ".join(rho(group, k) for k in keys) + " |")
-    late = [r for r in rows if info[r["name"]]["steps"] >= 600]
-    lines.append(
-        f"| >= 600 steps, pooled ({len(late)}) | " + " | ".join(rho(late, k) for k in keys) + " |"
-    )
-    return lines
 
 
 if __name__ == "__main__":
