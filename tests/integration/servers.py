@@ -120,6 +120,11 @@ def service_env(redis_url: str, models_json: str, **extra: str) -> dict[str, str
     return env
 
 
+def worker_ready(log: Path, times: int = 1) -> bool:
+    """The worker writing to `log` said "ready." (`times` times: once per (re)start)."""
+    return log.exists() and log.read_text(errors="replace").count("ready.") >= times
+
+
 def start_worker(
     env: dict[str, str], logfile: Path, queues: str = "ingest"
 ) -> subprocess.Popen[bytes]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from servers import RedisServer, service_env, start_worker, wait_for
+from servers import RedisServer, service_env, start_worker, wait_for, worker_ready
 from test_pipeline_redis import DIM, MODELS, VOCAB, assert_same_stats, batches, reference
 
 from monitor.config import Settings
@@ -22,10 +22,6 @@ from monitor.pipeline.windows import compact_model, window_stats
 pytestmark = pytest.mark.slow
 
 VISIBILITY = 3  # seconds before a dead worker's unacknowledged task is redelivered
-
-
-def _ready(log: Path) -> bool:
-    return log.exists() and "ready." in log.read_text(errors="replace")
 
 
 def _ingested(runtime: Runtime) -> int:
@@ -52,7 +48,7 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(
     victim, survivor = (start_worker(env, log) for log in logs)
     processes += [victim, survivor]
     for log in logs:
-        wait_for(lambda log=log: _ready(log), 60, f"celery worker ({log.name})")
+        wait_for(lambda log=log: worker_ready(log), 60, f"celery worker ({log.name})")
 
     settings = Settings(
         redis_url=redis_server.url, models=MODELS, task_visibility_timeout=VISIBILITY
@@ -100,7 +96,7 @@ def test_bad_batch_is_counted_once_and_not_redelivered(
     env = service_env(redis_server.url, json.dumps(MODELS))
     log = tmp_path / "worker.log"
     processes.append(start_worker(env, log))
-    wait_for(lambda: _ready(log), 60, "celery worker")
+    wait_for(lambda: worker_ready(log), 60, "celery worker")
     settings = Settings(redis_url=redis_server.url, models=MODELS)  # type: ignore[arg-type]
     runtime = Runtime(settings)
     client = MonitorClient(settings)

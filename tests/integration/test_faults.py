@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from servers import RedisServer, service_env, start_worker, stop_process, wait_for
+from servers import RedisServer, service_env, start_worker, stop_process, wait_for, worker_ready
 from test_pipeline_redis import MODELS, assert_same_stats, batches, reference
 
 from monitor.config import Settings
@@ -28,10 +28,6 @@ from monitor.pipeline.windows import compact_model, window_stats
 pytestmark = pytest.mark.slow
 
 VISIBILITY = 3  # seconds before an unacknowledged task is redelivered
-
-
-def _ready(log: Path) -> bool:
-    return log.exists() and "ready." in log.read_text(errors="replace")
 
 
 def _ingested(runtime: Runtime, model: str = "m") -> int:
@@ -66,7 +62,7 @@ def test_redis_restart_mid_stream_loses_no_acknowledged_batch(
     workers = [start_worker(env, log) for log in logs]
     processes += workers
     for log in logs:
-        wait_for(lambda log=log: _ready(log), 60, f"celery worker ({log.name})")
+        wait_for(lambda log=log: worker_ready(log), 60, f"celery worker ({log.name})")
 
     settings = Settings(
         redis_url=redis_server.url, models=MODELS, task_visibility_timeout=VISIBILITY
@@ -125,9 +121,9 @@ def test_worker_started_without_redis_retries_then_works(
         )
         time.sleep(3)
         assert worker.poll() is None, "the worker gave up instead of retrying"
-        assert not _ready(log)
+        assert not worker_ready(log)
         server.start()
-        wait_for(lambda: _ready(log), 60, "worker ready once Redis is up")
+        wait_for(lambda: worker_ready(log), 60, "worker ready once Redis is up")
         settings = Settings(redis_url=server.url, models=MODELS)  # type: ignore[arg-type]
         x, y = batches(1, 50, seed=5)[0]
         MonitorClient(settings).submit_features("m", x, y, batch_id="late")
@@ -162,7 +158,7 @@ def test_two_beats_neither_double_compact_nor_double_evaluate(
     )
     log = tmp_path / "worker.log"
     processes.append(start_worker(env, log, queues="ingest,maintenance"))
-    wait_for(lambda: _ready(log), 60, "celery worker")
+    wait_for(lambda: worker_ready(log), 60, "celery worker")
     beat_logs = [tmp_path / "beat-a.log", tmp_path / "beat-b.log"]
     for i, beat_log in enumerate(beat_logs):
         workdir = tmp_path / f"beat-{i}"
@@ -251,7 +247,7 @@ def test_steady_load_keeps_memory_flat_and_loses_nothing(
     workers = [start_worker(env, log) for log in logs]
     processes += workers
     for log in logs:
-        wait_for(lambda log=log: _ready(log), 60, f"celery worker ({log.name})")
+        wait_for(lambda log=log: worker_ready(log), 60, f"celery worker ({log.name})")
 
     settings = Settings(redis_url=redis_server.url, models=models)  # type: ignore[arg-type]
     runtime = Runtime(settings)

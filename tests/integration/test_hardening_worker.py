@@ -21,7 +21,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import redis
-from servers import RedisServer, service_env, start_worker, stop_process, wait_for
+from servers import RedisServer, service_env, start_worker, stop_process, wait_for, worker_ready
 from test_pipeline_redis import MODELS, assert_same_stats, batches, reference
 
 from monitor.config import Settings
@@ -43,10 +43,6 @@ FAST_RETRIES = {
 
 
 # --------------------------------------------------------------------------------- helpers
-def _ready(log: Path, times: int = 1) -> bool:
-    return log.exists() and log.read_text(errors="replace").count("ready.") >= times
-
-
 def _log_text(log: Path) -> str:
     return log.read_text(errors="replace")
 
@@ -177,7 +173,7 @@ def test_poison_messages_are_dead_lettered_once_and_the_worker_keeps_working(
     log = tmp_path / "worker.log"
     worker = start_worker(env, log)
     processes.append(worker)
-    wait_for(lambda: _ready(log), 60, "celery worker")
+    wait_for(lambda: worker_ready(log), 60, "celery worker")
     settings = Settings(redis_url=redis_server.url, models=MODELS)  # type: ignore[arg-type]
     runtime, client, broker = Runtime(settings), MonitorClient(settings), redis_server.client()
 
@@ -208,7 +204,7 @@ def test_poison_messages_are_dead_lettered_once_and_the_worker_keeps_working(
     stop_process(worker)
     worker = start_worker(env, log)
     processes.append(worker)
-    wait_for(lambda: _ready(log, times=2), 60, "restarted worker")
+    wait_for(lambda: worker_ready(log, times=2), 60, "restarted worker")
     client.submit_features("m", *good[-1], batch_id="after-restart")
     wait_for(lambda: _ingested(runtime) == len(poisons) + 1, 30, "a batch after the restart")
     time.sleep(1.0)
@@ -237,7 +233,7 @@ def test_store_out_of_memory_is_retried_until_redis_takes_writes_again(
     log = tmp_path / "worker.log"
     worker = start_worker(env, log)
     processes.append(worker)
-    wait_for(lambda: _ready(log), 60, "celery worker")
+    wait_for(lambda: worker_ready(log), 60, "celery worker")
     settings = Settings(redis_url=redis_server.url, broker_url=broker_server.url, models=MODELS)  # type: ignore[arg-type]
     runtime, client = Runtime(settings), MonitorClient(settings)
     data = batches(6, 40, seed=11)
@@ -288,7 +284,7 @@ def test_broker_out_of_memory_neither_crashes_the_worker_nor_loses_a_message(
     log = tmp_path / "worker.log"
     worker = start_worker(env, log)
     processes.append(worker)
-    wait_for(lambda: _ready(log), 60, "celery worker")
+    wait_for(lambda: worker_ready(log), 60, "celery worker")
     client.submit_features("m", *data[0], batch_id="warm")
     wait_for(lambda: _ingested(runtime) == 1, 30, "the first batch")
 
@@ -358,7 +354,7 @@ def test_a_failure_that_persists_is_dead_lettered_once_and_counted(
     log = tmp_path / "worker.log"
     worker = start_worker(env, log)
     processes.append(worker)
-    wait_for(lambda: _ready(log), 60, "celery worker")
+    wait_for(lambda: worker_ready(log), 60, "celery worker")
 
     wait_for(lambda: len(read_dead_letters(broker, settings)) == 2, 60, "two dead letters")
     time.sleep(2.0)  # the second copy of denied-0 finishes its retries too
@@ -381,7 +377,7 @@ def test_a_failure_that_persists_is_dead_lettered_once_and_counted(
     stop_process(worker)  # a restart brings none of them back
     worker = start_worker(env, log)
     processes.append(worker)
-    wait_for(lambda: _ready(log, times=2), 60, "restarted worker")
+    wait_for(lambda: worker_ready(log, times=2), 60, "restarted worker")
     time.sleep(2.0)
     assert len(read_dead_letters(broker, settings)) == 2
     assert runtime.store.counters("m").get("dead_letters:retries_exhausted") == 2
@@ -407,7 +403,7 @@ def test_one_models_failing_maintenance_never_blocks_another(
     log = tmp_path / "worker.log"
     worker = start_worker(env, log, queues="ingest,maintenance")
     processes.append(worker)
-    wait_for(lambda: _ready(log), 60, "celery worker")
+    wait_for(lambda: worker_ready(log), 60, "celery worker")
     settings = Settings(redis_url=redis_server.url, models=ISOLATED)  # type: ignore[arg-type]
     runtime, client = Runtime(settings), MonitorClient(settings)
     data = batches(4, 50, seed=14)

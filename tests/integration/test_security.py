@@ -19,7 +19,15 @@ import redis
 from fastapi.testclient import TestClient
 from kombu import Connection, Producer  # type: ignore[attr-defined]
 from pydantic import SecretStr
-from servers import RedisServer, free_port, service_env, start_worker, stop_process, wait_for
+from servers import (
+    RedisServer,
+    free_port,
+    service_env,
+    start_worker,
+    stop_process,
+    wait_for,
+    worker_ready,
+)
 from test_pipeline_redis import MODELS, batches
 
 from monitor.config import Settings
@@ -36,10 +44,6 @@ REDIS_PASSWORD = "rp-7Qx9-distinctive-redis-secret"
 WRONG_PASSWORD = "wp-3Kd8-distinctive-wrong-secret"
 API_TOKEN = "tok-5Zm2-distinctive-api-token-value"
 SECRETS = (REDIS_PASSWORD, WRONG_PASSWORD, API_TOKEN)
-
-
-def _ready(log: Path) -> bool:
-    return log.exists() and "ready." in log.read_text(errors="replace")
 
 
 def _assert_no_secret(text: str, where: str) -> None:
@@ -108,7 +112,7 @@ def test_worker_rejects_a_pickled_message(
     log = tmp_path / "worker.log"
     worker = start_worker(service_env(redis_server.url, json.dumps(MODELS)), log)
     processes.append(worker)
-    wait_for(lambda: _ready(log), 60, "celery worker")
+    wait_for(lambda: worker_ready(log), 60, "celery worker")
     marker = tmp_path / "unpickled"
     task_id = str(uuid.uuid4())
     headers = {
@@ -174,7 +178,7 @@ def test_secrets_never_in_worker_logs_or_metrics(
     processes.append(
         start_worker(service_env(auth_redis.url, json.dumps(MODELS), **wrong), bad_log)
     )
-    wait_for(lambda: _ready(good_log), 60, "celery worker")
+    wait_for(lambda: worker_ready(good_log), 60, "celery worker")
 
     settings = _settings(auth_redis.url, REDIS_PASSWORD, api_token=SecretStr(API_TOKEN))
     client = MonitorClient(settings)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from servers import ROOT, RedisServer, service_env, start_worker, wait_for
+from servers import ROOT, RedisServer, service_env, start_worker, wait_for, worker_ready
 from test_pipeline_redis import DIM, MODELS, assert_same_stats, batches, reference
 
 from monitor.config import Settings
@@ -21,10 +21,6 @@ from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import compact_model, window_stats
 
 pytestmark = pytest.mark.slow
-
-
-def _ready(log: Path) -> bool:
-    return log.exists() and "ready." in log.read_text(errors="replace")
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -55,7 +51,7 @@ def test_beat_and_worker_compact_without_help(
             start_new_session=True,
         )
     )
-    wait_for(lambda: _ready(log), 60, "celery worker")
+    wait_for(lambda: worker_ready(log), 60, "celery worker")
     settings = Settings(redis_url=redis_server.url, models=MODELS)  # type: ignore[arg-type]
     runtime = Runtime(settings)
     client = MonitorClient(settings)
@@ -82,7 +78,7 @@ def test_sigterm_drains_then_a_new_worker_finishes_the_queue(
     first_log = tmp_path / "first.log"
     first = start_worker(env, first_log)
     processes.append(first)
-    wait_for(lambda: _ready(first_log), 60, "celery worker")
+    wait_for(lambda: worker_ready(first_log), 60, "celery worker")
     settings = Settings(redis_url=redis_server.url, models=MODELS)  # type: ignore[arg-type]
     runtime = Runtime(settings)
     client = MonitorClient(settings)
@@ -131,7 +127,7 @@ def test_cli_replay_status_and_baselines(
     env = service_env(redis_server.url, json.dumps(MODELS), COLLAPSE_COMPACTION_INTERVAL="1")
     log = tmp_path / "worker.log"
     processes.append(start_worker(env, log, queues="ingest,maintenance"))
-    wait_for(lambda: _ready(log), 60, "celery worker")
+    wait_for(lambda: worker_ready(log), 60, "celery worker")
     data = batches(1, 3000, seed=23)
     np.save(tmp_path / "x.npy", data[0][0])
     np.save(tmp_path / "y.npy", data[0][1])

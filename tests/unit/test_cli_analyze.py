@@ -14,12 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from reference import ALL_KEYS, METRIC_KEYS, STDERR_KEYS, reference_metrics
 from safetensors.numpy import save_file
-
-try:
-    from tests.unit.reference import ALL_KEYS, METRIC_KEYS, STDERR_KEYS, reference_metrics
-except ModuleNotFoundError:  # tests/ is not a package: pytest puts tests/unit on sys.path
-    from reference import ALL_KEYS, METRIC_KEYS, STDERR_KEYS, reference_metrics
 
 REL = 1e-6
 

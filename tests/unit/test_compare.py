@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from reference import reference_metrics
 from typer.testing import CliRunner
 
 from monitor.capture.tinymodel import TinyModelSpec, ensure_tiny_model, train_tokenizer
@@ -32,11 +33,6 @@ from monitor.offline.tolerances import (
     Tolerances,
     load_tolerances,
 )
-
-try:
-    from tests.unit.reference import reference_metrics
-except ModuleNotFoundError:  # tests/ is not a package: pytest puts tests/unit on sys.path
-    from reference import reference_metrics
 
 # Trained long enough (about 10 s) for a real spread of directions: effective rank near 4.
 # Bounded by steps, not seconds (600 s is only a guard): a time bound gave a less trained model

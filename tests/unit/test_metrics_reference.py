@@ -14,35 +14,20 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from reference import (
+    ALL_KEYS,
+    METRIC_KEYS,
+    PAIRWISE_KEYS,
+    STDERR_KEYS,
+    anisotropy_by_formula,
+    cdnv_by_matrices,
+    class_means_and_variances,
+    kept_classes,
+    pair_kernels,
+    reference_metrics,
+)
 
 from monitor import CollapseStats, compute_metrics
-
-try:
-    from tests.unit.reference import (
-        ALL_KEYS,
-        METRIC_KEYS,
-        PAIRWISE_KEYS,
-        STDERR_KEYS,
-        anisotropy_by_formula,
-        cdnv_by_matrices,
-        class_means_and_variances,
-        kept_classes,
-        pair_kernels,
-        reference_metrics,
-    )
-except ModuleNotFoundError:  # tests/ is not a package: pytest puts tests/unit on sys.path
-    from reference import (
-        ALL_KEYS,
-        METRIC_KEYS,
-        PAIRWISE_KEYS,
-        STDERR_KEYS,
-        anisotropy_by_formula,
-        cdnv_by_matrices,
-        class_means_and_variances,
-        kept_classes,
-        pair_kernels,
-        reference_metrics,
-    )
 
 REL = 1e-6
 ABS = 1e-12

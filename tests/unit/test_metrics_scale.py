@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from reference import METRIC_KEYS, kept_classes, reference_metrics
 
 import monitor.metrics.duality as duality_module
 import monitor.metrics.rows as rows_module
@@ -29,11 +30,6 @@ from monitor.metrics.engine import draw_class_pairs
 from monitor.metrics.pairwise import PairInputs, sampled_pair_metrics
 from monitor.metrics.rows import ClassMeans
 from monitor.stats import ClassStatistics
-
-try:
-    from tests.unit.reference import METRIC_KEYS, kept_classes, reference_metrics
-except ModuleNotFoundError:  # tests/ is not a package: pytest puts tests/unit on sys.path
-    from reference import METRIC_KEYS, kept_classes, reference_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
