@@ -119,10 +119,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_accept_content": ["msgpack", "json"],
         "event_serializer": "json",
         # Monitoring events (docs/operations.md, "Worker metrics"): workers report every task
-        # (received, started, succeeded, failed, retried) and producers, beat included, report
-        # each send, so Flower can count rates, failures and runtimes from outside. Over Redis
-        # the event exchange is PUBLISH to a pub/sub channel: with nobody listening an event
-        # costs one round trip and leaves no key behind (tests/integration/test_worker_metrics.py).
+        # (received, started, succeeded, failed, retried), so Flower counts rates, failures and
+        # runtimes from outside; producers, beat included, report each send (Flower's task
+        # pages show when and by whom). Over Redis an event is a PUBLISH to a pub/sub channel:
+        # with nobody listening it leaves no key behind (tests/integration/test_worker_metrics.py).
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         # A listener's own queue (AMQP brokers; kombu's Redis transport keeps only its
