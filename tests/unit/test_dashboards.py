@@ -2,10 +2,13 @@
 
 Why a home-made linter: the dashboard-linter binary is a Go tool we cannot install here, and the
 rules that matter are few and simple (datasource variable, panel datasource, `$__rate_interval`,
-stable uids, units and descriptions). A further rule of ours: every query names only families
-the exporter exports, so a renamed metric breaks this test instead of a graph in production.
-Whether each query parses and returns data is checked against a real Prometheus in
-tests/integration/test_dashboards_e2e.py.
+stable uids, units and descriptions). Rules of ours, for every file in dashboards/ (including
+any added later): every query names only families the exporter exports (a renamed metric
+breaks this test instead of a graph in production), filters on the `cluster`, `namespace` and
+`job` variables with regex matchers (absent labels match `.*`), never sums per-replica series,
+titles are words rather than metric names, and a panel showing an alert's metric links to the
+alert's runbook. Whether each query parses, returns data and counts two exporter replicas once
+is checked against a real Prometheus in tests/integration/test_dashboards_e2e.py.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import typer
 from typer.testing import CliRunner
 
 from monitor import cli_dashboards
+from monitor.alerts.rules import render_rules
+from monitor.alerts.thresholds import default_alerting
 from monitor.errors import InvalidInput
 from monitor.exporter import COUNTERS, FAMILY_HELP, METRIC_HELP, PREFIX, gauge_name
 from monitor.grafana import push as push_module
@@ -36,7 +41,19 @@ EXPECTED_UIDS = {
     "pipeline.json": "collapse-pipeline",
     "ab.json": "collapse-ab",
 }
+UIDS = sorted(json.loads(p.read_text(encoding="utf-8"))["uid"] for p in DASHBOARDS)
 PANEL_DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# Every selector carries these (regex matchers: a label the deployment lacks matches `.*`).
+SCOPE = ('cluster=~"$cluster"', 'namespace=~"$namespace"', 'job=~"$job"')
+SCOPE_VARIABLES = ("cluster", "namespace", "job")
+OPERATIONS = ROOT / "docs" / "operations.md"
+# A metric name in snake_case, or any label-ish token: what a readable title does not show.
+SNAKE = re.compile(r"\b[a-z0-9]+_[a-z0-9_]+\b")
+# `sum` straight over a selector or its rate adds the replicas' identical series up.
+SUM_OVER_REPLICAS = re.compile(
+    r"\bsum\s*(?:(?:by|without)\s*\([^)]*\))?\s*\(\s*(?:(?:rate|irate|increase)\s*\(\s*)?"
+    r"[A-Za-z_:][A-Za-z0-9_:]*\s*[{\[)]"
+)
 EXPORTED = (
     {gauge_name(key) for key in METRIC_HELP}
     | {PREFIX + name for name in FAMILY_HELP if name not in COUNTERS}
@@ -70,6 +87,17 @@ def exprs(board: dict[str, Any]) -> list[str]:
     return out
 
 
+def selectors(expr: str) -> list[str]:
+    """Each metric selector of an expression: the name with its `{...}` (empty when none)."""
+    out = []
+    for name in metric_names(expr):
+        for match in re.finditer(rf"(?<![A-Za-z0-9_:]){re.escape(name)}(?![A-Za-z0-9_:])", expr):
+            rest = expr[match.end() :]
+            braces = re.match(r"\s*\{[^}]*\}", rest)
+            out.append(name + (braces.group().strip() if braces else ""))
+    return out
+
+
 def metric_names(expr: str) -> set[str]:
     """Metric names an expression selects (functions, keywords, labels and strings removed)."""
     text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
@@ -86,12 +114,12 @@ def metric_names(expr: str) -> set[str]:
 
 
 def test_the_dashboards_exist_with_stable_uids() -> None:
-    assert {p.name for p in DASHBOARDS} == set(EXPECTED_UIDS)
-    uids = [load(p)["uid"] for p in DASHBOARDS]
-    assert len(set(uids)) == len(uids)
+    assert set(EXPECTED_UIDS) <= {p.name for p in DASHBOARDS}
+    assert len(set(UIDS)) == len(UIDS)
     for path in DASHBOARDS:
         board = load(path)
-        assert board["uid"] == EXPECTED_UIDS[path.name]
+        assert board["uid"] == EXPECTED_UIDS.get(path.name, board["uid"])
+        assert board["uid"].startswith("collapse-")
         assert board["schemaVersion"] >= 36
         assert board.get("id") is None  # ids are per Grafana instance; uids are ours
 
@@ -101,15 +129,33 @@ def test_template_variables(path: Path) -> None:
     variables = {v["name"]: v for v in load(path)["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
+    order = list(variables)
+    assert order[:4] == ["datasource", *SCOPE_VARIABLES]  # scope first: the others follow it
+    for name in SCOPE_VARIABLES:
+        variable = variables[name]
+        assert variable["type"] == "query"
+        assert variable["datasource"] == PANEL_DATASOURCE
+        assert variable["definition"].startswith("label_values(")
+        assert "collapse_build_info" in variable["definition"]  # every replica exports it
+        assert variable["definition"].endswith(f", {name})")
+        assert variable["query"]["query"] == variable["definition"]
+        # All = `.*`, which also matches a series without the label (no cluster label at all).
+        assert (variable["includeAll"], variable["allValue"]) == (True, ".*"), name
+        assert variable["current"]["value"] == ["$__all"], name
     # The A/B board puts two models side by side: a variable for each instead of `model`.
     names = ("reference", "candidate") if path.name == "ab.json" else ("model",)
-    for name in names:
+    for name in (n for n in names if n in variables or path.name in EXPECTED_UIDS):
         assert variables[name]["type"] == "query"
         assert "label_values(collapse_window_samples" in variables[name]["definition"]
         assert variables[name]["datasource"] == PANEL_DATASOURCE
-    if path.name != "pipeline.json":  # pipeline health is per model, not per window
+    if "window" in variables or path.name in ("overview.json", "drift.json", "ab.json"):
         assert variables["window"]["type"] == "query"
         assert variables["window"]["datasource"] == PANEL_DATASOURCE
+    for name, variable in variables.items():  # the model and window lists follow the scope too
+        if name not in ("datasource", *SCOPE_VARIABLES):
+            series = re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", variable["definition"])
+            for selector in selectors(series):
+                assert all(m in selector for m in SCOPE), f"{name}: {selector}"
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
@@ -140,10 +186,93 @@ def test_rates_use_rate_interval(path: Path) -> None:
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_queries_name_only_exported_families(path: Path) -> None:
+    """Our families (collapse_*) must exist; other exporters' (a worker dashboard's) are theirs."""
     for expr in exprs(load(path)):
         names = metric_names(expr)
         assert names, f"no metric in {expr}"
-        assert names <= EXPORTED, f"{expr}: unknown {sorted(names - EXPORTED)}"
+        ours = {n for n in names if n.startswith(PREFIX) or n == "ALERTS"}
+        assert ours <= EXPORTED, f"{expr}: unknown {sorted(ours - EXPORTED)}"
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_every_query_is_scoped_by_cluster_namespace_and_job(path: Path) -> None:
+    for expr in exprs(load(path)):
+        for selector in selectors(expr):
+            missing = [m for m in SCOPE if m not in selector]
+            assert not missing, f"{selector} in {expr}: no {missing}"
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_no_sum_over_exporter_replicas(path: Path) -> None:
+    """Replicas export identical series: dedupe them (max/min without instance) before a sum."""
+    for expr in exprs(load(path)):
+        assert not SUM_OVER_REPLICAS.search(expr), expr
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_titles_are_words_not_metric_names(path: Path) -> None:
+    board = load(path)
+    titles = [p["title"] for p in board["panels"]] + [p["title"] for p in panels(board)]
+    for title in titles:
+        assert title.strip(), path.name
+        assert not SNAKE.search(title), f"{path.name}: title {title!r} reads like a metric name"
+        assert "{" not in title, title
+        assert PREFIX not in title, title
+
+
+def alert_metrics() -> dict[str, str]:
+    """Alert name -> the metric its default rule judges (the first one in its expression;
+    `collapse_window_samples` is a guard of the absolute bounds, not what they judge)."""
+    out: dict[str, str] = {}
+    for group in render_rules(default_alerting())["groups"]:
+        for rule in group["rules"]:
+            names = re.findall(r"\bcollapse_[a-z0-9_]+", rule["expr"])
+            judged = [n for n in names if n != "collapse_window_samples"]
+            out.setdefault(rule["alert"], judged[0])
+    return out
+
+
+def runbook_anchors() -> set[str]:
+    """GitHub's anchor of each heading of docs/operations.md (lower case, spaces to dashes)."""
+    headings = re.findall(r"^#+ (.+)$", OPERATIONS.read_text(), re.M)
+    return {re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_panels_link_to_the_runbooks_of_their_alerts(path: Path) -> None:
+    base = default_alerting().runbook_base_url
+    judged = alert_metrics()
+    anchors = runbook_anchors()
+    for panel in panels(load(path)):
+        shown = set().union(*(metric_names(t["expr"]) for t in panel["targets"]))
+        expected = {alert for alert, metric in judged.items() if metric in shown}
+        urls = [link["url"] for link in panel.get("links", [])]
+        assert len(urls) == len(set(urls)), panel["title"]
+        linked = {url.removeprefix(f"{base}#") for url in urls if url.startswith(f"{base}#")}
+        assert {a.lower() for a in expected} <= linked, f"{panel['title']}: links {urls}"
+        for link in panel.get("links", []):
+            anchor = link["url"].removeprefix(f"{base}#")
+            assert anchor in anchors, f"{panel['title']}: no section #{anchor} in operations.md"
+            assert link["title"].startswith("Runbook: "), link
+
+
+def test_runbook_links_cover_every_alert_with_a_panel() -> None:
+    """Each default alert's metric is on some dashboard, and that panel links its runbook."""
+    linked = {
+        link["url"].rsplit("#", 1)[1]
+        for path in DASHBOARDS
+        for panel in panels(load(path))
+        for link in panel.get("links", [])
+    }
+    assert {a.lower() for a in alert_metrics()} <= linked
+
+
+def test_selector_parser() -> None:
+    expr = 'max without (instance) (rate(a_total{x="1"}[5m])) / b + sum by (m) (c{y="2"})'
+    assert sorted(selectors(expr)) == ['a_total{x="1"}', "b", 'c{y="2"}']
+    assert SUM_OVER_REPLICAS.search('sum by (model) (rate(x_total{a="b"}[1m]))')
+    assert SUM_OVER_REPLICAS.search("sum(x)")
+    assert not SUM_OVER_REPLICAS.search("sum by (model) (max without (instance) (rate(x[1m])))")
 
 
 def test_metric_name_parser() -> None:
@@ -163,8 +292,8 @@ def test_overview_covers_every_metric_and_draws_default_thresholds() -> None:
         if p["fieldConfig"]["defaults"].get("custom", {}).get("thresholdsStyle", {}).get("mode")
         == "line"
     }
-    assert 1.5 in lines["drift_nc1_cdnv_ratio"]
-    assert 0.8 in lines["drift_nc4_ncc_agreement_ratio"]
+    assert 1.5 in lines["Class blur against the baseline (CDNV ratio)"]
+    assert 0.8 in lines["NC4 agreement against the baseline"]
     alerts = [a for a in board["annotations"]["list"] if "ALERTS" in a.get("expr", "")]
     assert alerts
     assert 'alertname=~"Collapse.*"' in alerts[0]["expr"]
@@ -179,7 +308,7 @@ def test_drift_dashboard_tables() -> None:
     assert top["format"] == "table"
     assert "collapse_baseline_info" in tables["Pinned baseline"]["targets"][0]["expr"]
     mmd = [p for p in panels(board) if len(p["targets"]) == 2]
-    assert {t["expr"].split("{")[0] for t in mmd[0]["targets"]} == {
+    assert set().union(*(metric_names(t["expr"]) for t in mmd[0]["targets"])) == {
         "collapse_drift_mmd",
         "collapse_drift_mmd_threshold",
     }
@@ -228,9 +357,9 @@ def test_push_creates_the_folder_once_and_overwrites_idempotently() -> None:
     first = push_dashboards("http://g:3000/", TOKEN, "Collapse", DASHBOARDS, api_factory=factory)
     second = push_dashboards("http://g:3000/", TOKEN, "Collapse", DASHBOARDS, api_factory=factory)
     assert first == second
-    assert sorted(first) == sorted(f"http://g:3000/d/{u}/slug" for u in EXPECTED_UIDS.values())
+    assert sorted(first) == sorted(f"http://g:3000/d/{u}/slug" for u in UIDS)
     assert api.created == ["Collapse"]  # found by title the second time
-    assert set(api.boards) == set(EXPECTED_UIDS.values())
+    assert set(api.boards) == set(UIDS)
     assert {b["folderUid"] for b in api.boards.values()} == {"f1"}
     assert all(b["overwrite"] for b in api.boards.values())
     assert factory_calls == [("http://g:3000/", TOKEN)] * 2
@@ -313,7 +442,7 @@ def test_cli_push_uses_the_env_token_and_prints_urls(monkeypatch: pytest.MonkeyP
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "http://g/d/x"
     assert seen == {"url": "http://g", "token": TOKEN, "folder": "F",
-                    "paths": sorted(EXPECTED_UIDS)}  # fmt: skip
+                    "paths": [p.name for p in DASHBOARDS]}  # fmt: skip
     monkeypatch.setattr(push_module, "push_dashboards", push_dashboards)
     result = runner.invoke(
         app, ["dashboards", "push", "--url", "http://127.0.0.1:9", "--token", TOKEN]
@@ -376,7 +505,7 @@ def test_push_through_the_real_client_to_a_fake_grafana() -> None:
     try:
         for _ in range(2):
             links = push_dashboards(url, TOKEN, "Collapse", DASHBOARDS)
-            assert sorted(links) == sorted(f"{url}/d/{u}/x" for u in EXPECTED_UIDS.values())
+            assert sorted(links) == sorted(f"{url}/d/{u}/x" for u in UIDS)
         assert _FakeGrafana.folders == [{"uid": "uid-0", "title": "Collapse"}]
         assert {b["folderUid"] for b in _FakeGrafana.boards.values()} == {"uid-0"}
         with pytest.raises(InvalidInput) as info:
