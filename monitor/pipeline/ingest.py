@@ -53,11 +53,14 @@ def partial_stats(batch: FeatureBatch, registry: ModelRegistry, store: Store) ->
     Only validated batches get here: the first batch a store sees proposes the model's RFF
     bandwidth, kept forever (the registry checks its sample once more).
     """
-    from monitor.stats.validation import as_tensor
+    from monitor.stats.validation import CheckedBatch
 
-    features = as_tensor(batch.features, "features")
-    stats = registry.new_stats(batch.model, store, features)
-    stats.update(features, batch.labels)
+    shape = registry.shape(batch.model)
+    checked = CheckedBatch.of_checked_arrays(
+        batch.features, batch.labels, dim=shape.dim, num_classes=shape.vocab_size
+    )
+    stats = registry.new_stats(batch.model, store, checked.features)
+    stats.add_checked(checked)
     if batch.nc4_total:
         stats.record_nc4(batch.nc4_hits, batch.nc4_total)
     return stats

@@ -118,8 +118,8 @@ def encode_batch(
         "model": model,
         "batch_id": batch_id or uuid.uuid4().hex,
         "ts": float(ts if ts is not None else time.time()),
-        "features": _array_map(x.astype(x.dtype.newbyteorder("<")), binary),
-        "labels": _array_map(y.astype(y.dtype.newbyteorder("<")), binary),
+        "features": _array_map(x, binary),
+        "labels": _array_map(y, binary),
     }
     if nc4 is not None:
         payload["nc4"] = {"hits": int(nc4[0]), "total": int(nc4[1])}
@@ -144,10 +144,13 @@ def _wire_labels(y: np.ndarray) -> np.ndarray:
 
 
 def _array_map(array: np.ndarray, binary: bool) -> dict[str, Any]:
-    raw = array.tobytes()
+    """dtype, shape and the little-endian bytes: a view of `array` where it already is such
+    (an array the API just decoded goes out as it came, not copied twice more)."""
+    wire = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    raw = wire.data.cast("B") if wire.size else b""
     return {
-        "dtype": array.dtype.name,
-        "shape": list(array.shape),
+        "dtype": wire.dtype.name,
+        "shape": list(wire.shape),
         "data": raw if binary else base64.b64encode(raw).decode("ascii"),
     }
 

@@ -15,7 +15,7 @@ import torch
 
 from monitor.errors import IncompatibleStats
 from monitor.stats.rff import RFFConfig, rff_features
-from monitor.stats.validation import ArrayLike, check_batch
+from monitor.stats.validation import ArrayLike, CheckedBatch
 
 _F64 = torch.float64
 _CHUNK_ROWS = 512
@@ -243,7 +243,18 @@ class CollapseStats:
         Validates everything first (shape, dtype, finite values, label range) and raises
         `InvalidInput` without changing anything when the batch is bad.
         """
-        x, y = check_batch(features, labels, dim=self.dim, num_classes=self.num_classes)
+        self.add_checked(
+            CheckedBatch.check(features, labels, dim=self.dim, num_classes=self.num_classes)
+        )
+
+    def add_checked(self, batch: CheckedBatch) -> None:
+        """Add a batch that was checked for this statistics' width and vocabulary."""
+        if batch.dim != self.dim or batch.num_classes > self.num_classes:
+            raise IncompatibleStats(
+                f"a batch checked for d={batch.dim}, V={batch.num_classes} cannot be added to "
+                f"statistics of d={self.dim}, V={self.num_classes}"
+            )
+        x, y = batch.features, batch.labels
         slots = self._slots_for(y.to(device=self.device, dtype=torch.int64))
         _scatter_add(self._counts, slots, torch.ones_like(slots))
         # Row chunks keep the float64 temporaries in cache and in the allocator's pools: a whole

@@ -15,6 +15,7 @@ every path (HTTP, Celery message, embed worker, baseline import) passes through.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import TypeAlias
 
 import numpy as np
@@ -105,3 +106,34 @@ def check_batch(
     )
     check_values(x)
     return x, y
+
+
+@dataclass(frozen=True)
+class CheckedBatch:
+    """Features and labels that passed every check for (`dim`, `num_classes`).
+
+    `CollapseStats.add_checked` takes them without checking again: a batch is validated once
+    on its way in (the worker decodes and checks a payload, then summarises it), not once per
+    layer it passes through.
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    dim: int
+    num_classes: int
+
+    @classmethod
+    def check(
+        cls, features: ArrayLike, labels: ArrayLike, *, dim: int, num_classes: int
+    ) -> CheckedBatch:
+        """Run `check_batch`; raises `InvalidInput` like it."""
+        x, y = check_batch(features, labels, dim=dim, num_classes=num_classes)
+        return cls(x, y, dim, num_classes)
+
+    @classmethod
+    def of_checked_arrays(
+        cls, features: np.ndarray, labels: np.ndarray, *, dim: int, num_classes: int
+    ) -> CheckedBatch:
+        """Arrays that `checks.check_arrays` already accepted for (dim, num_classes), e.g. by
+        `Ingestor.validate`: viewed as tensors, not checked again."""
+        return cls(as_tensor(features, "features"), as_tensor(labels, "labels"), dim, num_classes)

@@ -356,7 +356,9 @@ def test_queue_mode_enqueues_binary_payloads(remote: tuple[FastAPI, Runtime]) ->
     assert error_of(high) == "token_out_of_range"
     (task, payload), (embed_task, embed) = sent
     assert task == TASK_INGEST
-    assert isinstance(payload["features"]["data"], bytes)
+    # Binary, not base64 (msgpack packs a memoryview as bin, as it packs bytes).
+    assert isinstance(payload["features"]["data"], bytes | memoryview)
+    assert msgpack.unpackb(msgpack.packb(payload))["features"]["data"] == x.tobytes()
     batch = decode_batch(payload, max_samples=64, max_bytes=LIMIT)
     assert (batch.batch_id, batch.ts) == ("q1", ts)
     np.testing.assert_array_equal(batch.features, x)

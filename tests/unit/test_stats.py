@@ -15,7 +15,7 @@ from safetensors.torch import save as st_save
 from monitor import CollapseStats
 from monitor.errors import IncompatibleStats, InvalidInput
 from monitor.stats import RFFConfig
-from monitor.stats.validation import FLOAT32_MAX, check_batch, check_values
+from monitor.stats.validation import FLOAT32_MAX, CheckedBatch, check_batch, check_values
 
 REL = 1e-9
 
@@ -507,3 +507,22 @@ def test_values_at_the_float32_edge_keep_every_sum_finite() -> None:
             assert value is not None
             assert bool(torch.isfinite(value).all()), dtype
         assert math.isfinite(stats.rff_sq)
+
+
+def test_a_checked_batch_is_added_as_update_adds_it_and_only_where_it_was_checked() -> None:
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(40, 6)), rng.integers(0, 9, size=40)
+    via_update, via_checked = CollapseStats(9, 6), CollapseStats(9, 6)
+    via_update.update(x, y)
+    via_checked.add_checked(CheckedBatch.check(x, y, dim=6, num_classes=9))
+    assert torch.equal(via_update.counts, via_checked.counts)
+    assert torch.equal(via_update.sums, via_checked.sums)
+    assert torch.equal(via_update.sq_norms, via_checked.sq_norms)
+    with pytest.raises(InvalidInput):  # the checks still run on the way in
+        CheckedBatch.check(np.full((2, 6), np.nan), y[:2], dim=6, num_classes=9)
+    wider = CheckedBatch.check(rng.normal(size=(3, 7)), y[:3], dim=7, num_classes=9)
+    bigger_vocab = CheckedBatch.check(x[:3], np.array([0, 1, 11]), dim=6, num_classes=12)
+    for batch in (wider, bigger_vocab):
+        with pytest.raises(IncompatibleStats):
+            via_checked.add_checked(batch)
+    assert via_checked.sample_count == 40  # refused batches changed nothing
