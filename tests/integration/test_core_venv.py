@@ -101,7 +101,8 @@ def test_the_core_dependencies_name_no_extra() -> None:
     assert "torch" in " ".join(extras["worker"])
     assert "transformers" in " ".join(extras["worker"])
     assert "matplotlib" in " ".join(extras["report"])
-    assert extras["all"] == ["collapse-monitor[worker,capture,report]"]
+    assert extras["all"] == ["collapse-monitor[worker,capture,report,flower]"]
+    assert "flower" in " ".join(extras["flower"])
 
 
 def test_core_venv_has_no_torch_and_runs_the_offline_commands(core_venv: Path) -> None:
