@@ -48,14 +48,26 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option(help="metadata.namespace of the PrometheusRule.")
         ] = None,
         release: Annotated[
-            str, typer.Option(help="`release` label the Prometheus ruleSelector matches.")
-        ] = "collapse-monitor",
+            str,
+            typer.Option(
+                help="`release` label the Prometheus ruleSelector matches (the chart's "
+                "monitoring.releaseLabel default too)."
+            ),
+        ] = "kube-prometheus-stack",
         name: Annotated[
             str, typer.Option(help="metadata.name of the PrometheusRule.")
         ] = "collapse-monitor",
         config: Annotated[
             Path | None,
             typer.Option(help="Thresholds as JSON or YAML (default: the built-in defaults)."),
+        ] = None,
+        label: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--label",
+                help="Static label k=v on every rule (repeatable), like the chart's "
+                "prometheusRule.additionalRuleLabels; added to the thresholds' rule_labels.",
+            ),
         ] = None,
     ) -> None:
         """Render alerting rules (with runbook links) for Prometheus or prometheus-operator.
@@ -68,6 +80,13 @@ def register(app: typer.Typer) -> None:
         from monitor.config import Settings
 
         alerting = Settings().alert_thresholds() if config is None else load_alerting(config)
+        if label:
+            alerting = load_alerting(
+                {
+                    **alerting.model_dump(by_alias=True),
+                    "rule_labels": {**alerting.rule_labels, **_labels(label)},
+                }
+            )
         if output_format is RulesFormat.rules:
             doc = render_rules(alerting)
         else:
@@ -81,3 +100,16 @@ def register(app: typer.Typer) -> None:
         write_file(out, text)  # a link at --out is refused; the file is replaced atomically
 
     app.add_typer(rules_app, name="rules")
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    """`k=v` options as a dict; a pair without `=` is bad input (exit 2)."""
+    from monitor.errors import InvalidInput
+
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise InvalidInput("bad_label", f"--label {pair!r} is not name=value")
+        out[name.strip()] = value
+    return out

@@ -271,6 +271,19 @@ class Settings(BaseSettings):
     alertmanager_username: str | None = Field(None, description="Basic-auth user.")
     alertmanager_password: SecretStr | None = Field(None, description="Basic-auth password.")
     alertmanager_token: SecretStr | None = Field(None, description="Bearer token instead.")
+    alert_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels the direct Alertmanager client adds to each alert (JSON object): "
+        "set these to your Prometheus external_labels plus the namespace and job (and cluster, "
+        "if relabelled) of the exporter's series, so rule alerts and direct alerts have one "
+        "label set and Alertmanager deduplicates them; the chart sets them.",
+    )
+
+    @field_validator("alert_labels")
+    @classmethod
+    def _alert_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        return AlertingSettings.check_labels(value)
+
     api_token: SecretStr | None = Field(
         None, description="Bearer token the HTTP API requires (required outside embedded mode)."
     )
@@ -441,7 +454,10 @@ class Settings(BaseSettings):
     def alert_thresholds(self) -> AlertingSettings:
         """The thresholds with the evaluation interval the staleness alert must assume."""
         return self.alerting.model_copy(
-            update={"evaluation_interval_seconds": self.evaluation_interval}
+            update={
+                "evaluation_interval_seconds": self.evaluation_interval,
+                "client_labels": {**self.alerting.client_labels, **self.alert_labels},
+            }
         )
 
     def model(self, name: str) -> ModelSpec | None:

@@ -13,6 +13,16 @@ Severity = Literal["warning", "critical"]
 DURATION = r"^([0-9]+(ms|s|m|h|d|w|y))+$"
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 PREFIX = "collapse_"
+# Labels an alert keeps from its series, so that kube-prometheus-stack can route it (an
+# AlertmanagerConfig matches on `namespace`): the target's namespace and job, and `cluster`
+# where relabelings set one. PromQL leaves a label that no series has absent, so aggregating by
+# them is safe everywhere; replicas of one exporter differ only in instance and pod, which go.
+SCOPE = "cluster, namespace, job"
+BY_SERIES = f"{SCOPE}, model, window"
+BY_MODEL = f"{SCOPE}, model"
+# Labels a static rule label (`rule_labels`, the chart's additionalRuleLabels) may not set:
+# the alert's identity, which the rules and the direct client derive themselves.
+RESERVED_LABELS = frozenset({"alertname", "severity", "model", "window"})
 
 
 def duration_seconds(text: str) -> float:

@@ -2,8 +2,8 @@
 
 Without these, a broken pipeline looks like a healthy model: stale snapshots, stopped
 ingestion, rejections, a store or exporter gone, compaction falling behind, dead letters, and
-ingestion, compaction or evaluation that keeps failing. Every rule aggregates `by (model)` (or
-nothing), like the rest (`monitor.alerts.rules`).
+ingestion, compaction or evaluation that keeps failing. Every rule aggregates by the scope
+labels and `model` (store rules by the scope alone), like the rest (`monitor.alerts.rules`).
 
 Counters are alerted on with `increase(...[range]) > min_count` held for `for`: a counter that
 only grows says nothing by its value, and one born at 1 is invisible to increase(), which is
@@ -16,14 +16,22 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from monitor.alerts.common import DURATION, PREFIX, Severity, number, rule
+from monitor.alerts.common import (
+    BY_MODEL,
+    BY_SERIES,
+    DURATION,
+    PREFIX,
+    SCOPE,
+    Severity,
+    number,
+    rule,
+)
 
 if TYPE_CHECKING:
     from monitor.alerts.thresholds import AlertingSettings
 
 __all__ = ["PipelineAlerts", "pipeline_rules"]
 
-BY_SERIES = "model, window"
 VALUE = '{{ $value | printf "%.3g" }}'
 WHERE = "{{ $labels.model }} ({{ $labels.window }})"
 COUNT = '{{ $value | printf "%.0f" }}'
@@ -184,9 +192,9 @@ def pipeline_rules(alerting: AlertingSettings) -> list[dict[str, Any]]:
             rule(
                 alerting.runbook_base_url,
                 "CollapseIngestionStopped",
-                f"(max by (model) (rate({counter}[{r.rate_window}])) == 0)"
-                f" and (max by (model) (increase({counter}[{r.lookback}])) > 0)"
-                f" unless on () (max({PREFIX}store_up) == 0)",
+                f"(max by ({BY_MODEL}) (rate({counter}[{r.rate_window}])) == 0)"
+                f" and (max by ({BY_MODEL}) (increase({counter}[{r.lookback}])) > 0)"
+                f" unless on ({SCOPE}) (max by ({SCOPE}) ({PREFIX}store_up) == 0)",
                 r.for_,
                 r.severity,
                 "No samples ingested for {{ $labels.model }}",
@@ -198,10 +206,10 @@ def pipeline_rules(alerting: AlertingSettings) -> list[dict[str, Any]]:
     if p.rejection_rate.enabled:
         r2 = p.rejection_rate
         rej = (
-            f"sum by (model) (max by (model, reason) "
+            f"sum by ({BY_MODEL}) (max by ({BY_MODEL}, reason) "
             f"(rate({PREFIX}samples_rejected_total[{r2.rate_window}])))"
         )
-        ing = f"max by (model) (rate({PREFIX}samples_ingested_total[{r2.rate_window}]))"
+        ing = f"max by ({BY_MODEL}) (rate({PREFIX}samples_ingested_total[{r2.rate_window}]))"
         expr = f"({rej} / ({rej} + ({ing} or {rej} * 0))) > {number(r2.ratio)}"
         if r2.min_rate > 0:
             expr = f"({expr}) and ({rej} > {number(r2.min_rate)})"
@@ -225,7 +233,7 @@ def pipeline_rules(alerting: AlertingSettings) -> list[dict[str, Any]]:
             rule(
                 alerting.runbook_base_url,
                 "CollapseCompactionLagging",
-                f"max by (model) ({PREFIX}compaction_lag_seconds) > {number(r3.max_seconds)}",
+                f"max by ({BY_MODEL}) ({PREFIX}compaction_lag_seconds) > {number(r3.max_seconds)}",
                 r3.for_,
                 r3.severity,
                 "Compaction falls behind for {{ $labels.model }}",
@@ -244,8 +252,8 @@ def pipeline_rules(alerting: AlertingSettings) -> list[dict[str, Any]]:
             rule(
                 alerting.runbook_base_url,
                 "CollapsePendingPartialsGrowing",
-                f"(max by (model) ({pending}) > {number(r4.min_count)})"
-                f" and (max by (model) (deriv({pending}[{r4.range}])) > 0)",
+                f"(max by ({BY_MODEL}) ({pending}) > {number(r4.min_count)})"
+                f" and (max by ({BY_MODEL}) (deriv({pending}[{r4.range}])) > 0)",
                 r4.for_,
                 r4.severity,
                 "Partials pile up faster than compaction merges them for {{ $labels.model }}",
@@ -262,7 +270,7 @@ def pipeline_rules(alerting: AlertingSettings) -> list[dict[str, Any]]:
             rule(
                 alerting.runbook_base_url,
                 "CollapseStoreDown",
-                f"max({PREFIX}store_up) == 0",
+                f"max by ({SCOPE}) ({PREFIX}store_up) == 0",
                 p.store_down.for_,
                 p.store_down.severity,
                 "collapse-monitor cannot read its Redis store",
@@ -297,7 +305,7 @@ def _failure_rules(alerting: AlertingSettings) -> list[dict[str, Any]]:
             rule(
                 url,
                 "CollapseDeadLetters",
-                f"sum by (model) (max by (model, reason) "
+                f"sum by ({BY_MODEL}) (max by ({BY_MODEL}, reason) "
                 f"(increase({PREFIX}dead_letters_total[{d.range}]))) > 0",
                 d.for_,
                 d.severity,
@@ -328,9 +336,9 @@ def _failure_rules(alerting: AlertingSettings) -> list[dict[str, Any]]:
             continue
         series = f"increase({PREFIX}{counter}_total[{r.range}])"
         inner = (
-            f"sum by (model) (max by (model, reason) ({series}))"
+            f"sum by ({BY_MODEL}) (max by ({BY_MODEL}, reason) ({series}))"
             if counter == "ingest_failures"
-            else f"max by (model) ({series})"
+            else f"max by ({BY_MODEL}) ({series})"
         )
         rules.append(
             rule(

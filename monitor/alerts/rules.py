@@ -1,10 +1,14 @@
 """Prometheus alerting rules from `AlertingSettings`: a rules file or a PrometheusRule manifest.
 
 Why the expressions look the way they do:
-- Every expression aggregates `by (model, window)` (pipeline: `by (model)`), so an alert's labels
-  are exactly `alertname, severity, model, window`: no `instance`, `pod` or `job`. Two exporter
-  replicas (stateless, same numbers) then give one alert, not two, and the direct Alertmanager
-  client, which builds the same set with `alert_labels`, deduplicates against the rule engine.
+- Every expression aggregates `by (cluster, namespace, job, model, window)` (pipeline: without
+  `window`), so an alert keeps the labels kube-prometheus-stack routes on (an AlertmanagerConfig
+  matches `namespace`) and drops `instance` and `pod`: two exporter replicas (stateless, same
+  numbers) give one alert, not two. Joins (`and on`, `unless on`) use the same label set.
+- Static `rule_labels` (the chart's additionalRuleLabels) go on every rule. The direct
+  Alertmanager client builds the same set with `alert_labels`: the rule's own labels plus
+  `client_labels` (what Prometheus adds: its external labels, and namespace/job from the
+  scrape), so Alertmanager deduplicates the two paths without constraining Prometheus.
 - Upper bounds take `max`, lower bounds `min` over replicas: the pessimistic reading.
 - A metric that cannot be computed has no sample, so its rules stay quiet rather than firing on
   a fake 0; the pipeline rules (`monitor.alerts.pipeline_alerts`: stale snapshots, stopped
@@ -19,7 +23,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from monitor.alerts.common import PREFIX, duration_seconds, number, rule
+from monitor.alerts.common import BY_SERIES, PREFIX, duration_seconds, number, rule
 from monitor.alerts.pipeline_alerts import pipeline_rules
 from monitor.alerts.thresholds import (
     ALERT_NAME,
@@ -32,10 +36,20 @@ from monitor.alerts.thresholds import (
 from monitor.errors import InvalidInput
 from monitor.exporter import gauge_name
 
-__all__ = ["alert_labels", "alert_names", "render_prometheus_rule", "render_rules", "to_yaml"]
+__all__ = [
+    "DEFAULT_RELEASE",
+    "alert_labels",
+    "alert_names",
+    "render_prometheus_rule",
+    "render_rules",
+    "to_yaml",
+]
+
+# The `release` label kube-prometheus-stack's default ruleSelector matches when it is installed
+# as `kube-prometheus-stack`; the chart's monitoring.releaseLabel default is the same (tested).
+DEFAULT_RELEASE = "kube-prometheus-stack"
 
 SEVERITIES = ("warning", "critical")
-BY_SERIES = "model, window"
 VALUE = '{{ $value | printf "%.3g" }}'
 WHERE = "{{ $labels.model }} ({{ $labels.window }})"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -46,8 +60,11 @@ _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 METRIC_TEXT: dict[str, tuple[str, str]] = {
     "drift_nc1_cdnv_ratio": (
         "CDNV relative to the baseline",
-        "Classes blur together (within-class spread grows against class distances): the "
-        "model separates next tokens worse than at the baseline, which tracks a higher loss.",
+        "Classes blur together relative to the baseline (within-class spread grows against "
+        "class distances). In the literature this accompanies worse next-token prediction, "
+        "but the relation is not established for every model (this project's study found "
+        "plain CDNV uninformative late in training and reversed across model sizes): check "
+        "the model's loss or quality before acting.",
     ),
     "drift_nc4_ncc_agreement_ratio": (
         "NC4 agreement relative to the baseline",
@@ -227,13 +244,13 @@ def render_rules(alerting: AlertingSettings) -> dict[str, Any]:
     ]
     collapse = [_bounded_rule(alerting, b) for b in bounds if b.enabled]
     drift = [_drift_rule(alerting, b) for b in alerting.drift if b.enabled]
+    named = (("collapse", collapse), ("drift", drift), ("pipeline", pipeline_rules(alerting)))
+    for _, rules in named:  # static labels after severity (they may not set it)
+        for r in rules:
+            r["labels"] = {**r["labels"], **alerting.rule_labels}
     groups = [
         {"name": f"{alerting.group_prefix}.{suffix}", "rules": rules}
-        for suffix, rules in (
-            ("collapse", collapse),
-            ("drift", drift),
-            ("pipeline", pipeline_rules(alerting)),
-        )
+        for suffix, rules in named
         if rules
     ]
     return {"groups": groups}
@@ -251,7 +268,7 @@ def render_prometheus_rule(
     namespace: str | None = None,
     labels: Mapping[str, str] | None = None,
     *,
-    release: str = "collapse-monitor",
+    release: str = DEFAULT_RELEASE,
 ) -> dict[str, Any]:
     """A monitoring.coreos.com/v1 PrometheusRule holding the rules file's groups.
 
@@ -284,19 +301,26 @@ def render_prometheus_rule(
 
 
 def alert_labels(
-    alert_name: str, model: str | None, window: str | None, severity: str
+    alert_name: str,
+    model: str | None,
+    window: str | None,
+    severity: str,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The label set a rendered rule's alert carries, for the direct Alertmanager client.
 
     Alertmanager identifies an alert by its labels, so the client must send exactly these to
-    merge with the rule engine's alert. Empty or missing model/window are left out, as
-    Prometheus drops empty labels (pipeline alerts have no window; store alerts no model).
+    merge with the rule engine's alert: `extra` holds the rest of that set (what Prometheus
+    adds: namespace, job, its external labels; the rules' static labels), under the alert's
+    own labels. Empty or missing model/window are left out, as Prometheus drops empty labels
+    (pipeline alerts have no window; store alerts no model).
     """
     if not ALERT_NAME.match(alert_name):
         raise InvalidInput("bad_alert", f"alert name {alert_name!r} is not a Collapse* name")
     if severity not in SEVERITIES:
         raise InvalidInput("bad_alert", f"severity {severity!r} is not one of {SEVERITIES}")
-    labels = {"alertname": alert_name, "severity": severity}
+    labels = {k: v for k, v in (extra or {}).items() if v}
+    labels.update(alertname=alert_name, severity=severity)
     if model:
         labels["model"] = model
     if window:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from monitor.alerts.common import DURATION, Severity, duration_seconds
+from monitor.alerts.common import DURATION, RESERVED_LABELS, Severity, duration_seconds
 from monitor.alerts.pipeline_alerts import PipelineAlerts
 from monitor.data.files import read_structured
 from monitor.errors import InvalidInput
@@ -344,6 +344,37 @@ class AlertingSettings(BaseModel):
         default_factory=lambda: [DriftBound(alert="CollapseDriftAboveThreshold", min_mmd=MIN_MMD)]
     )
     pipeline: PipelineAlerts = Field(default_factory=PipelineAlerts)
+    rule_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Static labels on every rendered rule (the chart's "
+        "prometheusRule.additionalRuleLabels, `rules render --label k=v`), e.g. {team: ml}; "
+        "the direct Alertmanager client adds them too. Not alertname, severity, model, window.",
+    )
+    client_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels only the direct Alertmanager client adds (set through the "
+        "alert_labels setting): what Prometheus adds to a rule's alert, i.e. its "
+        "external_labels plus the namespace, job (and cluster) of the exporter's series, so "
+        "that both paths send one label set and Alertmanager deduplicates them.",
+    )
+
+    @field_validator("rule_labels", "client_labels")
+    @classmethod
+    def check_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        """Static alert labels: usable names, not an alert's own, not empty."""
+        for name, text in value.items():
+            if not LABEL_NAME.match(name) or name.startswith("__"):
+                raise ValueError(f"label {name!r} is not a usable Prometheus label name")
+            if name in RESERVED_LABELS:
+                raise ValueError(f"label {name!r} is set by each alert itself")
+            if not text:
+                raise ValueError(f"label {name!r} is empty (Prometheus would drop it)")
+        return value
+
+    def direct_labels(self) -> dict[str, str]:
+        """What the direct client adds to each alert's own labels: `client_labels` under the
+        rules' `rule_labels`, as Prometheus puts rule labels over its external labels."""
+        return {**self.client_labels, **self.rule_labels}
 
     @model_validator(mode="after")
     def _unique(self) -> AlertingSettings:

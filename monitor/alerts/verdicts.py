@@ -80,7 +80,9 @@ class VerdictTracker:
         return found
 
     def _alert(self, name: str, severity: str, snap: Snapshot, value: float | int | None) -> Alert:
-        labels = alert_labels(name, snap.model, snap.window, severity)
+        labels = alert_labels(
+            name, snap.model, snap.window, severity, self.alerting.direct_labels()
+        )
         anchor = name.lower()
         return Alert(
             labels,

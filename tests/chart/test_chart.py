@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -560,6 +561,45 @@ def test_release_label_is_configurable() -> None:
     docs = template("--set", "monitoring.releaseLabel=prom")
     for kind in ("PrometheusRule", "ServiceMonitor"):
         assert one(docs, kind, "")["metadata"]["labels"]["release"] == "prom"
+
+
+def test_additional_rule_labels_go_on_every_rule(tmp_path: Path) -> None:
+    docs = template("--set", "prometheusRule.additionalRuleLabels.team=ml",
+                    "--set", "prometheusRule.additionalRuleLabels.tier=gold")  # fmt: skip
+    rules = [r for g in one(docs, "PrometheusRule", "")["spec"]["groups"] for r in g["rules"]]
+    expected = [r for g in render_rules(default_alerting())["groups"] for r in g["rules"]]
+    assert len(rules) == len(expected)
+    for got, want in zip(rules, expected, strict=True):
+        assert got["labels"] == {**want["labels"], "team": "ml", "tier": "gold"}
+    custom = {"groups": [{"name": "mine", "rules": [{"alert": "CollapseX", "expr": "vector(1)"}]}]}
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(custom))
+    docs = template("--set-file", f"prometheusRule.rules={path}",
+                    "--set", "prometheusRule.additionalRuleLabels.team=ml")  # fmt: skip
+    (rule,) = one(docs, "PrometheusRule", "")["spec"]["groups"][0]["rules"]
+    assert rule["labels"] == {"team": "ml"}  # a given rules file without labels gets them too
+    for bad in ("severity=page", "model=m", "__x=y"):
+        result = run_helm(
+            "template", RELEASE, "--set", f"prometheusRule.additionalRuleLabels.{bad}"
+        )
+        assert result.returncode != 0, bad
+        assert "additionalRuleLabels" in result.stderr, result.stderr
+
+
+def test_cli_and_chart_agree_on_the_default_release_label() -> None:
+    """`rules render --format prometheusrule` without --release targets the same Prometheus
+    (kube-prometheus-stack's ruleSelector) as the chart's default PrometheusRule."""
+    from monitor.alerts.rules import DEFAULT_RELEASE
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    assert values["monitoring"]["releaseLabel"] == DEFAULT_RELEASE
+    chart = one(rendered("default"), "PrometheusRule", "")["metadata"]["labels"]["release"]
+    done = subprocess.run(
+        [sys.executable, "-m", "monitor.cli", "rules", "render", "--format", "prometheusrule"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["metadata"]["labels"]["release"] == chart
 
 
 def test_generated_chart_files_are_current() -> None:

@@ -202,9 +202,9 @@ def test_rendered_expression_shape() -> None:
     (group,) = [g for g in render_rules(ALERTING)["groups"] if g["name"].endswith(".collapse")]
     rising = next(r for r in group["rules"] if r["alert"] == RISING)
     assert rising["expr"] == (
-        "max by (model, window) (collapse_drift_nc1_cdnv_ratio) > 1.5 unless on (model, window) "
-        "(abs(max by (model, window) (collapse_drift_nc1_cdnv_ratio) - 1) / "
-        "min by (model, window) (collapse_drift_nc1_cdnv_ratio_stderr) < 3.0)"
+        "max by (cluster, namespace, job, model, window) (collapse_drift_nc1_cdnv_ratio) > 1.5 unless on (cluster, namespace, job, model, window) "
+        "(abs(max by (cluster, namespace, job, model, window) (collapse_drift_nc1_cdnv_ratio) - 1) / "
+        "min by (cluster, namespace, job, model, window) (collapse_drift_nc1_cdnv_ratio_stderr) < 3.0)"
     )
     assert "3 standard errors" in rising["annotations"]["description"]
 
@@ -237,7 +237,7 @@ def test_absolute_bounds_skip_windows_with_too_few_samples() -> None:
     assert [a.labels["model"] for a in fired] == ["enough"]
     expr = render_rules(alerting)["groups"][0]["rules"][0]["expr"]
     assert expr.endswith(
-        "and on (model, window) (max by (model, window) (collapse_window_samples) >= 100.0)"
+        "and on (cluster, namespace, job, model, window) (max by (cluster, namespace, job, model, window) (collapse_window_samples) >= 100.0)"
     )
 
 
@@ -262,6 +262,6 @@ def test_drift_needs_the_effect_size_on_both_paths() -> None:
     assert fired == {m for m, (_, _, fires) in cases.items() if fires}
     (group,) = [g for g in render_rules(alerting)["groups"] if g["name"].endswith(".drift")]
     assert group["rules"][0]["expr"] == (
-        "(max by (model, window) (collapse_drift_mmd) > max by (model, window) "
-        "(collapse_drift_mmd_threshold)) and (max by (model, window) (collapse_drift_mmd) > 0.01)"
+        "(max by (cluster, namespace, job, model, window) (collapse_drift_mmd) > max by (cluster, namespace, job, model, window) "
+        "(collapse_drift_mmd_threshold)) and (max by (cluster, namespace, job, model, window) (collapse_drift_mmd) > 0.01)"
     )
