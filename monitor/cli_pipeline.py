@@ -78,14 +78,17 @@ def worker(
     # Read by celery.apps.worker at import: SIGTERM starts the soft shutdown (see
     # worker_shutdown_timeout) instead of an unbounded warm one.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
-    from monitor.pipeline.celery_app import QUEUES, app
+    from monitor.pipeline.queues import QUEUES
+    from monitor.worker.app import worker_app
+
+    app = worker_app()
 
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(wanted) - set(QUEUES))
     if unknown or not wanted:
         raise InvalidInput("invalid_option", f"unknown queues {unknown}; choose from {QUEUES}")
     if heartbeat_file is not None:
-        from monitor.cli_heartbeat import Heartbeat, worker_step
+        from monitor.worker.heartbeat import Heartbeat, worker_step
 
         heartbeat = Heartbeat(heartbeat_file, max_task_seconds=settings.task_visibility_timeout)
         heartbeat.reset()
@@ -113,8 +116,10 @@ def beat(
     persist across restarts (and Celery's default shelve file would be pickle at rest).
     """
     _service_settings()
-    from monitor.cli_heartbeat import Heartbeat, HeartbeatScheduler
-    from monitor.pipeline.celery_app import app
+    from monitor.worker.app import worker_app
+    from monitor.worker.heartbeat import Heartbeat, HeartbeatScheduler
+
+    app = worker_app()
 
     if heartbeat_file is not None:
         HeartbeatScheduler.heartbeat = Heartbeat(heartbeat_file)

@@ -41,10 +41,11 @@ from monitor.api.schemas import (
 )
 from monitor.config import Settings
 from monitor.errors import InvalidInput
-from monitor.pipeline.celery_app import TASK_EMBED, TASK_INGEST, create_app
 from monitor.pipeline.embed import embed_payload, parse_text_payload
 from monitor.pipeline.payload import SCHEMA_VERSION, encode_batch
+from monitor.pipeline.queues import TASK_EMBED, TASK_INGEST
 from monitor.pipeline.runtime import Runtime
+from monitor.worker.app import create_app
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -20,9 +20,10 @@ from kombu.exceptions import OperationalError
 
 from monitor.config import Settings
 from monitor.errors import CollapseMonitorError
-from monitor.pipeline.celery_app import TASK_EMBED, TASK_INGEST, create_app
 from monitor.pipeline.payload import SCHEMA_VERSION, encode_batch
+from monitor.pipeline.queues import TASK_EMBED, TASK_INGEST
 from monitor.pipeline.runtime import Runtime, get_runtime
+from monitor.worker.app import create_app
 
 if TYPE_CHECKING:
     from monitor.capture.sinks import CaptureBatch

@@ -1,5 +1,5 @@
 """Celery's queue and task names, Celery-free: the exporter reads queue depths and the clients
-name tasks without importing Celery (`monitor.pipeline.celery_app` builds the app on them)."""
+name tasks without importing Celery (`monitor.worker.app` builds the app on them)."""
 
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ def test_flower_runs_read_only_without_persistence_and_with_auth_from_a_secret()
     main = container(docs)
     assert main["command"] == ["celery"]
     args = main["args"]
-    assert args[:2] == ["--app=monitor.pipeline.flower_app", "flower"]
+    assert args[:2] == ["--app=monitor.worker.flower", "flower"]
     assert "--read_only=true" in args
     assert "--persistent=false" in args
     assert "--purge_offline_workers=300" in args

@@ -28,11 +28,12 @@ from test_pipeline_redis import DIM, VOCAB, batches
 from monitor.config import Settings
 from monitor.errors import IncompatibleStats, InvalidInput
 from monitor.pipeline.baselines import load_baseline, pin_stats
-from monitor.pipeline.celery_app import TASK_INGEST, create_app
 from monitor.pipeline.ingest import UNKNOWN_MODEL
 from monitor.pipeline.payload import FEATURE_DTYPES, FeatureBatch, decode_batch, encode_batch
+from monitor.pipeline.queues import TASK_INGEST
 from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import compact_model
+from monitor.worker.app import create_app
 
 MAX_SAMPLES = 64
 MAX_BYTES = 4096

@@ -34,11 +34,12 @@ from test_pipeline_redis import DIM, VOCAB, batches
 
 from monitor.api.app import create_api
 from monitor.config import Settings
-from monitor.pipeline.celery_app import TASK_EMBED, TASK_INGEST, create_app
 from monitor.pipeline.payload import encode_batch
+from monitor.pipeline.queues import TASK_EMBED, TASK_INGEST
 from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import compact_model, window_stats
 from monitor.stats import CollapseStats, median_bandwidth
+from monitor.worker.app import create_app
 
 MODELS = [{"name": n, "vocab_size": VOCAB, "dim": DIM} for n in ("a", "b")]
 TOKEN = "hardening-token-0123456789abcdef"

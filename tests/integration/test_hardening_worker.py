@@ -25,11 +25,12 @@ from servers import RedisServer, service_env, start_worker, stop_process, wait_f
 from test_pipeline_redis import MODELS, assert_same_stats, batches, reference
 
 from monitor.config import Settings
-from monitor.pipeline.celery_app import TASK_COMPACT, TASK_EVALUATE, TASK_INGEST, create_app
 from monitor.pipeline.client import MonitorClient
 from monitor.pipeline.deadletter import read_dead_letters
+from monitor.pipeline.queues import TASK_COMPACT, TASK_EVALUATE, TASK_INGEST
 from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import compact_model, window_stats
+from monitor.worker.app import create_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

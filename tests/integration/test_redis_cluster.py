@@ -21,11 +21,12 @@ from redis.exceptions import CrossSlotTransactionError, WatchError
 from servers import RedisClusterServers, RedisSentinelServer, RedisServer, wait_for
 
 from monitor.config import Settings
-from monitor.pipeline.celery_app import TASK_INGEST, create_app
 from monitor.pipeline.payload import encode_batch
+from monitor.pipeline.queues import TASK_INGEST
 from monitor.pipeline.runtime import Runtime, broker_client, redis_client
 from monitor.pipeline.windows import compact_model, window_stats
 from monitor.stats import CollapseStats
+from monitor.worker.app import create_app
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -32,11 +32,12 @@ from test_pipeline_redis import MODELS, batches
 
 from monitor.config import Settings
 from monitor.exporter.server import create_exporter_app
-from monitor.pipeline.celery_app import TASK_INGEST, create_app
 from monitor.pipeline.client import MonitorClient
 from monitor.pipeline.payload import encode_batch
+from monitor.pipeline.queues import TASK_INGEST
 from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import compact_model, window_stats
+from monitor.worker.app import create_app
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """Worker metrics end to end: a worker, Flower, the exporter and Prometheus, Redis with a password.
 
-- Flower (`celery -A monitor.pipeline.flower_app flower`, basic auth from FLOWER_BASIC_AUTH, as
+- Flower (`celery -A monitor.worker.flower flower`, basic auth from FLOWER_BASIC_AUTH, as
   the chart runs it) counts the tasks a real `collapse-monitor worker` ran, by task name and
   state. The references are what the test sent and what the store recorded: good batches, a
   batch refused for bad input and a malformed message dead-lettered all end as task-succeeded
@@ -68,7 +68,7 @@ def _worker_ready(log: Path) -> bool:
 
 
 def _start_flower(env: dict[str, str], port: int, log: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "celery", "-A", "monitor.pipeline.flower_app", "flower",
+    args = [sys.executable, "-m", "celery", "-A", "monitor.worker.flower", "flower",
             "--address=127.0.0.1", f"--port={port}", "--read_only=true", "--persistent=false",
             f"--purge_offline_workers={PURGE_SECONDS}"]  # fmt: skip
     flower_env = {**env, "FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{FLOWER_PASSWORD}"}

@@ -30,8 +30,8 @@ from monitor.api import ApiConfigError, create_api
 from monitor.api.server import is_loopback, serve
 from monitor.cli_api import register
 from monitor.config import Settings
-from monitor.pipeline.celery_app import TASK_EMBED, TASK_INGEST
 from monitor.pipeline.payload import decode_batch
+from monitor.pipeline.queues import TASK_EMBED, TASK_INGEST
 from monitor.pipeline.runtime import Runtime, set_runtime
 from monitor.pipeline.windows import compact_model, window_stats
 from monitor.stats import CollapseStats

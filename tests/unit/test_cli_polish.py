@@ -24,7 +24,7 @@ from celery.signals import task_postrun, task_prerun
 
 from monitor import cli
 from monitor.cli_common import ExitCode, debug_mode, iso_utc, tidy_help, with_iso_time
-from monitor.cli_heartbeat import Heartbeat, HeartbeatScheduler, worker_step
+from monitor.worker.heartbeat import Heartbeat, HeartbeatScheduler, worker_step
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDTH = 80

@@ -119,7 +119,7 @@ def test_validation_errors_never_show_passwords() -> None:
 
 
 def test_celery_broker_follows_the_topology() -> None:
-    from monitor.pipeline.celery_app import celery_config
+    from monitor.worker.app import celery_config
 
     conf = celery_config(Settings(**SENTINEL))  # type: ignore[arg-type]
     assert conf["broker_url"] == (

@@ -90,10 +90,23 @@ def test_lazy_names_resolve_to_their_modules() -> None:
         _ = monitor.nope  # type: ignore[attr-defined]
     # The old homes of the moved constants still answer.
     from monitor.metrics import drift, keys
-    from monitor.pipeline import celery_app, queues
 
     assert drift.DRIFT_KEYS is keys.DRIFT_KEYS
-    assert celery_app.QUEUES is queues.QUEUES
+
+
+def test_celery_stays_in_the_worker_wing() -> None:
+    """Importing the app factory, the client or the API reads no settings (an unparsable
+    environment would raise) and loads no task; the evaluator imports no Celery at all."""
+    code = (
+        "import os, sys\n"
+        "os.environ['COLLAPSE_MODELS'] = 'not json'\n"
+        "import monitor.worker.app, monitor.pipeline.client, monitor.api.app\n"
+        "assert 'monitor.worker.tasks' not in sys.modules\n"
+        "import monitor.evaluate.run, monitor.evaluate.evaluator"
+    )
+    evaluate_only = "import monitor.evaluate.run, monitor.evaluate.evaluator"
+    assert "monitor" in imported_after(code)
+    assert [m for m in ("celery", "kombu") if m in imported_after(evaluate_only)] == []
 
 
 def test_missing_extra_names_the_extra() -> None:

@@ -1,4 +1,5 @@
-"""Celery tasks. Names and payloads are a contract for producers (docs/architecture.md).
+"""Every Celery task. Names and payloads are a contract for producers (docs/architecture.md);
+the work is in `monitor.pipeline` and `monitor.evaluate`, which know nothing of Celery.
 
 Every task is idempotent: ingestion writes a partial under the batch id once, compaction is
 atomic, so a redelivered or retried task changes nothing.
@@ -31,13 +32,13 @@ from typing import Any, NoReturn
 
 import msgpack
 import torch
-from celery import Task
+from celery import Task, shared_task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.signals import worker_process_init
 
 from monitor.errors import InvalidInput
+from monitor.evaluate.run import evaluate_models
 from monitor.lazy import ProcessLocal
-from monitor.pipeline.celery_app import TASK_COMPACT, TASK_EMBED, TASK_INGEST, app
 from monitor.pipeline.deadletter import (
     FAILURE_REASONS,
     DeadLetter,
@@ -46,6 +47,7 @@ from monitor.pipeline.deadletter import (
 )
 from monitor.pipeline.embed import embed_payload
 from monitor.pipeline.ingest import UNKNOWN_MODEL
+from monitor.pipeline.queues import TASK_COMPACT, TASK_EMBED, TASK_EVALUATE, TASK_INGEST
 from monitor.pipeline.runtime import Runtime, get_runtime
 from monitor.pipeline.windows import compact_model, maintain_model
 
@@ -230,7 +232,7 @@ def _count(runtime: Runtime, owner: str, failures: dict[str, int]) -> bool:
     return True
 
 
-@app.task(name=TASK_INGEST, base=BatchTask)  # type: ignore[untyped-decorator]
+@shared_task(name=TASK_INGEST, base=BatchTask)  # type: ignore[untyped-decorator]
 def ingest_features(payload: dict[str, Any], uncounted: object = None) -> dict[str, Any]:
     """A feature batch (payload schema v1) -> one immutable partial. `uncounted` is internal:
     failures a retry carries because the store could not count them when they happened."""
@@ -238,14 +240,14 @@ def ingest_features(payload: dict[str, Any], uncounted: object = None) -> dict[s
     return {"stored": result.stored, "samples": result.samples}
 
 
-@app.task(name=TASK_EMBED, base=BatchTask)  # type: ignore[untyped-decorator]
+@shared_task(name=TASK_EMBED, base=BatchTask)  # type: ignore[untyped-decorator]
 def embed_texts(payload: dict[str, Any], uncounted: object = None) -> dict[str, Any]:
     """Texts or token ids -> teacher-forced forward on this worker's model -> one partial."""
     result = embed_payload(get_runtime(), payload)
     return {"stored": result.stored, "samples": result.samples}
 
 
-@app.task(name=TASK_COMPACT)  # type: ignore[untyped-decorator]
+@shared_task(name=TASK_COMPACT)  # type: ignore[untyped-decorator]
 def compact() -> dict[str, int]:
     """Merge pending partials into buckets and windows, slide the windows, drop old buckets.
 
@@ -272,3 +274,9 @@ def _count_failure(runtime: Runtime, model: str, counter: str) -> None:
         runtime.store.add_counters(model, {counter: 1})
     except Exception as exc:
         log.warning("%s of %s not counted: %s", counter, model, exc)
+
+
+@shared_task(name=TASK_EVALUATE)  # type: ignore[untyped-decorator]
+def evaluate() -> dict[str, int]:
+    """Evaluate every declared model (`monitor.evaluate.run.evaluate_models`)."""
+    return evaluate_models()

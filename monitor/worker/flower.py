@@ -1,4 +1,4 @@
-"""The Celery app Flower runs on: `celery -A monitor.pipeline.flower_app flower ...`.
+"""The Celery app Flower runs on: `celery -A monitor.worker.flower flower ...`.
 
 The same broker configuration as the workers' app (`celery_config`: URL and password from
 settings, TLS, Sentinel, the guarded transports, the event settings), but no task modules.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from celery import Celery
 
 from monitor.config import Settings
-from monitor.pipeline.celery_app import celery_config, use_guarded_transports
+from monitor.worker.app import celery_config, use_guarded_transports
 
 
 def create_flower_app(settings: Settings | None = None) -> Celery:

@@ -1,4 +1,4 @@
-"""The one Celery app: queues `embed` (GPU forward passes), `ingest`, `maintenance` (beat).
+"""The Celery app: queues `embed` (GPU forward passes), `ingest`, `maintenance` (beat).
 
 Safety by configuration: JSON or msgpack only (a pickled message is refused before it is
 decoded), late acknowledgement with rejection on worker loss (a SIGKILLed task is redelivered;
@@ -9,7 +9,7 @@ The broker is `broker_url` or the store's Redis, standalone or behind Sentinel (
 `sentinel://` transport); never a Redis Cluster, which Celery's Redis transport cannot use.
 
 Nothing the broker hands over ends the worker: its transport and consumer are the guarded ones
-of `monitor.pipeline.broker` (a poison message is dead-lettered and the worker goes on), and a
+of `monitor.worker.broker` (a poison message is dead-lettered and the worker goes on), and a
 broker that answers with an error (out of memory: every command of a MULTI is refused)
 reconnects with backoff like a lost connection instead of stopping the worker
 (`broker_channel_error_retry`).
@@ -26,13 +26,8 @@ from kombu.transport import TRANSPORT_ALIASES
 from pydantic import SecretStr
 
 from monitor.config import NO_CLUSTER_BROKER, Settings
-
-# The names are defined Celery-free in monitor.pipeline.queues; re-exported, their first home.
-from monitor.pipeline.queues import QUEUES as QUEUES
-from monitor.pipeline.queues import TASK_COMPACT as TASK_COMPACT
-from monitor.pipeline.queues import TASK_EMBED as TASK_EMBED
-from monitor.pipeline.queues import TASK_EVALUATE as TASK_EVALUATE
-from monitor.pipeline.queues import TASK_INGEST as TASK_INGEST
+from monitor.lazy import ProcessLocal
+from monitor.pipeline.queues import QUEUES, TASK_COMPACT, TASK_EMBED, TASK_EVALUATE, TASK_INGEST
 from monitor.pipeline.runtime import broker_ssl_options, redis_ssl_options
 
 
@@ -91,9 +86,9 @@ def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
 
 
 GUARDED_TRANSPORTS = {
-    "redis": "monitor.pipeline.broker:GuardedRedisTransport",
-    "rediss": "monitor.pipeline.broker:GuardedRedisTransport",
-    "sentinel": "monitor.pipeline.broker:GuardedSentinelTransport",
+    "redis": "monitor.worker.broker:GuardedRedisTransport",
+    "rediss": "monitor.worker.broker:GuardedRedisTransport",
+    "sentinel": "monitor.worker.broker:GuardedSentinelTransport",
 }
 
 
@@ -110,7 +105,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     ssl_options = broker_ssl_options(settings)
     config: dict[str, Any] = {
         "broker_url": broker_url(settings),
-        "worker_consumer": "monitor.pipeline.broker:GuardedConsumer",
+        "worker_consumer": "monitor.worker.broker:GuardedConsumer",
         "broker_channel_error_retry": True,
         "result_backend": None,
         "task_ignore_result": True,
@@ -179,12 +174,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def create_app(settings: Settings | None = None) -> Celery:
+def create_app(settings: Settings | None = None, *, tasks: bool = False) -> Celery:
+    """An app on `settings` (the environment's by default). Senders (the client, the API) need
+    no tasks: they send by name. `tasks=True` is the workers' and beat's app."""
     settings = settings if settings is not None else Settings()
     use_guarded_transports()
-    app = Celery("collapse_monitor", include=["monitor.pipeline.tasks", "monitor.evaluate.tasks"])
+    app = Celery("collapse_monitor", include=["monitor.worker.tasks"] if tasks else None)
     app.conf.update(celery_config(settings))
     return app
 
 
-app = create_app()
+_worker_app: ProcessLocal[Celery] = ProcessLocal(lambda: create_app(tasks=True))
+
+
+def worker_app() -> Celery:
+    """This process's app with every task, from the environment's settings, built on first use
+    (importing this module reads no settings)."""
+    return _worker_app.get()

@@ -1,4 +1,5 @@
-"""The beat-driven evaluation task (queue `maintenance`)."""
+"""One evaluation run over every declared model, as the `collapse.evaluate` task does it
+(`monitor.worker.tasks`): Celery-free, so the evaluator is usable and testable without it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from monitor.errors import CollapseMonitorError
 from monitor.evaluate.evaluator import Evaluator
 from monitor.evaluate.snapshot import Snapshot
 from monitor.lazy import ProcessLocal
-from monitor.pipeline.celery_app import TASK_EVALUATE, app
 from monitor.pipeline.runtime import Runtime, get_runtime
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,7 @@ def process_evaluator() -> Evaluator:
     return _evaluator.get()
 
 
-@app.task(name=TASK_EVALUATE)  # type: ignore[untyped-decorator]
-def evaluate() -> dict[str, int]:
+def evaluate_models() -> dict[str, int]:
     """Evaluate every declared model, then send the verdicts to Alertmanager when a direct URL
     is configured.
 
