@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from monitor.evaluate.head_weights import read_head
 from monitor.data.arrays import load_array
+from monitor.evaluate.head_weights import read_head
 from monitor.pipeline.embed import is_loaded
 from monitor.pipeline.runtime import Runtime
 
