@@ -86,7 +86,7 @@ class Grid:
     max_eval_tokens: int
 
 
-# Sized for a ~60-minute rerun on one shared CPU thread (3 seeds: ~35 min of training).
+# Sized for a ~60-minute rerun on one shared CPU thread: 5 seeds, ~40 min of training.
 FULL = Grid(
     family=(Size("d32-l1", 32, 1, 2), Size("d64-l2", 64, 2, 2), Size("d128-l3", 128, 3, 4)),
     steps=(150, 300, 600, 1200),
@@ -257,14 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(os.environ.get("COLLAPSE_CACHE_DIR", Path.home() / ".cache" / "collapse-monitor"))
     parser.add_argument("--out", type=Path, default=cache / "study-family")
     parser.add_argument("--quick", action="store_true", help="two tiny sizes, few steps")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds per configuration (5; --quick: 2)"
+    )
     parser.add_argument("--no-study", action="store_true", help="train only")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--tables-only", action="store_true", help="print the tables of an existing study"
     )
     args = parser.parse_args(argv)
-    if args.seeds < 1:
+    seeds = args.seeds if args.seeds is not None else (2 if args.quick else 5)
+    if seeds < 1:
         parser.error("--seeds must be >= 1")
     torch.set_num_threads(args.threads)
     out: Path = args.out / ("quick" if args.quick else "full")
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     stream = _token_stream(tokenizer, train_texts)
     say(f"training stream: {int(stream.numel()):,} tokens")
     # Seed by seed, so an interrupted rerun leaves whole seeds of the grid.
-    for seed in range(args.seeds):
+    for seed in range(seeds):
         for size in grid.family:
             train_run(size, seed, grid.steps, None, tokenizer, stream, out)
             for length in grid.scheduled:
