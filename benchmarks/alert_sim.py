@@ -26,8 +26,8 @@ from monitor.alerts.thresholds import AlertingSettings
 from monitor.config import ModelSpec, Settings
 from monitor.evaluate.evaluator import Evaluator
 from monitor.pipeline.baselines import pin_window
+from monitor.pipeline.nc4_means import load_nc4_means
 from monitor.pipeline.payload import encode_batch
-from monitor.pipeline.reference import load_reference
 from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import compact_model
 from monitor.store.base import Store
@@ -127,7 +127,7 @@ class Simulation:
         compact_model(self.runtime.store, MODEL)
         snapshots = self.evaluator.evaluate_model(MODEL, now=now)
         self.judge.evaluation(now, snapshots)
-        self.reference = load_reference(self.runtime.store, MODEL)
+        self.reference = load_nc4_means(self.runtime.store, MODEL)
         for s in snapshots:
             if s.ok:
                 self.trace.append((now, s.window, {k: s.metrics.get(k) for k in TRACED}))

@@ -228,9 +228,9 @@ class Demo:
 
     def _refresh_reference(self) -> None:
         """NC4 at capture counts against the class means of the latest evaluation."""
-        from monitor.pipeline.reference import load_reference
+        from monitor.pipeline.nc4_means import load_nc4_means
 
-        decoded = load_reference(self.store, MODEL)
+        decoded = load_nc4_means(self.store, MODEL)
         if decoded is None:
             return
         key = (decoded[0].numel(), float(decoded[1].sum()))

@@ -30,7 +30,7 @@ from monitor.metrics.jackknife import (
 from monitor.metrics.replicates import CarriedStderrs, alert_replicates
 from monitor.metrics.report import ALERT_STDERR_KEYS
 from monitor.pipeline.baselines import TRAFFIC_STDERR_META, checked_baseline, decode_calibration
-from monitor.pipeline.reference import encode_reference
+from monitor.pipeline.nc4_means import encode_nc4_means
 from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import (
     BucketCut,
@@ -42,7 +42,7 @@ from monitor.pipeline.windows import (
 )
 from monitor.stats import CollapseStats
 from monitor.stats.rff import BucketSums
-from monitor.store.base import REFERENCE_STATE
+from monitor.store.base import NC4_MEANS_STATE
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Evaluator:
             if snapshot.ok and stats is not None and not reference_done:
                 # The shortest window with data gives the means NC4 is counted against.
                 kept = stats.classes(min_count=settings.min_count)
-                store.write_state(model, REFERENCE_STATE, encode_reference(kept, stats.dim))
+                store.write_state(model, NC4_MEANS_STATE, encode_nc4_means(kept, stats.dim))
                 reference_done = True
             if snapshot.ok and stats is not None:
                 # Last: the jackknife works in place in `stats`.

@@ -140,10 +140,10 @@ def embed_payload(runtime: Runtime, payload: object) -> IngestResult:
         if isinstance(payload, dict) and "token_ids" in payload:
             check_token_ids(items, runtime.registry.shape(model).vocab_size)
         from monitor.capture.mirror import embed_batches
-        from monitor.pipeline.reference import nc4_reference
+        from monitor.pipeline.nc4_means import nc4_means_head
 
         stats: CollapseStats | None = None
-        reference = nc4_reference(runtime.store, model, lm)
+        reference = nc4_means_head(runtime.store, model, lm)
         for batch in embed_batches(lm, tokenizer, items, batch_size=8, reference=reference):
             if stats is None:
                 stats = runtime.registry.new_stats(model, runtime.store, batch.features)

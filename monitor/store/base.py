@@ -149,7 +149,8 @@ def baseline_state(name: str) -> str:
     return f"baseline:{name}"
 
 
-REFERENCE_STATE = "reference"
+# The class means NC4 at ingestion compares against; stored under its 0.1 name, `reference`.
+NC4_MEANS_STATE = "reference"
 
 
 class Store(Protocol):
@@ -202,7 +203,7 @@ class Store(Protocol):
         ...
 
     def write_state(self, model: str, state: str, chunks: Iterable[Fields]) -> None:
-        """Replace a state (baseline, reference) with these fields; atomic for readers."""
+        """Replace a state (a baseline, NC4's class means) with these fields, atomically."""
         ...
 
     def windows(self, model: str) -> dict[str, WindowState]: ...

@@ -1,6 +1,6 @@
 """`collapse-monitor analyze` as a user runs it: a subprocess over files on disk.
 
-The JSON it prints is compared key by key to the brute-force reference (tests/unit/reference.py).
+The JSON it prints is compared key by key to the brute-force oracle (tests/unit/brute_force.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from reference import ALL_KEYS, METRIC_KEYS, STDERR_KEYS, reference_metrics
+from brute_force import ALL_KEYS, METRIC_KEYS, STDERR_KEYS, brute_force_metrics
 from safetensors.numpy import save_file
 
 REL = 1e-6
@@ -109,7 +109,7 @@ def test_json_matches_reference_with_classifier(tmp_path: Path) -> None:
         p["bias"],
     )
     X = data["features"].astype(np.float64)
-    ref = reference_metrics(X, data["labels"], classifier=data["classifier"], bias=data["bias"])
+    ref = brute_force_metrics(X, data["labels"], classifier=data["classifier"], bias=data["bias"])
     assert got["class_count"] == ref["class_count"]
     assert got["sample_count"] == X.shape[0]
     assert_matches(got, ref, METRIC_KEYS)
@@ -130,7 +130,7 @@ def test_json_without_classifier_min_count_and_no_second_moment(tmp_path: Path) 
         "3",
         "--no-second-moment",
     )
-    ref = reference_metrics(data["features"], data["labels"], min_count=3)
+    ref = brute_force_metrics(data["features"], data["labels"], min_count=3)
     for key in ("nc3_duality_mean_cos", "nc3_uniform_duality_cv", "nc4_ncc_agreement"):
         assert got[key] is None, key
     assert got["nc1_trace_ratio"] is None
@@ -147,14 +147,14 @@ def test_eval_set_switches_nc4(tmp_path: Path) -> None:
     got = run_json(
         *common, "--eval-features", p["eval_features"], "--eval-labels", p["eval_labels"]
     )
-    ref = reference_metrics(
+    ref = brute_force_metrics(
         data["features"],
         data["labels"],
         classifier=data["classifier"],
         bias=data["bias"],
         eval_features=data["eval_features"],
     )
-    ref_train = reference_metrics(
+    ref_train = brute_force_metrics(
         data["features"], data["labels"], classifier=data["classifier"], bias=data["bias"]
     )
     assert ref["nc4_ncc_agreement"] != ref_train["nc4_ncc_agreement"]
@@ -177,7 +177,7 @@ def test_max_exact_classes_switches_to_sampled_pairs(tmp_path: Path) -> None:
         "--seed",
         "1",
     )
-    ref = reference_metrics(data["features"], data["labels"])
+    ref = brute_force_metrics(data["features"], data["labels"])
     assert got["class_count"] == ref["class_count"] > 20
     pairwise = (
         "nc1_cdnv",

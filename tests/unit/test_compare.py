@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from reference import reference_metrics
+from brute_force import brute_force_metrics
 from typer.testing import CliRunner
 
 from monitor.capture.tinymodel import TinyModelSpec, ensure_tiny_model, train_tokenizer
@@ -298,7 +298,7 @@ def test_metrics_match_float64_brute_force(models: dict[str, Path], corpus: Path
             labels.extend(ids[1:])
         x, y = np.concatenate(feats), np.asarray(labels)
         head = model.get_output_embeddings().weight.detach().double().numpy()
-        want = reference_metrics(x, y, classifier=head)
+        want = brute_force_metrics(x, y, classifier=head)
         assert got["sample_count"][side] == x.shape[0]
         for key in ("nc1_cdnv", "nc2_equiangularity_std", "effective_rank"):
             assert math.isclose(got[key][side], want[key], rel_tol=1e-4), (side, key)

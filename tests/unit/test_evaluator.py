@@ -16,8 +16,8 @@ from monitor.evaluate.evaluator import Evaluator
 from monitor.evaluate.snapshot import Snapshot
 from monitor.metrics import compute_metrics
 from monitor.pipeline.baselines import pin_window
+from monitor.pipeline.nc4_means import load_nc4_means
 from monitor.pipeline.payload import encode_batch
-from monitor.pipeline.reference import load_reference
 from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import compact_model
 from monitor.stats import CollapseStats
@@ -102,7 +102,7 @@ def test_snapshot_holds_the_window_metrics(head: tuple[Path, np.ndarray]) -> Non
         assert s.metrics["nc4_ncc_agreement"] is None  # features carried no NC4 counts
         assert s.baseline is None
         assert "drift_mmd" not in s.metrics
-    assert load_reference(runtime.store, "m") is not None  # class means published for NC4
+    assert load_nc4_means(runtime.store, "m") is not None  # class means published for NC4
     assert len(runtime.store.history("m", "1h", 10)) == 1
 
 

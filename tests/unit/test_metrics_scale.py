@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from reference import METRIC_KEYS, kept_classes, reference_metrics
+from brute_force import METRIC_KEYS, brute_force_metrics, kept_classes
 
 import monitor.metrics.duality as duality_module
 import monitor.metrics.rows as rows_module
@@ -165,7 +165,7 @@ def test_tiny_tiles_match_the_reference(tiny_tiles: None, min_count: int) -> Non
     got = compute_metrics(
         stats, weight, bias, eval_features=torch.from_numpy(x), min_count=min_count
     ).as_dict()
-    want = reference_metrics(
+    want = brute_force_metrics(
         x, y, classifier=weight.numpy(), bias=bias.numpy(), min_count=min_count
     )
     keys = [k for k in METRIC_KEYS if not (min_count > 2 and k == "nc1_trace_ratio")]

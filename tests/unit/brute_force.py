@@ -1,4 +1,4 @@
-"""Brute-force float64 reference for the collapse/geometry metrics of METRICS.md.
+"""Brute-force float64 oracle for the collapse/geometry metrics of METRICS.md.
 
 Everything here is computed directly from the raw samples with plain loops and explicit
 matrices, in float64 numpy, without touching `monitor` at all. It is deliberately slow and
@@ -253,7 +253,7 @@ def ncc_agreement(
     return agree / eval_x.shape[0]
 
 
-def reference_metrics(
+def brute_force_metrics(
     features: Any,
     labels: Any,
     classifier: Any = None,

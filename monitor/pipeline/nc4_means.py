@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from monitor.stats import ClassStatistics
-from monitor.store.base import REFERENCE_STATE, Store
+from monitor.store.base import NC4_MEANS_STATE, Store
 
 _REFRESH_SECONDS = 60.0
 _cache: dict[str, tuple[float, Any]] = {}
@@ -23,9 +23,9 @@ _lock = threading.Lock()
 _CHUNK_BYTES = 32 * 2**20  # one field of means stays far below the 64 MB value limit
 
 
-def encode_reference(kept: ClassStatistics, dim: int) -> Iterator[dict[bytes, bytes]]:
-    """The reference as fields `<j>`: safetensors blocks of class ids and their means, each
-    under 32 MB, so a reference of 128k classes at d = 4,096 (4.2 GB) is stored split. The
+def encode_nc4_means(kept: ClassStatistics, dim: int) -> Iterator[dict[bytes, bytes]]:
+    """The class means as fields `<j>`: safetensors blocks of class ids and their means, each
+    under 32 MB, so the means of 128k classes at d = 4,096 (4.2 GB) is stored split. The
     means are computed block by block from the sums, never as a whole second K x d matrix."""
     ids = kept.class_ids.to("cpu", torch.int64)
     rows = max(1, _CHUNK_BYTES // (8 * max(dim, 1)))
@@ -36,11 +36,11 @@ def encode_reference(kept: ClassStatistics, dim: int) -> Iterator[dict[bytes, by
         yield {str(j).encode(): save(block)}
 
 
-def load_reference(store: Store, model: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def load_nc4_means(store: Store, model: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(class_ids, means) of the last evaluation, or None before one (or when unreadable)."""
     blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     with store.locked(model):
-        for chunk in store.scan_state(model, REFERENCE_STATE):
+        for chunk in store.scan_state(model, NC4_MEANS_STATE):
             for name, blob in chunk:
                 decoded = _decode_block(blob)
                 if decoded is None or not name.isdigit():
@@ -63,7 +63,7 @@ def _decode_block(blob: bytes) -> tuple[torch.Tensor, torch.Tensor] | None:
     return ids, means
 
 
-def nc4_reference(store: Store, model: str, lm: Any) -> Any:
+def nc4_means_head(store: Store, model: str, lm: Any) -> Any:
     """An `NC4Reference` for the model's head from the last evaluation (refreshed each minute),
     or None before the first evaluation."""
     from monitor.capture.sinks import NC4Reference
@@ -73,7 +73,7 @@ def nc4_reference(store: Store, model: str, lm: Any) -> Any:
         cached = _cache.get(model)
         if cached is not None and now - cached[0] < _REFRESH_SECONDS:
             return cached[1]
-    decoded = load_reference(store, model)
+    decoded = load_nc4_means(store, model)
     reference = None
     if decoded is not None:
         reference = NC4Reference.from_head(lm.get_output_embeddings(), decoded[0], decoded[1])

@@ -1,4 +1,4 @@
-"""compute_metrics against the brute-force float64 reference (tests/unit/reference.py).
+"""compute_metrics against the brute-force float64 oracle (tests/unit/brute_force.py).
 
 The reference works from the raw samples; the implementation only sees the sufficient
 statistics, so agreement to rel 1e-6 checks the whole chain (accumulation, merging of batches,
@@ -14,17 +14,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from reference import (
+from brute_force import (
     ALL_KEYS,
     METRIC_KEYS,
     PAIRWISE_KEYS,
     STDERR_KEYS,
     anisotropy_by_formula,
+    brute_force_metrics,
     cdnv_by_matrices,
     class_means_and_variances,
     kept_classes,
     pair_kernels,
-    reference_metrics,
 )
 
 from monitor import CollapseStats, compute_metrics
@@ -146,7 +146,7 @@ def test_reference_routes_agree() -> None:
     """The reference's loop-based numbers agree with a second, matrix-based route."""
     rng = np.random.default_rng(0)
     X, y, _ = make_data(rng, d=7, vocab=50, used=30, singletons=4, doubles=3, max_count=9)
-    ref = reference_metrics(X, y, min_count=2)
+    ref = brute_force_metrics(X, y, min_count=2)
     cdnv, cdnv2 = cdnv_by_matrices(X, y, min_count=2)
     assert close(ref["nc1_cdnv"], cdnv, 1e-10)
     assert close(ref["nc1_cdnv2"], cdnv2, 1e-10)
@@ -164,7 +164,7 @@ def test_reference_simplex_etf_known_values() -> None:
     X[::3] += 1e-3 * np.eye(d)[0]  # a sliver of within-class spread
     ids = kept_classes(y, 2)
     mu, _ = class_means_and_variances(X, y, ids)
-    ref = reference_metrics(X, y, classifier=mu - mu.mean(axis=0))
+    ref = brute_force_metrics(X, y, classifier=mu - mu.mean(axis=0))
     assert abs(ref["nc2_equiangularity_mean"] + 1.0 / (K - 1)) < 1e-9
     assert ref["nc2_equiangularity_std"] < 1e-6
     assert ref["nc2_equinorm_cv"] < 1e-6
@@ -212,7 +212,7 @@ def test_metrics_match_reference(name: str) -> None:
     assert stats.to_bytes() == before, "compute_metrics changed the statistics"
     got = report.as_dict()
     assert_well_formed(got)
-    ref = reference_metrics(X, y, classifier=W, bias=b, min_count=min_count)
+    ref = brute_force_metrics(X, y, classifier=W, bias=b, min_count=min_count)
     keys = tuple(k for k in METRIC_KEYS if not (min_count > 2 and k == "nc1_trace_ratio"))
     assert_matches(got, ref, keys)
     assert got["class_count"] == len(kept)
@@ -248,7 +248,7 @@ def test_float32_input_accumulates_in_float64_with_large_offset() -> None:
     got = compute_metrics(
         stats, classifier=t64(W), bias=t64(b), eval_features=t64(X32.astype(np.float64))
     ).as_dict()
-    ref = reference_metrics(X32.astype(np.float64), y, classifier=W, bias=b)
+    ref = brute_force_metrics(X32.astype(np.float64), y, classifier=W, bias=b)
     assert_matches(got, ref, METRIC_KEYS)
 
 
@@ -263,8 +263,8 @@ def test_eval_set_switches_nc4() -> None:
     stats = build_stats(X, y, 70)
     got = compute_metrics(stats, classifier=t64(W), bias=t64(b), eval_features=t64(eval_x))
     got_d = got.as_dict()
-    ref = reference_metrics(X, y, classifier=W, bias=b, eval_features=eval_x)
-    ref_train = reference_metrics(X, y, classifier=W, bias=b)
+    ref = brute_force_metrics(X, y, classifier=W, bias=b, eval_features=eval_x)
+    ref_train = brute_force_metrics(X, y, classifier=W, bias=b)
     assert ref["nc4_ncc_agreement"] != ref_train["nc4_ncc_agreement"]
     assert_matches(got_d, ref, METRIC_KEYS)
     assert got_d["nc4_ncc_agreement_stderr"] is None
@@ -296,7 +296,7 @@ def test_without_classifier_nc3_nc4_are_none() -> None:
     assert_well_formed(got)
     for key in ("nc3_duality_mean_cos", "nc3_uniform_duality_cv", "nc4_ncc_agreement"):
         assert got[key] is None, key
-    ref = reference_metrics(X, y)
+    ref = brute_force_metrics(X, y)
     assert_matches(got, ref, METRIC_KEYS)
 
 
@@ -308,7 +308,7 @@ def test_without_bias_is_zero_bias() -> None:
     W, _ = make_classifier(rng, true_means, kept_classes(y, 2))
     stats = build_stats(X, y, 30)
     got = compute_metrics(stats, classifier=t64(W), eval_features=t64(X)).as_dict()
-    assert_matches(got, reference_metrics(X, y, classifier=W), METRIC_KEYS)
+    assert_matches(got, brute_force_metrics(X, y, classifier=W), METRIC_KEYS)
 
 
 def test_without_second_moment() -> None:
@@ -322,7 +322,7 @@ def test_without_second_moment() -> None:
     assert got["nc1_trace_ratio"] is None
     assert got["effective_rank"] is None
     keys = tuple(k for k in METRIC_KEYS if k not in ("nc1_trace_ratio", "effective_rank"))
-    assert_matches(got, reference_metrics(X, y, classifier=W, bias=b), keys)
+    assert_matches(got, brute_force_metrics(X, y, classifier=W, bias=b), keys)
 
 
 @pytest.mark.parametrize("kept_wanted", [0, 1])
@@ -339,7 +339,7 @@ def test_fewer_than_two_classes(kept_wanted: int) -> None:
     assert got["sample_count"] == len(labels)
     for key in PAIRWISE_KEYS:
         assert got[key] is None, key
-    ref = reference_metrics(X, y)
+    ref = brute_force_metrics(X, y)
     assert close(got["anisotropy_mean_cos"], ref["anisotropy_mean_cos"])
     assert close(got["effective_rank"], ref["effective_rank"])
 
@@ -371,7 +371,7 @@ def sampled_case() -> dict[str, Any]:
         "y": y,
         "W": W,
         "b": b,
-        "ref": reference_metrics(X, y, classifier=W, bias=b),
+        "ref": brute_force_metrics(X, y, classifier=W, bias=b),
         "kern": pair_kernels(means, variances),
     }
 
@@ -442,7 +442,9 @@ def test_nc4_subsample_within_five_stderr() -> None:
         nc4_max_samples=n_sub,
         seed=3,
     ).as_dict()
-    exact = reference_metrics(X, y, classifier=W, bias=b, eval_features=eval_x)["nc4_ncc_agreement"]
+    exact = brute_force_metrics(X, y, classifier=W, bias=b, eval_features=eval_x)[
+        "nc4_ncc_agreement"
+    ]
     assert 0.05 < exact < 0.95, exact  # the test needs a non-degenerate agreement
     p, se = got["nc4_ncc_agreement"], got["nc4_ncc_agreement_stderr"]
     assert isinstance(se, float), se
@@ -462,7 +464,7 @@ def test_nc4_subsample_within_five_stderr() -> None:
         nc4_max_samples=n_sub,
         seed=3,
     ).as_dict()
-    want = reference_metrics(X, y, classifier=W, bias=b, eval_features=at_limit)
+    want = brute_force_metrics(X, y, classifier=W, bias=b, eval_features=at_limit)
     assert close(got["nc4_ncc_agreement"], want["nc4_ncc_agreement"])
     assert got["nc4_ncc_agreement_stderr"] is None
 
@@ -492,7 +494,7 @@ def test_planted_simplex_etf(K: int, d: int) -> None:
     assert got["nc4_ncc_agreement"] == 1.0
     assert abs(got["nc3_duality_mean_cos"] - 1.0) < 1e-9
     assert abs(got["nc3_uniform_duality_cv"]) < 1e-6
-    assert_matches(got, reference_metrics(X, y, classifier=W, bias=np.zeros(K)), METRIC_KEYS)
+    assert_matches(got, brute_force_metrics(X, y, classifier=W, bias=np.zeros(K)), METRIC_KEYS)
 
 
 def _dyadic(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -510,7 +512,7 @@ def test_coinciding_class_means_are_skipped() -> None:
     shared = _dyadic(rng, (4, d)) + 3.0  # far from the others' centre: ||m|| > 0
     X = np.concatenate([X, shared, shared[::-1]])
     y = np.concatenate([y, np.full(4, 60), np.full(4, 61)]).astype(np.int64)
-    ref = reference_metrics(X, y)
+    ref = brute_force_metrics(X, y)
     means, variances = class_means_and_variances(X, y, kept_classes(y, 2))
     n_pairs = len(means) * (len(means) - 1) // 2
     kern = pair_kernels(means, variances)
@@ -533,7 +535,7 @@ def test_class_mean_at_the_global_mean_is_left_out_of_angles() -> None:
     X = np.concatenate([a + e, a - e, -a + e, -a - e, e, -e])
     y = np.repeat([2, 2, 4, 4, 7, 7], 3).astype(np.int64)
     W = rng.normal(size=(9, d))
-    ref = reference_metrics(X, y, classifier=W)
+    ref = brute_force_metrics(X, y, classifier=W)
     assert abs(ref["nc2_equiangularity_mean"] + 1.0) < 1e-15
     assert abs(ref["nc2_log_energy_mean"] + math.log(2.0)) < 1e-15
     assert abs(ref["nc2_equinorm_cv"] - math.sqrt(2.0) / 2.0) < 1e-12
@@ -556,7 +558,7 @@ def test_cuda_matches_reference() -> None:
         stats, classifier=t64(W), bias=t64(b), eval_features=t64(X), device="cuda"
     ).as_dict()
     assert_well_formed(got)
-    assert_matches(got, reference_metrics(X, y, classifier=W, bias=b), METRIC_KEYS)
+    assert_matches(got, brute_force_metrics(X, y, classifier=W, bias=b), METRIC_KEYS)
 
 
 def test_non_collapsed_geometry() -> None:
@@ -571,4 +573,4 @@ def test_non_collapsed_geometry() -> None:
     got = compute_metrics(stats, classifier=t64(W), eval_features=t64(X)).as_dict()
     assert got["nc1_cdnv"] > 1.0
     assert got["nc4_ncc_agreement"] < 0.9
-    assert_matches(got, reference_metrics(X, y, classifier=W), METRIC_KEYS)
+    assert_matches(got, brute_force_metrics(X, y, classifier=W), METRIC_KEYS)
