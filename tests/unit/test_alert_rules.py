@@ -38,6 +38,9 @@ from monitor.alerts.thresholds import (
 from monitor.cli_alerts import register
 from monitor.errors import InvalidInput
 
+# The label set every rule aggregates by (monitor.alerts.common).
+S = "cluster, namespace, job, model, window"
+SM = "cluster, namespace, job, model"
 ROOT = Path(__file__).resolve().parents[2]
 Case = dict[str, Any]
 
@@ -392,7 +395,7 @@ def test_thresholds_load_from_dict_json_and_yaml(tmp_path: Path) -> None:
     assert load_alerting(tmp_path / "a.json") == alerting == load_alerting(tmp_path / "a.yaml")
     assert AlertingSettings.model_validate_json(alerting.model_dump_json(by_alias=True)) == alerting
     text = to_yaml(render_rules(alerting))
-    assert 'max by (cluster, namespace, job, model, window) (collapse_nc1_cdnv{model="gpt2"}) > 0.05' in text
+    assert f'max by ({S}) (collapse_nc1_cdnv{{model="gpt2"}}) > 0.05' in text
     assert "> 90.0\n" in text  # stale after 3 x 30 s
     assert "https://runbooks.example/ops.md#collapsecdnvhigh" in text
 
@@ -407,7 +410,7 @@ def test_compaction_rules_follow_their_settings() -> None:
     default = default_alerting()
     rule = _pipeline_rule(default, lag)
     assert rule is not None
-    assert rule["expr"] == "max by (cluster, namespace, job, model) (collapse_compaction_lag_seconds) > 300.0"
+    assert rule["expr"] == f"max by ({SM}) (collapse_compaction_lag_seconds) > 300.0"
     assert (rule["for"], rule["labels"]["severity"]) == ("10m", "warning")
     rule = _pipeline_rule(default, grow)
     assert rule is not None
@@ -453,7 +456,7 @@ def test_failure_rules_follow_their_settings() -> None:
     assert all(r is not None for r in found)
     dead, ingest, compaction, evaluation = (r for r in found if r is not None)
     assert dead["expr"] == (
-        "sum by (cluster, namespace, job, model) (max by (cluster, namespace, job, model, reason) (increase(collapse_dead_letters_total[15m]))) > 0"
+        f"sum by ({SM}) (max by ({SM}, reason) (increase(collapse_dead_letters_total[15m]))) > 0"
     )
     assert (dead["for"], dead["labels"]["severity"]) == ("0s", "warning")
     assert ingest["expr"] == (
@@ -461,7 +464,7 @@ def test_failure_rules_follow_their_settings() -> None:
         "(increase(collapse_ingest_failures_total[10m]))) > 0.0"
     )
     assert compaction["expr"] == (
-        "max by (cluster, namespace, job, model) (increase(collapse_compaction_failures_total[10m])) > 0.0"
+        f"max by ({SM}) (increase(collapse_compaction_failures_total[10m])) > 0.0"
     )
     assert "collapse_evaluation_failures_total[10m]" in evaluation["expr"]
     for rule in (ingest, compaction, evaluation):

@@ -24,6 +24,9 @@ from monitor.alerts.verdicts import VerdictTracker
 from monitor.errors import InvalidInput
 from monitor.evaluate.snapshot import Snapshot
 
+# The label set every rule aggregates by (monitor.alerts.common).
+S = "cluster, namespace, job, model, window"
+
 RISING, FALLING = "CollapseCDNVRisingVsBaseline", "CollapseNCCAgreementFallingVsBaseline"
 CDNV, NCC = "drift_nc1_cdnv_ratio", "drift_nc4_ncc_agreement_ratio"
 ALERTING = load_alerting(
@@ -202,9 +205,9 @@ def test_rendered_expression_shape() -> None:
     (group,) = [g for g in render_rules(ALERTING)["groups"] if g["name"].endswith(".collapse")]
     rising = next(r for r in group["rules"] if r["alert"] == RISING)
     assert rising["expr"] == (
-        "max by (cluster, namespace, job, model, window) (collapse_drift_nc1_cdnv_ratio) > 1.5 unless on (cluster, namespace, job, model, window) "
-        "(abs(max by (cluster, namespace, job, model, window) (collapse_drift_nc1_cdnv_ratio) - 1) / "
-        "min by (cluster, namespace, job, model, window) (collapse_drift_nc1_cdnv_ratio_stderr) < 3.0)"
+        f"max by ({S}) (collapse_drift_nc1_cdnv_ratio) > 1.5 unless on ({S}) "
+        f"(abs(max by ({S}) (collapse_drift_nc1_cdnv_ratio) - 1) / "
+        f"min by ({S}) (collapse_drift_nc1_cdnv_ratio_stderr) < 3.0)"
     )
     assert "3 standard errors" in rising["annotations"]["description"]
 
@@ -236,9 +239,7 @@ def test_absolute_bounds_skip_windows_with_too_few_samples() -> None:
     fired = VerdictTracker(alerting).firing(snaps)
     assert [a.labels["model"] for a in fired] == ["enough"]
     expr = render_rules(alerting)["groups"][0]["rules"][0]["expr"]
-    assert expr.endswith(
-        "and on (cluster, namespace, job, model, window) (max by (cluster, namespace, job, model, window) (collapse_window_samples) >= 100.0)"
-    )
+    assert expr.endswith(f"and on ({S}) (max by ({S}) (collapse_window_samples) >= 100.0)")
 
 
 def test_drift_needs_the_effect_size_on_both_paths() -> None:
@@ -262,6 +263,6 @@ def test_drift_needs_the_effect_size_on_both_paths() -> None:
     assert fired == {m for m, (_, _, fires) in cases.items() if fires}
     (group,) = [g for g in render_rules(alerting)["groups"] if g["name"].endswith(".drift")]
     assert group["rules"][0]["expr"] == (
-        "(max by (cluster, namespace, job, model, window) (collapse_drift_mmd) > max by (cluster, namespace, job, model, window) "
-        "(collapse_drift_mmd_threshold)) and (max by (cluster, namespace, job, model, window) (collapse_drift_mmd) > 0.01)"
+        f"(max by ({S}) (collapse_drift_mmd) > max by ({S}) "
+        f"(collapse_drift_mmd_threshold)) and (max by ({S}) (collapse_drift_mmd) > 0.01)"
     )
