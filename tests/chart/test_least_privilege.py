@@ -420,3 +420,23 @@ def test_rendered_redis_refuses_writes_at_maxmemory_and_components_run_on_their_
     finally:
         for proc in reversed(procs):
             stop(proc)
+
+
+def test_the_direct_alerts_carry_the_labels_prometheus_gives_the_rule_alerts() -> None:
+    """COLLAPSE_ALERT_LABELS on the sender: the exporter series' namespace and job (the job of a
+    ServiceMonitor target is its Service's name), Prometheus's external labels and the static
+    rule labels, so Alertmanager merges a direct alert with the rule's."""
+    import json
+
+    docs = template(*value_args("alerting"),
+                    "--set", "prometheusRule.externalLabels.cluster=eu-1",
+                    "--set", "prometheusRule.additionalRuleLabels.team=ml")  # fmt: skip
+    service = one(docs, "Service", "exporter")["metadata"]["name"]
+    worker = one(docs, "Deployment", "worker")["spec"]["template"]["spec"]["containers"][0]
+    values = {e["name"]: e.get("value") for e in worker.get("env", [])}
+    labels = json.loads(values["COLLAPSE_ALERT_LABELS"])
+    assert labels == {"namespace": NAMESPACE, "job": service, "cluster": "eu-1", "team": "ml"}
+    others = [component(d) for d in find(docs, "Deployment") if component(d) != "worker"]
+    for name in others:  # only the sender of alerts gets them
+        container = one(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        assert "COLLAPSE_ALERT_LABELS" not in {e["name"] for e in container.get("env", [])}

@@ -433,7 +433,9 @@ def test_alertmanager_has_the_documented_inhibit_rule() -> None:
     documented = yaml.safe_load(textwrap.dedent(match.group(1)))["inhibit_rules"]
     config = _yaml(ALERTMANAGER_YML)
     assert config["inhibit_rules"] == documented
-    assert config["route"]["group_by"] == ["alertname", "model", "window"]
+    # One notification per alert, model and window in each cluster and namespace (the scope
+    # labels the rules keep; absent labels group as empty).
+    assert config["route"]["group_by"] == ["alertname", "cluster", "namespace", "model", "window"]
     names = {r["name"] for r in config["receivers"]}
     assert "null" in names
     assert any("webhook_configs" in r for r in config["receivers"])

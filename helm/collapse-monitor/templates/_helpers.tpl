@@ -298,6 +298,8 @@ Alertmanager credentials, and only when settings.alertmanager_url is set.
       key: api-token
 {{- end }}
 {{- if .alertmanager }}
+- name: COLLAPSE_ALERT_LABELS
+  value: {{ include "cm.alertLabels" $root | quote }}
 - name: COLLAPSE_ALERTMANAGER_PASSWORD
   valueFrom:
     secretKeyRef:
