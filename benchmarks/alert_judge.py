@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from monitor.alerts.common import duration_seconds
 from monitor.alerts.thresholds import AlertingSettings, PredictiveBound
 from monitor.alerts.verdicts import VerdictTracker
-from monitor.evaluate.snapshot import Snapshot
+from monitor.snapshot import Snapshot
 
 MODEL = "sim"
 Key = tuple[str, str, str]  # alert, severity, window

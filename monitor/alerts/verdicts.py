@@ -20,7 +20,7 @@ from monitor.alerts.thresholds import (
     RelativeBound,
     duration_seconds,
 )
-from monitor.evaluate.snapshot import Snapshot
+from monitor.snapshot import Snapshot
 
 
 def _outside(value: float | int | None, low: float | None, high: float | None) -> bool:

@@ -15,7 +15,7 @@ from enum import StrEnum
 
 from monitor.alerts.thresholds import AlertingSettings, DriftBound, RelativeBound
 from monitor.alerts.verdicts import VerdictTracker
-from monitor.evaluate.snapshot import Snapshot
+from monitor.snapshot import Snapshot
 
 # MMD must exceed 5x its calibrated null quantile. The calibration has at most ~20 one-second
 # buckets, so its 0.99 quantile is about their largest value; over a quiet run's ~100

@@ -47,7 +47,7 @@ class MetricsServer:
 
     def __init__(self, store: Store, settings: Settings, port: int) -> None:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(CollapseCollector(store, settings))
+        registry.register(CollapseCollector.for_settings(store, settings))
         try:
             self._server, self._thread = start_wsgi_server(port, addr=HOST, registry=registry)
         except OSError as exc:

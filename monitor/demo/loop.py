@@ -27,7 +27,7 @@ from monitor.demo.inject import NormCollapse
 from monitor.demo.state import PHASE_TEXT, DemoState, Phase, Plan
 from monitor.demo.traffic import Traffic, TrafficShape
 from monitor.demo.view import DemoView
-from monitor.evaluate.snapshot import Snapshot
+from monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from monitor.errors import CollapseMonitorError, InvalidInput
 from monitor.evaluate.custom import discover, run_custom
 from monitor.evaluate.heads import Head, load_head
-from monitor.evaluate.snapshot import Snapshot, TopDrift
 from monitor.metrics import MetricReport, compute_metrics
 from monitor.metrics.baseline import BaselineSummary
 from monitor.metrics.drift import compute_drift
@@ -40,6 +39,7 @@ from monitor.pipeline.windows import (
     state_rows,
     window_stats,
 )
+from monitor.snapshot import Snapshot, TopDrift
 from monitor.stats import CollapseStats
 from monitor.stats.rff import BucketSums
 from monitor.store.base import NC4_MEANS_STATE

@@ -11,9 +11,9 @@ from monitor.alerts.alertmanager import AlertmanagerClient
 from monitor.alerts.verdicts import VerdictTracker
 from monitor.errors import CollapseMonitorError
 from monitor.evaluate.evaluator import Evaluator
-from monitor.evaluate.snapshot import Snapshot
 from monitor.lazy import ProcessLocal
 from monitor.pipeline.runtime import Runtime, get_runtime
+from monitor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 _evaluator: ProcessLocal[Evaluator] = ProcessLocal(lambda: Evaluator(get_runtime()))

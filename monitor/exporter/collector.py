@@ -16,13 +16,12 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -44,6 +43,7 @@ from monitor.exporter import (
     gauge_name,
 )
 from monitor.pipeline.deadletter import DEAD_LETTER_REASONS, FAILURE_REASONS
+from monitor.snapshot import snapshot_document
 from monitor.store.base import Store
 from monitor.store.keys import MODEL_NAME, UNKNOWN_MODEL
 
@@ -51,7 +51,6 @@ __all__ = ["CollapseCollector", "label_text", "metric_suffix"]
 
 log = logging.getLogger(__name__)
 
-TOP_DRIFT_LIMIT = 20  # series per model and window: the `token` label's cardinality bound
 TOKEN_MAX_CHARS = 32
 LABEL_MAX_CHARS = 64
 # A cluster client raises RedisClusterException (not a RedisError) when no node answers.
@@ -129,20 +128,41 @@ class CollapseCollector(Collector):
     def __init__(
         self,
         store: Store,
-        settings: Settings,
         *,
+        models: Iterable[str],
+        windows: Iterable[str],
+        secrets: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
         budget_seconds: float = 1.5,
         queue_depths: Callable[[], dict[str, int]] | None = None,
+        top_drift_limit: int = 20,
     ) -> None:
+        """`models`: declared models, exported (counters at 0) before they store anything;
+        `windows`: the snapshot windows read per model; `secrets`: masked in logged errors;
+        `top_drift_limit`: top-drift series per model and window (the `token` label's bound,
+        the evaluator's `top_drift_classes`)."""
         self.store = store
+        self.models = tuple(models)
+        self.windows = tuple(windows)
         self.queue_depths = queue_depths  # the broker's queues; None: not exported
-        self.settings = settings
         self.clock = clock
         self.budget_seconds = budget_seconds
         self._was_up: bool | None = None  # only to log transitions once, never read by output
-        self._secrets = settings.secret_values()
+        self._secrets = tuple(secrets)
+        self.top_drift_limit = top_drift_limit
         self._build = build_info()
+
+    @classmethod
+    def for_settings(cls, store: Store, settings: Settings, **options: Any) -> CollapseCollector:
+        """The collector of a deployment: its declared models, windows and secrets."""
+        return cls(
+            store,
+            models=[m.name for m in settings.models],
+            windows=list(settings.windows),
+            secrets=settings.secret_values(),
+            top_drift_limit=settings.top_drift_classes,
+            **options,
+        )
 
     # ------------------------------------------------------------------ collect
     def collect(self) -> Iterator[Metric]:
@@ -155,7 +175,7 @@ class CollapseCollector(Collector):
             return
         self._note(True, None)
         yield _store_up(1)
-        yield from _render(view)
+        yield from _render(view, self.top_drift_limit)
 
     def _note(self, up: bool, exc: BaseException | None) -> None:
         """Log a change of store state once (every failed scrape again only at DEBUG)."""
@@ -175,12 +195,12 @@ class CollapseCollector(Collector):
         store = self.store
         if not store.ping():
             raise redis.ConnectionError("ping failed")
-        names = set(store.models()) | {m.name for m in self.settings.models}
+        names = set(store.models()) | set(self.models)
         models = []
         for name in sorted(n for n in names if MODEL_NAME.match(n)):
             deadline.check()
             view = _ModelView(name)
-            for window in self.settings.windows:
+            for window in self.windows:
                 doc = _parse_snapshot(store.snapshot(name, window), name, window)
                 if doc is not None:
                     view.snapshots[window] = doc
@@ -205,14 +225,10 @@ def _parse_snapshot(raw: str | None, model: str, window: str) -> dict[str, Any] 
     if raw is None:
         return None
     try:
-        doc = json.loads(raw)
-    except ValueError:
-        log.warning("snapshot of %s/%s is not JSON; skipped", model, window)
+        return snapshot_document(raw)
+    except ValueError as exc:  # not JSON, or another schema
+        log.warning("snapshot of %s/%s skipped: %s", model, window, str(exc)[:200])
         return None
-    if not isinstance(doc, dict) or doc.get("v") != 1:
-        log.warning("snapshot of %s/%s has an unknown schema; skipped", model, window)
-        return None
-    return doc
 
 
 def package_version() -> str:
@@ -247,12 +263,12 @@ def _counter(name: str, labels: list[str]) -> CounterMetricFamily:
 
 
 # ----------------------------------------------------------------------- render
-def _render(view: _StoreView) -> Iterator[Metric]:
-    yield from _snapshot_families(view.models)
+def _render(view: _StoreView, top_drift_limit: int) -> Iterator[Metric]:
+    yield from _snapshot_families(view.models, top_drift_limit)
     yield from _health_families(view)
 
 
-def _snapshot_families(models: list[_ModelView]) -> Iterator[Metric]:
+def _snapshot_families(models: list[_ModelView], top_drift_limit: int) -> Iterator[Metric]:
     values: dict[str, dict[tuple[str, str], float]] = {}
     timestamp = _gauge("snapshot_timestamp_seconds", ["model", "window"])
     duration = _gauge("evaluation_duration_seconds", ["model", "window"])
@@ -278,7 +294,7 @@ def _snapshot_families(models: list[_ModelView]) -> Iterator[Metric]:
                 if suffix is None or number is None or PREFIX + suffix in RESERVED_NAMES:
                     continue
                 values.setdefault(suffix, {}).setdefault((view.model, window), number)
-            _add_top_drift(top, labels, doc.get("top_drift"))
+            _add_top_drift(top, labels, doc.get("top_drift"), top_drift_limit)
             base = doc.get("baseline")
             if isinstance(base, dict) and base.get("name") is not None:
                 name = label_text(base["name"], LABEL_MAX_CHARS)
@@ -307,12 +323,14 @@ def _snapshot_families(models: list[_ModelView]) -> Iterator[Metric]:
             yield family
 
 
-def _add_top_drift(family: GaugeMetricFamily, labels: list[str], entries: object) -> None:
+def _add_top_drift(
+    family: GaugeMetricFamily, labels: list[str], entries: object, limit: int
+) -> None:
     if not isinstance(entries, list):
         return
     seen: set[int] = set()
     for entry in entries:
-        if len(seen) >= TOP_DRIFT_LIMIT:
+        if len(seen) >= limit:
             break
         if not isinstance(entry, dict):
             continue

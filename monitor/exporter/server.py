@@ -75,7 +75,9 @@ def create_exporter_app(settings: Settings, store: Store | None = None) -> FastA
     come from the broker (`broker_url`, else the store's Redis) when one is configured."""
     store = store if store is not None else exporter_store(settings)
     registry = CollectorRegistry(auto_describe=False)  # never collects at registration
-    collector = CollapseCollector(store, settings, queue_depths=queue_depth_reader(settings))
+    collector = CollapseCollector.for_settings(
+        store, settings, queue_depths=queue_depth_reader(settings)
+    )
     registry.register(collector)
     app = FastAPI(
         title="collapse-monitor exporter",

@@ -21,7 +21,6 @@ from statistics import NormalDist
 from typing import Any, Literal
 
 from monitor.errors import ExitCode, InvalidInput
-from monitor.evaluate.snapshot import Snapshot
 from monitor.metrics.drift import DRIFT_KEYS
 from monitor.metrics.report import TRAFFIC_STDERR_SUFFIX
 from monitor.offline.compare import COMPARED_KEYS, SCHEMA_VERSION
@@ -34,6 +33,7 @@ from monitor.offline.live_verdict import (
 from monitor.offline.tolerances import Tolerances
 from monitor.pipeline.registry import ModelShape
 from monitor.pipeline.runtime import Runtime
+from monitor.snapshot import Snapshot
 
 STALE_INTERVALS = 3  # a snapshot older than this many evaluation intervals is refused
 # Bounded by the hidden width d (effective rank <= d; the trace ratio's pinv(Sigma_B) spans

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monitor.alerts.thresholds import AlertingSettings
-from monitor.evaluate.snapshot import Snapshot
+from monitor.snapshot import Snapshot
 from monitor.stats.collapse_stats import CollapseStats
 
 __all__ = ["AlertPeriod", "ReportData", "ReportFiles"]

@@ -21,10 +21,10 @@ from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, date2num
 from matplotlib.figure import Figure
 
 from monitor.alerts.thresholds import RATIO_KEYS, AlertingSettings
-from monitor.evaluate.snapshot import Snapshot
 from monitor.metrics.keys import RATIO_SOURCE
 from monitor.report.data import ReportData
 from monitor.report.pca import MeanProjection
+from monitor.snapshot import Snapshot
 
 __all__ = [
     "BASE_COLOR",

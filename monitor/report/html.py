@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from monitor.evaluate.snapshot import Snapshot
 from monitor.report.data import AlertPeriod, ReportData
+from monitor.snapshot import Snapshot
 
 __all__ = ["Figure", "render_html"]
 

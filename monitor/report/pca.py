@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from monitor.evaluate.snapshot import TopDrift
+from monitor.snapshot import TopDrift
 from monitor.stats.collapse_stats import CollapseStats
 
 __all__ = ["MeanProjection", "drift_ranking", "project_means", "top_drift_ids"]

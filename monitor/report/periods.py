@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 from monitor.alerts.thresholds import AlertingSettings
 from monitor.alerts.verdicts import VerdictTracker
-from monitor.evaluate.snapshot import Snapshot
 from monitor.report.data import AlertPeriod
+from monitor.snapshot import Snapshot
 
 __all__ = ["alert_periods"]
 

@@ -9,10 +9,10 @@ from typing import Any
 
 from monitor.alerts.thresholds import AlertingSettings
 from monitor.errors import IncompatibleStats, InvalidInput
-from monitor.evaluate.snapshot import Snapshot
 from monitor.pipeline.windows import read_state, window_stats
 from monitor.report.data import ReportData
 from monitor.report.periods import alert_periods
+from monitor.snapshot import Snapshot
 from monitor.stats import CollapseStats
 from monitor.store.base import Store
 

@@ -21,10 +21,10 @@ from servers import ROOT, service_env
 
 from monitor.config import Settings
 from monitor.evaluate.evaluator import Evaluator
-from monitor.evaluate.snapshot import Snapshot
 from monitor.pipeline.payload import encode_batch
 from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import compact_model
+from monitor.snapshot import Snapshot
 
 VOCAB, DIM = 40, 8
 WINDOW = "1m"

@@ -26,11 +26,11 @@ from typer.testing import CliRunner
 from monitor.cli import app
 from monitor.config import Settings
 from monitor.evaluate.evaluator import Evaluator
-from monitor.evaluate.snapshot import Snapshot
 from monitor.metrics.report import ALERT_STDERR_KEYS
 from monitor.pipeline.payload import encode_batch
 from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import compact_model
+from monitor.snapshot import Snapshot
 
 VOCAB, DIM, WIDE = 40, 8, 12
 WINDOW = "1m"

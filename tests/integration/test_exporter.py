@@ -137,7 +137,7 @@ def setup(redis_server: RedisServer) -> tuple[Settings, RedisStore, CollapseColl
     return (
         settings,
         store,
-        CollapseCollector(store, settings, clock=lambda: NOW, queue_depths=depths),
+        CollapseCollector.for_settings(store, settings, clock=lambda: NOW, queue_depths=depths),
     )
 
 
@@ -325,6 +325,10 @@ def test_top_drift_is_bounded_and_sanitised(setup: Any) -> None:
     assert got["1"] == "line\\nbreak"
     assert got["4"] == "x" * 32
     assert got["5"] == "ü∑ok"
+    # The bound is the evaluator's top_drift_classes (up to 100), not a constant of its own.
+    wide = CollapseCollector(store, models=["m"], windows=list(WINDOWS), top_drift_limit=25)
+    top = series(parse(scrape_text(wide)), "collapse_top_drift_cosine_distance")
+    assert len([k for k in top if dict(k)["window"] == "1h"]) == 25
 
 
 def test_replicas_agree(redis_server: RedisServer) -> None:
@@ -332,8 +336,8 @@ def test_replicas_agree(redis_server: RedisServer) -> None:
     writer = exporter_store(settings)
     writer.put_snapshot("m", "1h", snapshot("m", "1h", full_metrics(1.0)), history=2)
     writer.put_partial("m", "b1", {b"g": b"y" * 100}, ts=NOW - 5, samples=3)
-    a = CollapseCollector(exporter_store(settings), settings, clock=lambda: NOW)
-    b = CollapseCollector(exporter_store(settings), settings, clock=lambda: NOW)
+    a = CollapseCollector.for_settings(exporter_store(settings), settings, clock=lambda: NOW)
+    b = CollapseCollector.for_settings(exporter_store(settings), settings, clock=lambda: NOW)
     assert scrape_text(a) == scrape_text(b)
 
 
@@ -366,7 +370,7 @@ def test_store_that_never_answers_is_bounded(tmp_path: Path) -> None:
         silent.listen(8)
         url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
         settings = Settings(redis_url=url, models=MODELS, windows=WINDOWS)
-        collector = CollapseCollector(exporter_store(settings), settings)
+        collector = CollapseCollector.for_settings(exporter_store(settings), settings)
         started = time.monotonic()
         families = parse(scrape_text(collector))
         assert time.monotonic() - started < 3.0

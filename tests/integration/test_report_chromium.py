@@ -19,10 +19,10 @@ import torch
 from matplotlib.image import imread
 
 from monitor.alerts.thresholds import default_alerting
-from monitor.evaluate.snapshot import Snapshot, TopDrift
 from monitor.report import ReportData, write_report
 from monitor.report.figures import LINE_COLOR
 from monitor.report.periods import alert_periods
+from monitor.snapshot import Snapshot, TopDrift
 from monitor.stats import CollapseStats
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

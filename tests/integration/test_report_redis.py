@@ -21,8 +21,8 @@ import pytest
 from minute_stack import DIM, VOCAB, WINDOW, MinuteStack, model_m
 from servers import ROOT, RedisServer
 
-from monitor.evaluate.snapshot import Snapshot
 from monitor.pipeline.baselines import pin_window
+from monitor.snapshot import Snapshot
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,6 @@ from servers import RedisServer
 
 from monitor.config import Settings
 from monitor.evaluate.evaluator import Evaluator
-from monitor.evaluate.snapshot import Snapshot
 from monitor.exporter.collector import CollapseCollector
 from monitor.metrics.drift import RATIO_KEYS, RATIO_SOURCE
 from monitor.metrics.engine import ClassPairs
@@ -37,6 +36,7 @@ from monitor.pipeline.windows import (
     read_state,
     window_stats,
 )
+from monitor.snapshot import Snapshot
 from monitor.stats import CollapseStats
 from monitor.stats.fields import Globals
 
@@ -74,7 +74,7 @@ def feed(runtime: Runtime, ages: list[float], prefix: str, now: float, rows: int
 def gauges(runtime: Runtime) -> dict[tuple[str, str], float]:
     """(metric name, window) -> value of model m's gauges on a scrape."""
     registry = CollectorRegistry()
-    registry.register(CollapseCollector(runtime.store, runtime.settings))
+    registry.register(CollapseCollector.for_settings(runtime.store, runtime.settings))
     out = {}
     for family in text_string_to_metric_families(generate_latest(registry).decode()):
         for sample in family.samples:

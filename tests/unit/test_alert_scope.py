@@ -166,7 +166,7 @@ def test_static_labels_refused(labels: dict[str, str]) -> None:
 def test_direct_client_labels_from_settings() -> None:
     """Settings.alert_labels reach the evaluator's verdicts under the rules' static labels."""
     from monitor.alerts.verdicts import VerdictTracker
-    from monitor.evaluate.snapshot import Snapshot
+    from monitor.snapshot import Snapshot
 
     settings = Settings(
         alert_labels={"namespace": "ml", "job": "cm-exporter", "prometheus": "mon/k8s",

@@ -22,7 +22,7 @@ from monitor.alerts.rules import alert_labels, render_rules, to_yaml
 from monitor.alerts.thresholds import AlertingSettings, RelativeBound, load_alerting
 from monitor.alerts.verdicts import VerdictTracker
 from monitor.errors import InvalidInput
-from monitor.evaluate.snapshot import Snapshot
+from monitor.snapshot import Snapshot
 
 # The label set every rule aggregates by (monitor.alerts.common).
 S = "cluster, namespace, job, model, window"

@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 from monitor.cli import app
 from monitor.config import Settings
 from monitor.errors import InvalidInput
-from monitor.evaluate.snapshot import Snapshot
 from monitor.offline.compare_live import compare_live, compare_snapshots
 from monitor.offline.live_verdict import LiveStatus, difference_interval, judge_live, z_for
 from monitor.offline.tolerances import (
@@ -29,6 +28,7 @@ from monitor.offline.tolerances import (
 )
 from monitor.pipeline.registry import ModelShape
 from monitor.pipeline.runtime import Runtime
+from monitor.snapshot import Snapshot
 
 TOL = Tolerances(relative={"nc1_cdnv_unbiased": 0.25, "effective_rank": 0.2}, absolute={})
 NOW = 1_800_000_000.0

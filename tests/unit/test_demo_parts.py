@@ -29,7 +29,7 @@ from monitor.demo.inject import NormCollapse, final_norm
 from monitor.demo.state import MIN_DURATION, DemoState, Phase, Plan
 from monitor.demo.view import LiveView, PlainLog
 from monitor.errors import InvalidInput
-from monitor.evaluate.snapshot import Snapshot
+from monitor.snapshot import Snapshot
 from monitor.store.memory import MemoryStore
 
 

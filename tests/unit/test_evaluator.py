@@ -13,13 +13,13 @@ import pytest
 
 from monitor.config import Settings
 from monitor.evaluate.evaluator import Evaluator
-from monitor.evaluate.snapshot import Snapshot
 from monitor.metrics import compute_metrics
 from monitor.pipeline.baselines import pin_window
 from monitor.pipeline.nc4_means import load_nc4_means
 from monitor.pipeline.payload import encode_batch
 from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import compact_model
+from monitor.snapshot import Snapshot
 from monitor.stats import CollapseStats
 
 VOCAB, DIM = 40, 8

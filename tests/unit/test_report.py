@@ -22,12 +22,12 @@ from matplotlib.image import imread
 
 from monitor.alerts.thresholds import AbsoluteBound, AlertingSettings, DriftBound
 from monitor.errors import InvalidInput
-from monitor.evaluate.snapshot import Snapshot, TopDrift
 from monitor.report import AlertPeriod, ReportData, ReportFiles, write_report
 from monitor.report.figures import LINE_COLOR, SEVERITY_COLOR
 from monitor.report.pca import drift_ranking, project_means
 from monitor.report.periods import alert_periods
 from monitor.report.sources import from_json
+from monitor.snapshot import Snapshot, TopDrift
 from monitor.stats import CollapseStats
 
 T0 = 1_764_140_000.0

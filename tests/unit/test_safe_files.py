@@ -23,8 +23,8 @@ from monitor.cli_common import ExitCode, debug_mode
 from monitor.data import output
 from monitor.data.output import OutputDir, check_output_path, write_file
 from monitor.errors import InvalidInput
-from monitor.evaluate.snapshot import Snapshot
 from monitor.report import ReportData, write_report
+from monitor.snapshot import Snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = b"precious: must survive every test\n"

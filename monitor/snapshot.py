@@ -1,4 +1,6 @@
-"""`Snapshot`: one evaluation of one model's window, as the exporter and reports read it.
+"""`Snapshot`: one evaluation of one model's window, the contract between the evaluator that
+writes it and everything that reads it (exporter, direct alerts, reports, `compare --live`).
+Torch-free and at the bottom of the package, so readers need nothing of the evaluator.
 
 Stored as JSON (the schema below is a contract with the exporter and with users' tooling):
 
@@ -63,8 +65,21 @@ class Snapshot:
 
     @classmethod
     def from_json(cls, text: str) -> Snapshot:
-        doc = json.loads(text)
-        if doc.pop("v", None) != SNAPSHOT_VERSION:
-            raise ValueError("unsupported snapshot version")
+        doc = snapshot_document(text)
+        doc.pop("v", None)
         doc["top_drift"] = [TopDrift(**t) for t in doc.get("top_drift", [])]
         return cls(**doc)
+
+
+def snapshot_document(text: str) -> dict[str, Any]:
+    """The JSON object of a snapshot of this schema version; ValueError otherwise.
+
+    The exporter reads documents field by field (a damaged field costs one series, not the
+    scrape); `Snapshot.from_json` builds the typed object from the same checked document.
+    """
+    doc = json.loads(text)
+    if not isinstance(doc, dict):
+        raise ValueError("a snapshot is a JSON object")
+    if doc.get("v") != SNAPSHOT_VERSION:
+        raise ValueError(f"unsupported snapshot version {doc.get('v')!r}")
+    return doc
