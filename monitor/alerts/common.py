@@ -9,10 +9,11 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
+from monitor.metrics.catalogue import PREFIX as PREFIX  # re-exported: one prefix for all
+
 Severity = Literal["warning", "critical"]
 DURATION = r"^([0-9]+(ms|s|m|h|d|w|y))+$"
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
-PREFIX = "collapse_"
 # Labels an alert keeps from its series, so that kube-prometheus-stack can route it (an
 # AlertmanagerConfig matches on `namespace`): the target's namespace and job, and `cluster`
 # where relabelings set one. PromQL leaves a label that no series has absent, so aggregating by

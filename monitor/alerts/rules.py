@@ -34,7 +34,7 @@ from monitor.alerts.thresholds import (
     RelativeBound,
 )
 from monitor.errors import InvalidInput
-from monitor.exporter import gauge_name
+from monitor.metrics.catalogue import BY_KEY, gauge_name
 
 __all__ = [
     "DEFAULT_RELEASE",
@@ -56,40 +56,6 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 
-# What a metric means to the person paged, and why its bad direction is bad.
-METRIC_TEXT: dict[str, tuple[str, str]] = {
-    "drift_nc1_cdnv_ratio": (
-        "CDNV relative to the baseline",
-        "Classes blur together relative to the baseline (within-class spread grows against "
-        "class distances). In the literature this accompanies worse next-token prediction, "
-        "but the relation is not established for every model (this project's study found "
-        "plain CDNV uninformative late in training and reversed across model sizes): check "
-        "the model's loss or quality before acting.",
-    ),
-    "drift_nc4_ncc_agreement_ratio": (
-        "NC4 agreement relative to the baseline",
-        "The LM head agrees less often with the nearest class mean than at the baseline: "
-        "the representation lost the collapse structure it had.",
-    ),
-    "drift_nc2_equiangularity_std_ratio": (
-        "class-mean interference relative to the baseline",
-        "Class means are less evenly spread (more interference) than at the baseline.",
-    ),
-    "drift_effective_rank_ratio": (
-        "effective rank relative to the baseline",
-        "The hidden states use fewer directions than at the baseline: over-collapse of the "
-        "space itself, nuance is being lost.",
-    ),
-    "anisotropy_mean_cos": (
-        "anisotropy (mean cosine of hidden states)",
-        "Hidden states crowd into a narrow cone: over-collapse of the space itself.",
-    ),
-    "effective_rank": (
-        "effective rank of the hidden states",
-        "The hidden states span almost a single direction: a degenerate representation.",
-    ),
-}
-
 
 def _cap(text: str) -> str:
     """Sentence case that keeps acronyms (`CDNV`, `NC4`) intact, unlike str.capitalize."""
@@ -97,6 +63,15 @@ def _cap(text: str) -> str:
 
 
 _number = number
+
+
+def _alert_text(metric: str) -> tuple[str, str]:
+    """What the metric is called in an alert and why its bad side is bad (the catalogue's
+    wording); a metric without one is named by its gauge and explains nothing."""
+    info = BY_KEY.get(metric)
+    if info is None or info.alert is None:
+        return gauge_name(metric), ""
+    return info.alert.subject, info.alert.meaning
 
 
 def _selector(metric: str, matchers: Mapping[str, str]) -> str:
@@ -161,7 +136,7 @@ def _bounded_rule(
     alerting: AlertingSettings, bound: AbsoluteBound | RelativeBound | PredictiveBound
 ) -> dict[str, Any]:
     selector = _selector(bound.metric, bound.matchers)
-    what, meaning = METRIC_TEXT.get(bound.metric, (gauge_name(bound.metric), ""))
+    what, meaning = _alert_text(bound.metric)
     limit = _bound_text(bound.min, bound.max)
     if isinstance(bound, PredictiveBound):
         horizon = duration_seconds(bound.horizon)

@@ -30,6 +30,7 @@ from monitor.alerts.common import DURATION, RESERVED_LABELS, Severity, duration_
 from monitor.alerts.pipeline_alerts import PipelineAlerts
 from monitor.data.files import read_structured
 from monitor.errors import InvalidInput
+from monitor.metrics.keys import RATIO_KEYS as BASE_RATIO_KEYS
 
 __all__ = [
     "DEFAULT_RUNBOOK_BASE_URL",
@@ -57,12 +58,8 @@ LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # states is at most N - 1. 100 is far above that floor for the bound of 2 and far below any
 # real window (a model with less traffic than this has no meaningful absolute geometry).
 MIN_WINDOW_SAMPLES = 100
-RATIO_KEYS = (
-    "drift_nc1_cdnv_ratio",
-    "drift_nc2_equiangularity_std_ratio",
-    "drift_nc4_ncc_agreement_ratio",
-    "drift_effective_rank_ratio",
-)
+# The keys a relative bound may watch: the baseline ratios (`drift_<k>_ratio`).
+RATIO_KEYS = tuple(f"drift_{key}_ratio" for key in BASE_RATIO_KEYS)
 
 
 class _Rule(BaseModel):

@@ -3,37 +3,13 @@
 Every drift metric is a function of the additive sufficient statistics alone, so it works on
 merged windows and on a baseline pinned months ago, without raw samples.
 
-Keys (which way is bad):
-
-- `drift_mmd`: unbiased squared MMD between window and baseline in the model's fixed
-  random-Fourier-feature space (~ Gaussian kernel). Bad: above `drift_mmd_threshold`.
-- `drift_mmd_threshold`: the calibrated null quantile of `drift_mmd` at this window's and the
-  baseline's sample counts (a reference line, not a health signal).
-- `drift_mean_shift`: distance between the sample-weighted global means, in baseline standard
-  deviations (sqrt of the total variance). Bad: rising.
-- `drift_class_mean_cos`: sample-weighted mean cosine distance `1 - cos(mu_c, mu_c_base)` of
-  the class means. Bad: rising.
-- `drift_label_js`: Jensen-Shannon divergence (bits, in [0, 1]) of next-token frequencies: the
-  traffic changed. Bad: rising.
-- `drift_nc1_cdnv_ratio`: window `nc1_cdnv_unbiased` / baseline's (the volume-robust CDNV, so
-  a window with less traffic than the baseline does not read as a change). Bad: above 1.
-- `drift_nc2_equiangularity_std_ratio`: window / baseline. Bad: above 1. Guarded (below).
-- `drift_nc4_ncc_agreement_ratio`: window / baseline. Bad: below 1. Guarded (below).
-- `drift_effective_rank_ratio`: window / baseline. Bad: far from 1; below 1 = the space
-  collapses onto fewer directions. Guarded (below).
-
-Volume guards. Equiangularity spread, NC4 agreement and effective rank have no sound
-finite-sample correction: their expectation moves with the window's traffic (noisy class means
-spread the cosines and blur the nearest-centre decision; N samples cannot show more than about
-N directions). Their ratios are therefore computed only where that bias is small on both sides,
-else absent (a missing ratio never alerts):
-
-- equiangularity std and NC4 agreement: `mean_noise_ratio <= max_mean_noise` (default 0.05:
-  the noise of the estimated means is at most 5% of their spread) in window and baseline;
-- effective rank: `sample_count >= min_samples_per_dim * dim` (default 10) in both.
-
-`drift_<k>_ratio_stderr` (RATIO_STDERR_KEYS) and `<key>_traffic_stderr` are named in
-`monitor.metrics.keys` and filled by the evaluator (delta method on the two traffic stderrs).
+The keys (`DRIFT_KEYS`), what each means and which way is bad are in the metric catalogue
+(`monitor.metrics.catalogue`, docs/metrics.md); this module computes them. The ratios
+without a sound finite-sample correction (`NOISE_GUARDED`, `SAMPLES_GUARDED`) move with the
+window's traffic, so they are computed only where that bias is small on both sides, else absent
+(a missing ratio never alerts): `mean_noise_ratio <= max_mean_noise` (default 0.05), or
+`sample_count >= min_samples_per_dim * dim` (default 10), in window and baseline. The standard
+errors (`RATIO_STDERR_KEYS`, `<key>_traffic_stderr`) are filled by the evaluator, not here.
 
 Formulas (n = counts, S = sum of phi(h), Q = sum of ||phi(h)||^2, s_c/q_c = class sums):
 

@@ -2,7 +2,9 @@
 
 The exporter, the API, rule and dashboard generators and `status` read these names without the
 metric engine: importing them must not load torch (a core install has none). The engine's
-modules (`report`, `drift`) re-export them under their old names.
+modules (`report`, `drift`) re-export them under their old names. What each key means, its
+unit and which way is bad are in `monitor.metrics.catalogue`: a key added here needs an entry
+there (tests/unit/test_catalogue.py holds the two equal).
 """
 
 from __future__ import annotations
