@@ -40,6 +40,7 @@ CORE_MODULES = (
     "monitor.pipeline.ingest",
     "monitor.metrics",
     "monitor.metrics.keys",
+    "monitor.metrics.catalogue",
     "monitor.metrics.report",
     "monitor.stats",
     "monitor.stats.fields",
