@@ -16,14 +16,13 @@ import pytest
 from servers import RedisServer
 
 from monitor import cli
-from monitor.cli_common import ExitCode, debug_mode
+from monitor.cli.common import ExitCode
 
 VOCAB, DIM = 50, 8
 MODELS = [{"name": "m", "vocab_size": VOCAB, "dim": DIM, "second_moment": True}]
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    debug_mode["on"] = False
     with pytest.raises(SystemExit) as exited:
         cli.main(list(args))
     out, err = capsys.readouterr()

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import ROOT, RedisServer, free_port, service_env, wait_for
 from typer.testing import CliRunner
 
-from monitor.cli_exporter import register
+from monitor.cli.exporter import register
 from monitor.config import Settings
 from monitor.exporter import FAMILY_HELP, METRIC_HELP
 from monitor.exporter.collector import CollapseCollector

@@ -35,7 +35,7 @@ from monitor.alerts.thresholds import (
     default_alerting,
     load_alerting,
 )
-from monitor.cli_alerts import register
+from monitor.cli.alerts import register
 from monitor.errors import InvalidInput
 
 # The label set every rule aggregates by (monitor.alerts.common).
@@ -512,7 +512,7 @@ def _app() -> typer.Typer:
 
     @app.callback()
     def root() -> None:
-        """A fresh root, as monitor/cli.py's app will be."""
+        """A fresh root, as monitor.cli's app is."""
 
     register(app)
     return app
@@ -541,20 +541,8 @@ def test_cli_render_formats_and_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2
 
 
-# Until monitor/cli.py registers the `rules` commands itself, register them into its app here,
-# so the real main() (one-line errors, exit 2) is what the test runs either way.
-_SHIM = """import sys
-from monitor import cli, cli_alerts
-if not any(g.name == "rules" for g in cli.app.registered_groups):
-    cli_alerts.register(cli.app)
-cli.main()"""
-
-
 def test_main_cli_renders_rules_and_fails_in_one_line(tmp_path: Path) -> None:
-    from monitor import cli
-
-    wired = any(g.name == "rules" for g in cli.app.registered_groups)
-    entry = ["-m", "monitor.cli"] if wired else ["-c", _SHIM]
+    entry = ["-m", "monitor.cli"]
     done = _run(sys.executable, *entry, "rules", "render", "--format", "prometheusrule")
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load(done.stdout)["kind"] == "PrometheusRule"

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from monitor.alerts.rules import DEFAULT_RELEASE, alert_labels, render_rules, to_yaml
 from monitor.alerts.thresholds import default_alerting, load_alerting
-from monitor.cli_alerts import register
+from monitor.cli.alerts import register
 from monitor.config import Settings
 from monitor.errors import InvalidInput
 
@@ -189,7 +189,7 @@ def _app() -> typer.Typer:
 
     @app.callback()
     def root() -> None:
-        """A fresh root, as monitor/cli.py's app will be."""
+        """A fresh root, as monitor.cli's app is."""
 
     register(app)
     return app

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from monitor.api import ApiConfigError, create_api
 from monitor.api.server import is_loopback, serve
-from monitor.cli_api import register
+from monitor.cli.api import register
 from monitor.config import Settings
 from monitor.pipeline.payload import decode_batch
 from monitor.pipeline.queues import TASK_EMBED, TASK_INGEST

@@ -24,7 +24,7 @@ import typer
 import typer.main
 
 from monitor import __version__, cli
-from monitor.cli_common import ExitCode, debug_mode
+from monitor.cli.common import ExitCode
 from monitor.metrics.report import COLLAPSE_KEYS, GEOMETRY_KEYS, REPORT_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +73,6 @@ LEAVES = [" ".join(path) for path, cmd in ALL if path and not hasattr(cmd, "comm
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """The real entry point, in this process: (exit code, stdout, stderr)."""
-    debug_mode["on"] = False
     with pytest.raises(SystemExit) as exited:
         cli.main(list(args))
     out, err = capsys.readouterr()
@@ -268,7 +267,7 @@ def _toy_app(exc: BaseException) -> typer.Typer:
 
     @toy.callback()
     def root(debug: bool = typer.Option(False, "--debug")) -> None:
-        debug_mode["on"] = debug
+        del debug  # read by cli.main from the arguments
 
     @toy.command(epilog="Example: collapse-monitor boom")
     def boom() -> None:

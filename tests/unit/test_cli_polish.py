@@ -23,7 +23,7 @@ from celery import Celery
 from celery.signals import task_postrun, task_prerun
 
 from monitor import cli
-from monitor.cli_common import ExitCode, debug_mode, iso_utc, tidy_help, with_iso_time
+from monitor.cli.common import ExitCode, iso_utc, tidy_help, with_iso_time
 from monitor.worker.heartbeat import Heartbeat, HeartbeatScheduler, worker_step
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +40,6 @@ PATHS = list(_walk(typer.main.get_command(cli.app), ()))
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    debug_mode["on"] = False
     with pytest.raises(SystemExit) as exited:
         cli.main(list(args))
     out, err = capsys.readouterr()

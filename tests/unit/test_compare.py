@@ -384,7 +384,7 @@ def test_console_script_exit_codes(models: dict[str, Path], corpus: Path) -> Non
 
 
 def test_change_column_is_a_factor_only_where_it_means_one() -> None:
-    from monitor.cli_compare import _change
+    from monitor.cli.compare import _change
 
     assert _change(0.296, 0.6) == "+29.6%"
     assert _change(109.3, 2.065) == "110x"  # 227.7 / 2.065

@@ -317,7 +317,7 @@ def test_modes_do_not_mix(args: list[str], message: str) -> None:
 
 
 def test_live_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from monitor.cli_compare import _print_live_table
+    from monitor.cli.compare import _print_live_table
 
     monkeypatch.setenv("COLUMNS", "200")
     cand = {**REF, "nc1_cdnv_unbiased": 0.8, "nc1_cdnv_unbiased_traffic_stderr": 0.05}

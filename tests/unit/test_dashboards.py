@@ -25,9 +25,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from monitor import cli_dashboards
 from monitor.alerts.rules import render_rules
 from monitor.alerts.thresholds import default_alerting
+from monitor.cli import dashboards as cli_dashboards
 from monitor.errors import InvalidInput
 from monitor.exporter import COUNTERS, FAMILY_HELP, METRIC_HELP, PREFIX, gauge_name
 from monitor.grafana import push as push_module

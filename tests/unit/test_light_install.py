@@ -32,7 +32,7 @@ CORE_MODULES = (
     "monitor.api",
     "monitor.api.app",
     "monitor.alerts.rules",
-    "monitor.cli_dashboards",
+    "monitor.cli.dashboards",
     "monitor.grafana.push",
     "monitor.pipeline.status",
     "monitor.pipeline.windows",

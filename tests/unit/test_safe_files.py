@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from monitor import cli
-from monitor.cli_common import ExitCode, debug_mode
+from monitor.cli.common import ExitCode
 from monitor.data import output
 from monitor.data.output import OutputDir, check_output_path, write_file
 from monitor.errors import InvalidInput
@@ -44,7 +44,6 @@ def untouched(victim: Path) -> bool:
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    debug_mode["on"] = False
     with pytest.raises(SystemExit) as exited:
         cli.main(list(args))
     out, err = capsys.readouterr()

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from monitor.cli_common import one_line_errors
+from monitor.cli.common import one_line_errors
 
 
 def register(app: typer.Typer) -> None:

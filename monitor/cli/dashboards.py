@@ -1,6 +1,6 @@
 """The `dashboards` commands: `collapse-monitor dashboards push --url --token --folder`.
 
-Kept apart from monitor/cli.py so pushing dashboards needs neither torch nor Redis. The token
+A module of its own so pushing dashboards needs neither torch nor Redis. The token
 comes from `--token` or `COLLAPSE_GRAFANA_TOKEN` (preferred: it stays out of shell history and
 process listings) and is never printed.
 """
@@ -13,13 +13,13 @@ from typing import Annotated
 
 import typer
 
-from monitor.cli_common import one_line_errors
+from monitor.cli.common import one_line_errors
 
 
 def _dashboards_dir() -> Path:
     """The checkout's dashboards/ (source and editable installs), else the copy that a wheel
     installs under <prefix>/share/collapse-monitor/dashboards (pyproject's data-files)."""
-    checkout = Path(__file__).resolve().parents[1] / "dashboards"
+    checkout = Path(__file__).resolve().parents[2] / "dashboards"
     if checkout.is_dir():
         return checkout
     return Path(sys.prefix) / "share" / "collapse-monitor" / "dashboards"

@@ -1,6 +1,6 @@
 """The `rules` commands: `collapse-monitor rules render [--format rules|prometheusrule] ...`.
 
-Kept apart from monitor/cli.py so rendering rules needs neither torch nor Redis: a Helm hook or
+A module of its own so rendering rules needs neither torch nor Redis: a Helm hook or
 a CI job renders them from thresholds alone. Bad input raises `InvalidInput`, which the main CLI
 prints as one line with exit code 2.
 """

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from monitor.cli_common import FormatOption, OutputFormat, progress_bar, with_iso_time
+from monitor.cli.common import FormatOption, OutputFormat, progress_bar, with_iso_time
 from monitor.data.files import read_lines
 from monitor.errors import InvalidInput
 

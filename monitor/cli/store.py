@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Convert statistics written by collapse-monitor 0.1 (one blob per bucket) to the split
         format: baselines, buckets and pending batches are kept; safe to run again."""
-        from monitor.cli_pipeline import _runtime
+        from monitor.cli.pipeline import _runtime
         from monitor.pipeline.migrate import migrate_model
         from monitor.store.redis_store import RedisStore
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import inspect
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
@@ -42,7 +43,19 @@ FORMAT_HELP = "json (one document on stdout, for scripts) or table (for people).
 FormatOption = Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)]
 
 
-debug_mode = {"on": False}  # set by the root --debug option
+# --debug of this invocation: set by `main` for the run of one command line (a context variable,
+# so a caller of `main` in the same process, tests included, never sees another run's value).
+DEBUG: ContextVar[bool] = ContextVar("collapse_monitor_debug", default=False)
+
+
+def debug_requested(args: Sequence[str]) -> bool:
+    """--debug among the root options, which precede the command's name."""
+    for arg in args:
+        if arg == "--debug":
+            return True
+        if not arg.startswith("-"):
+            return False
+    return False
 
 
 def _one_line_paragraphs(text: str) -> str:
@@ -150,7 +163,7 @@ def one_line_errors() -> Iterator[None]:
     except Exception as exc:
         if not isinstance(exc, (CollapseMonitorError, FileNotFoundError, *_settings_errors())):
             raise
-        if debug_mode["on"]:  # the traceback, and still the exit code scripts rely on
+        if DEBUG.get():  # the traceback, and still the exit code scripts rely on
             traceback.print_exc(file=sys.stderr)
         print_error(one_line(exc))
         raise typer.Exit(ExitCode.BAD_INPUT) from None

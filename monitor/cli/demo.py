@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from monitor.cli_common import ExitCode, one_line_errors, stderr
+from monitor.cli.common import ExitCode, one_line_errors, stderr
 
 if TYPE_CHECKING:
     from monitor.demo import DemoResult

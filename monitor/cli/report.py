@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from monitor.cli_common import FormatOption, OutputFormat, stderr
+from monitor.cli.common import FormatOption, OutputFormat, stderr
 from monitor.errors import InvalidInput
 
 

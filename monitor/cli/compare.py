@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import TaskID
 from rich.table import Table
 
-from monitor.cli_common import (
+from monitor.cli.common import (
     ExitCode,
     FormatOption,
     OutputFormat,
@@ -200,7 +200,7 @@ def _run_live(
     max_age: float | None,
 ) -> LiveCompareResult:
     """The live comparison, from the store of the COLLAPSE_* settings."""
-    from monitor.cli_pipeline import _runtime
+    from monitor.cli.pipeline import _runtime
     from monitor.offline.compare_live import compare_live
     from monitor.offline.live_verdict import DEFAULT_Z, z_for
     from monitor.offline.tolerances import load_live_tolerances

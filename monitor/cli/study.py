@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from monitor.cli_common import FormatOption, OutputFormat, progress_bar
+from monitor.cli.common import FormatOption, OutputFormat, progress_bar
 
 if TYPE_CHECKING:  # numpy loads when the command runs: --help stays fast
     from monitor.offline.correlation import Correlation, Interval
