@@ -20,10 +20,9 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
-from celery import Celery
 from fastapi.security import HTTPAuthorizationCredentials
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
@@ -45,7 +44,6 @@ from monitor.pipeline.embed import embed_payload, parse_text_payload
 from monitor.pipeline.payload import SCHEMA_VERSION, encode_batch
 from monitor.pipeline.queues import TASK_EMBED, TASK_INGEST
 from monitor.pipeline.runtime import Runtime
-from monitor.worker.app import create_app
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,6 +51,9 @@ T = TypeVar("T")
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OperationalError, OSError)
 REALM = 'Bearer realm="collapse-monitor"'
 BROKER_SOCKET_TIMEOUT = 10.0  # a send stuck on a silent broker frees its thread after this
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,11 @@ class Ingress:
         token = settings.api_token.get_secret_value() if settings.api_token else None
         self._token = token.encode() if token is not None else None
         self._secrets = [s for s in (token, _password(settings)) if s]
-        self.celery = None if settings.embedded else _fail_fast(create_app(settings), io_timeout)
+        self.celery = None
+        if not settings.embedded:  # Celery only where messages are sent
+            from monitor.worker.app import create_app
+
+            self.celery = _fail_fast(create_app(settings), io_timeout)
         # Separate pools: a flood of refusals (counted) or probes can never starve enqueueing.
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="collapse-api-io")
         self.count_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="collapse-api-count")

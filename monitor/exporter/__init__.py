@@ -1,4 +1,4 @@
-"""The Prometheus exporter (DESIGN.md step 6): metric snapshots and pipeline health as gauges.
+"""The Prometheus exporter (docs/architecture.md): metric snapshots and pipeline health as gauges.
 
 The collector (`monitor.exporter.collector.CollapseCollector`) reads Redis at scrape time and
 keeps no state of its own, so any number of exporter replicas report the same numbers; the

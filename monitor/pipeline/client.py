@@ -23,7 +23,6 @@ from monitor.errors import CollapseMonitorError
 from monitor.pipeline.payload import SCHEMA_VERSION, encode_batch
 from monitor.pipeline.queues import TASK_EMBED, TASK_INGEST
 from monitor.pipeline.runtime import Runtime, get_runtime
-from monitor.worker.app import create_app
 
 if TYPE_CHECKING:
     from monitor.capture.sinks import CaptureBatch
@@ -75,7 +74,11 @@ class MonitorClient:
         self.runtime = (
             runtime if runtime is not None else (get_runtime() if self.settings.embedded else None)
         )
-        self.app = None if self.settings.embedded else create_app(self.settings)
+        self.app = None
+        if not self.settings.embedded:  # Celery only where messages are sent
+            from monitor.worker.app import create_app
+
+            self.app = create_app(self.settings)
         if self.app is not None:
             self.app.conf.broker_transport_options = {
                 **(self.app.conf.broker_transport_options or {}),

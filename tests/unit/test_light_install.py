@@ -97,7 +97,8 @@ def test_lazy_names_resolve_to_their_modules() -> None:
 
 def test_celery_stays_in_the_worker_wing() -> None:
     """Importing the app factory, the client or the API reads no settings (an unparsable
-    environment would raise) and loads no task; the evaluator imports no Celery at all."""
+    environment would raise) and loads no task; the client, the API and the exporter load
+    Celery only to send (not in embedded mode, not at import); the evaluator never."""
     code = (
         "import os, sys\n"
         "os.environ['COLLAPSE_MODELS'] = 'not json'\n"
@@ -106,8 +107,10 @@ def test_celery_stays_in_the_worker_wing() -> None:
         "import monitor.evaluate.run, monitor.evaluate.evaluator"
     )
     evaluate_only = "import monitor.evaluate.run, monitor.evaluate.evaluator"
+    senders = "import monitor.pipeline.client, monitor.api.app, monitor.exporter.server"
     assert "monitor" in imported_after(code)
     assert [m for m in ("celery", "kombu") if m in imported_after(evaluate_only)] == []
+    assert "celery" not in imported_after(senders)
 
 
 def test_missing_extra_names_the_extra() -> None:
