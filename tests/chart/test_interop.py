@@ -415,3 +415,29 @@ def test_values_file_documents_every_new_key() -> None:
     for key in keys:
         assert key in text, key
     assert "GitOps" in text
+
+
+def test_the_exporter_and_the_api_run_the_slim_image_when_one_is_given() -> None:
+    """slimImage (deploy/Dockerfile.slim, no torch) for the two components that import none;
+    the workers and beat keep the main image; without it every pod runs the main image."""
+
+    def images(docs: list[dict[str, Any]]) -> dict[str, str]:
+        return {
+            d["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"]["template"]["spec"][
+                "containers"
+            ][0]["image"]
+            for d in find(docs, "Deployment")
+            if d["metadata"]["labels"].get("app.kubernetes.io/name") == "collapse-monitor"
+        }
+
+    plain = images(template("--set", "image.tag=1.2"))
+    assert set(plain.values()) == {"collapse-monitor:1.2"}
+    slim = images(template("--set", "image.tag=1.2", "--set", "slimImage.repository=cm-slim"))
+    assert {c for c, image in slim.items() if image == "cm-slim:1.2"} == {"exporter", "api"}
+    assert {c: i for c, i in slim.items() if c not in ("exporter", "api")} == {
+        c: i for c, i in plain.items() if c not in ("exporter", "api")
+    }
+    tagged = images(
+        template("--set", "slimImage.repository=cm-slim", "--set-string", "slimImage.tag=9")
+    )
+    assert tagged["exporter"] == "cm-slim:9"

@@ -48,6 +48,15 @@ app.kubernetes.io/part-of: collapse-monitor
 {{- end -}}
 {{- end -}}
 
+{{/* The slim core image of the exporter and the API (slimImage), else the main one. */}}
+{{- define "cm.slimImage" -}}
+{{- if .Values.slimImage.repository -}}
+{{- printf "%s:%s" .Values.slimImage.repository (default (default .Chart.AppVersion .Values.image.tag) .Values.slimImage.tag) -}}
+{{- else -}}
+{{- include "cm.image" . -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "cm.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}

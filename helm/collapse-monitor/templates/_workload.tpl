@@ -2,7 +2,7 @@
 One collapse-monitor Deployment. dict:
   root: $, component: name, values: the component's values, args: container args,
   ports: [{name, port}] (http probes on the first), models: mount modelVolume,
-  gpu: GPU worker, replicas: int or nil (autoscaled), recreate: Recreate strategy,
+  gpu: GPU worker, slim: the slim core image (slimImage), replicas: int or nil (autoscaled), recreate: Recreate strategy,
   readyPath: readiness probe path (default /readyz), liveness: the component's liveness values
   (processes without ports: the heartbeat file, see cm.heartbeatArgs).
 */}}
@@ -54,7 +54,7 @@ spec:
       {{- end }}
       containers:
         - name: {{ .component }}
-          image: {{ if .gpu }}{{ include "cm.gpuImage" $root }}{{ else }}{{ include "cm.image" $root }}{{ end }}
+          image: {{ if .gpu }}{{ include "cm.gpuImage" $root }}{{ else if .slim }}{{ include "cm.slimImage" $root }}{{ else }}{{ include "cm.image" $root }}{{ end }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
           command: ["collapse-monitor"]
           args:
