@@ -6,7 +6,9 @@ measures the step alone:
 
 - `metrics`: `compute_metrics(stats, head, bias, ...)` with sampled pairs (`max_exact_classes`
   below K, `--pair-samples` pairs) and NC4 on a subsample of `--nc4-max` of `--nc4-eval`
-  evaluation features (`--nc4-eval 0`: NC4 skipped, no evaluation set);
+  evaluation features (`--nc4-eval 0`: NC4 skipped, no evaluation set); `--max-exact` at or
+  above K gives exact pairs instead, with `--device cuda` the GPU row of benchmarks/gpu.sh
+  (host peak as VmHWM, the device's as torch.cuda.max_memory_allocated);
 - `drift`: `compute_drift(window, base)` against a baseline of the same classes.
 
 Inputs are synthetic statistics written straight into `CollapseStats` (no samples are fed: at
@@ -203,11 +205,12 @@ def prepare(spec: dict[str, Any]) -> tuple[Any, int]:
             stats,
             weight,
             bias,
-            max_exact_classes=min(spec["max_exact"], k - 1),
+            max_exact_classes=spec["max_exact"],
             pair_samples=spec["pair_samples"],
             eval_features=feats,
             nc4_max_samples=spec["nc4_max"],
             seed=0,
+            device=spec.get("device", "cpu"),
         )
         return dict(report.as_dict())
 
@@ -232,10 +235,16 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     trim_heap()
     rss_before = proc_status_kib("VmRSS")
     can_reset = reset_peak()
+    cuda = str(spec.get("device", "cpu")).startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0, c0 = time.perf_counter(), time.process_time()
     values = step()
+    if cuda:
+        torch.cuda.synchronize()
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = proc_status_kib("VmHWM") if can_reset else None
+    device_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     return {
         **spec,
         "seconds": elapsed,
@@ -247,6 +256,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_mib": None if peak is None else peak / 1024,
         "above_mib": None if peak is None else (peak - rss_before) / 1024,
         "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device_peak_mib": device_peak,
         "values": {key: values.get(key) for key in SHOWN_KEYS if key in values},
     }
 
@@ -316,7 +326,12 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
             f"- {r['step']}, K = {r['k']:,}, d = {r['d']:,}: {r['above_mib']:,.0f} MiB above the "
             f"input = {r['above_mib'] / kd:.2f} K x d float64 ({kd:,.0f} MiB each); process peak "
             f"{r['peak_mib'] / 1024:.2f} GiB ({'within' if r['peak_mib'] <= 8192 else 'above'} "
-            f"8 GiB), of which the input tensors {r['input_mib'] / 1024:.2f} GiB."
+            f"8 GiB), of which the input tensors {r['input_mib'] / 1024:.2f} GiB"
+            + (
+                f"; device {r.get('device')}: peak {r['device_peak_mib']:,.0f} MiB allocated."
+                if r.get("device_peak_mib") is not None
+                else "."
+            )
         )
     print()
     shown = [r for r in results if "error" not in r and r["values"]]
@@ -337,11 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", choices=("shuffled", "sorted"), default="shuffled")
     p.add_argument("--steps", default="metrics,drift", help="comma-separated: metrics, drift")
     p.add_argument("--pair-samples", type=int, default=500_000)
-    p.add_argument("--max-exact", type=int, default=30_000, help="max_exact_classes (< K)")
+    p.add_argument(
+        "--max-exact", type=int, default=30_000, help="max_exact_classes (>= K: exact pairs)"
+    )
     p.add_argument("--nc4-eval", type=int, default=4_000, help="evaluation features; 0 = none")
     p.add_argument("--nc4-max", type=int, default=1_000, help="nc4_max_samples (subsample)")
     p.add_argument("--second-moment", action="store_true", help="trace ratio, effective rank")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="compute device of compute_metrics (cuda: exact pairs at full K with --max-exact)",
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="per step, seconds")
     p.add_argument("--code", default=None, help="import monitor from this directory")
     p.add_argument("--quick", action="store_true", help="smoke run: K = 3,000, d = 64")
@@ -367,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "nc4_max": args.nc4_max,
         "second_moment": args.second_moment,
         "seed": args.seed,
+        "device": args.device,
     }
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     results = [spawn({**base, "step": step}, args.code, args.timeout) for step in steps]

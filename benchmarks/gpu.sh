@@ -5,7 +5,8 @@
 #   3. bench_evaluate.py --device cuda      (incl. exact metrics at K = 50,000, d = 4,096;
 #                                            goal under 2 s on one H100),
 #   4. bench_mmd.py --device cuda           (RFF vs exact MMD, exact up to N = 100,000),
-# each under `timeout`, about 7.5 minutes at most in all; then one table (step, exit status,
+#   5. bench_scale_eval.py --device cuda    (exact metrics at LLM scale: K = 128,256, d = 4,096),
+# each under `timeout`, about 10 minutes at most in all; then one table (step, exit status,
 # seconds, headline) followed by each benchmark's own tables. Everything is also written to
 # build/gpu-bench.md (or $GPU_BENCH_OUT).
 #
@@ -43,7 +44,9 @@ if [[ $DRY -eq 1 ]]; then
     --sampled-ks "" --pairs-max-k 0 --direct-max-k 0 --pair-samples 2000 --eval-samples 500
     --json "$WORK/evaluate.json")
   MMD=("$PY" benchmarks/bench_mmd.py --device cpu --quick --json "$WORK/mmd.json")
-  LIMITS=(60 60 60 60)
+  SCALE=("$PY" benchmarks/bench_scale_eval.py --quick --steps metrics --max-exact 10000
+    --device cpu)
+  LIMITS=(60 60 60 60 60)
 else
   if ! command -v nvidia-smi > /dev/null || ! nvidia-smi -L > /dev/null 2>&1; then
     echo "gpu.sh: no NVIDIA GPU here (nvidia-smi fails); use --dry-run to check the script" >&2
@@ -59,11 +62,14 @@ else
     --sampled-ks 50000 --timeout 120 --json "$WORK/evaluate.json")
   MMD=("$PY" benchmarks/bench_mmd.py --device cuda --exact-max-n 100000 --max-rff-work 1e13
     --tile 8192 --json "$WORK/mmd.json")
-  LIMITS=(60 90 210 90)
+  # Every pair of K = 128,256 classes exact (8.2e9 pairs) plus NC4 on 4,000 features.
+  SCALE=("$PY" benchmarks/bench_scale_eval.py --steps metrics --max-exact 200000 --nc4-eval 4000
+    --nc4-max 4000 --device cuda --timeout 170)
+  LIMITS=(60 90 210 90 180)
 fi
 
 echo "gpu.sh: card: $CARD" >&2
-NAMES=("pytest -m gpu" "bench_update" "bench_evaluate" "bench_mmd")
+NAMES=("pytest -m gpu" "bench_update" "bench_evaluate" "bench_mmd" "bench_scale_eval")
 STATUS=()
 SECONDS_TAKEN=()
 run_step() {  # index, command...: run with its time limit, keep stdout, pass stderr through
@@ -79,6 +85,7 @@ run_step 0 "${PYTEST[@]}"
 run_step 1 "${UPDATE[@]}"
 run_step 2 "${EVALUATE[@]}"
 run_step 3 "${MMD[@]}"
+run_step 4 "${SCALE[@]}"
 
 headline() {  # one line per step for the summary table, from the step's output
   case $1 in
@@ -106,6 +113,7 @@ if rff:
           f"{max(n for n, _ in ex):,}")
 EOF
       ;;
+    4) grep -m 1 '^- metrics, K = ' "$WORK/step4.md" | tr '|' '/' ;;
   esac
 }
 
@@ -116,11 +124,11 @@ EOF
   echo
   echo "| step | exit | seconds | limit s | headline |"
   echo "|---|---:|---:|---:|---|"
-  for i in 0 1 2 3; do
+  for i in 0 1 2 3 4; do
     echo "| ${NAMES[$i]} | ${STATUS[$i]} | ${SECONDS_TAKEN[$i]} | ${LIMITS[$i]} | $(headline "$i") |"
   done
   echo
-  for i in 1 2 3; do
+  for i in 1 2 3 4; do
     echo "### ${NAMES[$i]}"
     echo
     cat "$WORK/step$i.md"

@@ -104,15 +104,22 @@ def test_gpu_sh_dry_run_runs_every_step_on_cpu(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,  # five steps of at most 60 s each
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = out.read_text()
     assert text == proc.stdout
-    for step in ("pytest -m gpu", "bench_update", "bench_evaluate", "bench_mmd"):
+    for step in (
+        "pytest -m gpu",
+        "bench_update",
+        "bench_evaluate",
+        "bench_mmd",
+        "bench_scale_eval",
+    ):
         assert f"| {step} | 0 |" in text, text[:2000]
     assert "Card: none (dry run on the CPU)" in text
+    assert "- metrics, K = 3,000, d = 64:" in text  # the LLM-scale row's headline, at toy size
     # The gpu-marked tests exist and are what the GPU run executes.
     assert "tests collected" in text
     assert " 0/" not in text
