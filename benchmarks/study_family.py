@@ -101,7 +101,12 @@ QUICK = Grid(
     max_tokens=16_384,
     max_eval_tokens=8_192,
 )
-PUBLISHED_PLOTS = ("overview.png", "nc1_cdnv2.png", "nc4_ncc_agreement.png")
+PUBLISHED_PLOTS = (
+    "overview.png",
+    "nc1_cdnv2.png",
+    "nc1_cdnv2_scale_free.png",
+    "nc4_ncc_agreement.png",
+)
 
 
 def say(msg: str) -> None:

@@ -137,7 +137,7 @@ def within_groups(rows: list[Row]) -> list[str]:
         got = pearson(average_ranks([p[0] for p in pairs]), average_ranks([p[1] for p in pairs]))
         return "n/a" if len(pairs) < 3 or got is None else f"{got:+.2f}"
 
-    keys = ("parameters", *TABLE_KEYS)
+    keys = ("parameters", *TABLE_KEYS, "nc3_duality_mean_cos", "effective_rank")
     lines = ["| group | n | " + " | ".join(f"`{k}`" for k in keys) + " |",
              "|---|---:|" + "---:|" * len(keys)]  # fmt: skip
 
@@ -183,6 +183,47 @@ def schedule_table(rows: list[Row]) -> list[str]:
     return lines
 
 
+def demeaned_pearson(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float | None:
+    """Pearson's r after subtracting each group's mean from x and y (fixed effects)."""
+    dx, dy = x.copy(), y.copy()
+    for g in np.unique(groups[:, 0]):
+        mask = groups[:, 0] == g
+        dx[mask] -= dx[mask].mean()
+        dy[mask] -= dy[mask].mean()
+    return pearson(dx, dy)
+
+
+def seed_level(
+    doc: dict[str, Any], rows: list[Row], correlations: list[dict[str, Any]]
+) -> list[str]:
+    """Seed-to-seed: r of metric and loss after removing each configuration's mean.
+
+    A configuration is size x schedule x length, so what is left is how seeds of one setup
+    differ: the paper's "20 seeds of one model" test. Bootstrap over runs, as the study's.
+    """
+    boot = doc["bootstrap"]
+    configs = sorted({(r["parameters"], describe(r)[2], r["tokens_seen"]) for r in rows})
+    group = np.array([[configs.index((r["parameters"], describe(r)[2], r["tokens_seen"]))]
+                      for r in rows], dtype=np.float64)  # fmt: skip
+    y = np.array([r["val_loss"] for r in rows])
+    plan = cluster_plan([r["run"] for r in rows], boot["resamples"], boot["seed"], boot["level"])
+    lines = [f"| metric | r within configuration [95% CI] ({len(configs)} configurations) |",
+             "|---|---:|"]  # fmt: skip
+    for c in correlations:
+        vals = [value(r, c["metric"]) for r in rows]
+        x = np.array([math.nan if v is None else v for v in vals])
+        if c["scale"] == "log10":
+            x = np.log10(x)
+        ok = np.isfinite(x)
+        point = demeaned_pearson(x[ok], y[ok], group[ok]) if ok.sum() > 2 else None
+        band = bootstrap_interval(demeaned_pearson, x, y, group, plan)
+        text = num(point, "+.2f") + (
+            "" if band is None else f" [{band.low:+.2f}, {band.high:+.2f}]"
+        )
+        lines.append(f"| `{c['metric']}` | {text} |")
+    return lines
+
+
 def scale_proxy(doc: dict[str, Any], rows: list[Row]) -> list[str]:
     """How much of log10 CDNV2 is the class-mean scale: r with log10 class_mean_sq_norm."""
     boot = doc["bootstrap"]
@@ -209,6 +250,8 @@ def markdown_tables(doc: dict[str, Any]) -> str:
            *correlation_table(subset_correlations(doc, cos)), "",
            f"### Constant-rate snapshots only ({len(const)} checkpoints)", "",
            *correlation_table(subset_correlations(doc, const)), "",
+           "### Seed to seed: within one configuration (size x schedule x length)", "",
+           *seed_level(doc, rows, doc["correlations"]), "",
            "### Spearman rho with loss within groups (constant-rate snapshots)", "",
            *within_groups(rows), "",
            "### Scheduled run minus constant-rate snapshot (same size, seed, length)", "",
