@@ -6,11 +6,9 @@ the head rows in float64 alone would be 4.2 GB, and NC3's masked copies three mo
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from monitor.metrics.nc4 import agreement_by_tiles
+from monitor.metrics.nc4 import agreement_by_tiles, agreement_estimate
 from monitor.metrics.report import Estimate
 from monitor.metrics.rows import ClassMeans, HeadRows, tile_rows
 
@@ -51,7 +49,8 @@ def nc4_from_samples(
 ) -> Estimate:
     """Agreement fraction on `features`; a seeded uniform subsample above `max_samples` rows.
 
-    A subsample reports the binomial standard error `sqrt(p (1 - p) / n)`. The class means and
+    Null with one class; a subsample reports the Wilson half-width
+    (`agreement_estimate`). The class means and
     head rows are produced a tile at a time, once per block of up to 128 MB of features, so
     nothing of size K x d is built (`agreement_by_tiles`).
     """
@@ -79,6 +78,4 @@ def nc4_from_samples(
     agree = agreement_by_tiles(
         features, classes.num_classes, class_rows, class_tile=class_tile, chunk=chunk, block=block
     )
-    hits = int(agree.sum())
-    p = hits / n
-    return Estimate(p, math.sqrt(p * (1 - p) / n) if sampled else None)
+    return agreement_estimate(int(agree.sum()), n, classes.num_classes, sampled=sampled)

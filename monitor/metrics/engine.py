@@ -11,6 +11,7 @@ import torch
 from monitor.errors import InvalidInput
 from monitor.metrics.duality import duality, nc4_from_samples
 from monitor.metrics.geometry import anisotropy_mean_cos, effective_rank, trace_ratio
+from monitor.metrics.nc4 import agreement_estimate
 from monitor.metrics.options import (  # defined torch-free there; imported from here before
     DEFAULT_MAX_EXACT_CLASSES,
     DEFAULT_MIN_COUNT,
@@ -253,7 +254,9 @@ def _nc4(
             raise InvalidInput("non_finite", "eval features must be finite floating point values")
         return nc4_from_samples(feats.to(device), classes, head, max_samples=max_samples, seed=seed)
     if stats.nc4_total > 0:
-        return Estimate(stats.nc4_hits / stats.nc4_total)
+        return agreement_estimate(
+            stats.nc4_hits, stats.nc4_total, classes.num_classes, sampled=False
+        )
     return Estimate(None)
 
 
