@@ -132,7 +132,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         # Bad input is counted once, not redelivered. Infrastructure failures never reach
-        # Celery's failure path: the tasks retry them or dead-letter them (pipeline.tasks).
+        # Celery's failure path: the tasks retry them or dead-letter them (worker.tasks).
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
