@@ -13,21 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_main import run_main as run
 from servers import RedisServer
 
-from monitor import cli
 from monitor.cli.common import ExitCode
 
 VOCAB, DIM = 50, 8
 MODELS = [{"name": "m", "vocab_size": VOCAB, "dim": DIM, "second_moment": True}]
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        cli.main(list(args))
-    out, err = capsys.readouterr()
-    code = exited.value.code
-    return (0 if code is None else int(code)), out, err
 
 
 def test_pipeline_commands_print_json_and_tables(

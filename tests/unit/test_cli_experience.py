@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import typer
 import typer.main
+from cli_main import run_main as run
 
 from monitor import __version__, cli
 from monitor.cli.common import ExitCode
@@ -69,15 +70,6 @@ def _all_commands() -> list[tuple[tuple[str, ...], Any]]:
 ALL = _all_commands()
 PATHS = [path for path, _ in ALL]
 LEAVES = [" ".join(path) for path, cmd in ALL if path and not hasattr(cmd, "commands")]
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """The real entry point, in this process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exited:
-        cli.main(list(args))
-    out, err = capsys.readouterr()
-    code = exited.value.code
-    return (0 if code is None else int(code)), out, err
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ import typer
 import typer.main
 from celery import Celery
 from celery.signals import task_postrun, task_prerun
+from cli_main import run_main as run
 
 from monitor import cli
 from monitor.cli.common import ExitCode, iso_utc, tidy_help, with_iso_time
@@ -37,14 +38,6 @@ def _walk(command: Any, path: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
 
 
 PATHS = list(_walk(typer.main.get_command(cli.app), ()))
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        cli.main(list(args))
-    out, err = capsys.readouterr()
-    code = exited.value.code
-    return (0 if code is None else int(code)), out, err
 
 
 @pytest.fixture(autouse=True)

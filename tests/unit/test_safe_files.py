@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_main import run_main as run_cli
 
-from monitor import cli
 from monitor.cli.common import ExitCode
 from monitor.data import output
 from monitor.data.output import OutputDir, check_output_path, write_file
@@ -41,14 +41,6 @@ def victim(tmp_path: Path) -> Path:
 
 def untouched(victim: Path) -> bool:
     return victim.read_bytes() == SECRET and sorted(victim.parent.iterdir()) == [victim]
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        cli.main(list(args))
-    out, err = capsys.readouterr()
-    code = exited.value.code
-    return (0 if code is None else int(code)), out, err
 
 
 def report_data() -> ReportData:
