@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # numpy loads when the command runs: --help stays fast
 
 # A few metrics for the per-checkpoint table; every key is in the CSV and JSON.
 _TABLE_KEYS = ("nc1_cdnv2", "nc1_cdnv", "nc4_ncc_agreement", "nc2_equiangularity_std")
+# The per-layer tables (--layers): head-free keys only.
+_LAYER_KEYS = ("nc1_cdnv2", "nc2_equiangularity_std", "anisotropy_mean_cos", "effective_rank")
 
 
 def _fmt(value: float | int | None, spec: str = ".4g") -> str:
@@ -61,6 +63,45 @@ def _print_tables(doc: dict[str, object], correlations: list[Correlation]) -> No
             agrees,
         )
     console.print(corr)
+    if "layer_correlations" in doc:
+        _print_layers(console, doc)
+
+
+def _layer_state(layer: dict[str, object], last: int) -> str:
+    """The head's input, the embeddings, or a block's output (the last one may precede a norm)."""
+    if layer["head_input"]:
+        return "head input"
+    if layer["layer"] == 0:
+        return "embeddings"
+    return "block (not head input)" if layer["layer"] == last else "block"
+
+
+def _print_layers(console: Console, doc: dict[str, object]) -> None:
+    """Per checkpoint and hidden state a few head-free metrics; per layer Spearman with loss."""
+    table = Table(title="per layer (train corpus; layer 0: embeddings, l: after block l)")
+    for col in ("checkpoint", "layer", "state", *_LAYER_KEYS):
+        table.add_column(col, justify="left" if col in ("checkpoint", "state") else "right")
+    for row in doc["checkpoints"]:  # type: ignore[attr-defined]
+        layers = row.get("layers") or []
+        for layer in layers:
+            table.add_row(
+                row["name"],
+                str(layer["layer"]),
+                _layer_state(layer, len(layers) - 1),
+                *(_fmt(layer["metrics"].get(k, layer["derived"].get(k))) for k in _LAYER_KEYS),
+            )
+    console.print(table)
+    rho = Table(title="per layer: Spearman rho with validation loss (n checkpoints; no intervals)")
+    for col in ("layer", "n", *_LAYER_KEYS):
+        rho.add_column(col, justify="right")
+    by_layer: dict[int, dict[str, dict[str, object]]] = {}
+    for item in doc["layer_correlations"]:  # type: ignore[attr-defined]
+        by_layer.setdefault(item["layer"], {})[item["metric"]] = item
+    for layer, items in sorted(by_layer.items()):
+        first = items[_LAYER_KEYS[0]]
+        cells = [_with_ci(items[k]["spearman_rho"], None) for k in _LAYER_KEYS]  # type: ignore[arg-type]
+        rho.add_row(str(layer), str(first["n"]), *cells)
+    console.print(rho)
 
 
 def _with_ci(value: float | None, ci: Interval | None) -> str:
@@ -118,6 +159,13 @@ def register(app: typer.Typer) -> None:
         ] = 2000,
         bootstrap_seed: Annotated[int, typer.Option(help="Seed of the bootstrap draws.")] = 0,
         plots: Annotated[bool, typer.Option(help="Write the PNG plots.")] = True,
+        layers: Annotated[
+            bool,
+            typer.Option(
+                help="Also the head-free metrics of every hidden state (layer 0: embeddings, "
+                "l: after block l), one more forward pass; layers.csv, layer_correlations.csv."
+            ),
+        ] = False,
         device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N]. [env: auto]")] = (
             None
         ),
@@ -138,7 +186,11 @@ def register(app: typer.Typer) -> None:
         eval_tokens, val_loss, metrics, run, tokens_seen, derived}]; correlations [{metric, n,
         runs, scale, pearson_r, pearson_ci, r2, spearman_rho, spearman_ci, partial_r,
         partial_r_ci, partial_rho, partial_rho_ci, expected_sign, agrees}], each *_ci
-        [low, high] or null. study.csv, correlations.csv: the same as tables.
+        [low, high] or null. study.csv, correlations.csv: the same as tables. With --layers
+        (options.layers true) each checkpoint also has layers [{layer, head_input, metrics,
+        derived}] (no NC3/NC4: they need the head) and the document layer_correlations
+        [{layer, ...correlations' fields}] (intervals and partials null); without it both are
+        absent.
         """
         from transformers.utils import logging as hf_logging
 
@@ -158,6 +210,7 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             resamples=resamples,
             seed=bootstrap_seed,
+            layers=layers,
         )
         with progress_bar("checkpoints", "{task.fields[name]}") as bar:
             task = bar.add_task("study", total=None, name="")

@@ -29,26 +29,32 @@ from monitor.errors import InvalidInput
 from monitor.metrics import REPORT_KEYS, compute_metrics
 from monitor.metrics.engine import resolve_device
 from monitor.metrics.report import COLLAPSE_KEYS
-from monitor.metrics.rows import ClassMeans
 from monitor.offline.corpus_run import context_length, head_of
 from monitor.offline.correlation import Correlation, correlation_json
+from monitor.offline.study_layers import (
+    HEAD_FREE_KEYS,
+    LayerRow,
+    accumulate_layers,
+    layer_correlations,
+    layer_rows,
+)
 from monitor.offline.study_meta import RunInfo, default_meta, read_meta
+from monitor.offline.study_scale import DERIVED_KEYS as DERIVED_KEYS
+from monitor.offline.study_scale import class_mean_sq_norm as class_mean_sq_norm
+from monitor.offline.study_scale import derived_values as derived_values
 from monitor.offline.study_stats import analyse
 from monitor.stats import CollapseStats
 
 SCHEMA_VERSION = 2
 # The metrics correlated with loss (class_count and sample_count are fixed by the corpus).
-# Study-only quantities, not METRICS.md keys (docs/metrics.md defines them):
-# class_mean_sq_norm = mean over the kept classes of ||mu_c - mu_G||^2, the squared scale of the
-# class means; nc1_cdnv2_scale_free = nc1_cdnv2 * class_mean_sq_norm, which does not change when
-# the features are multiplied by a constant (nc1_cdnv2 scales as 1 / constant^2).
-DERIVED_KEYS: tuple[str, ...] = ("class_mean_sq_norm", "nc1_cdnv2_scale_free")
 STUDY_KEYS: tuple[str, ...] = (
     *COLLAPSE_KEYS,
     "anisotropy_mean_cos",
     "effective_rank",
     *DERIVED_KEYS,
 )
+# The quantities correlated per layer (`--layers`): STUDY_KEYS less those needing the head.
+LAYER_KEYS: tuple[str, ...] = tuple(k for k in STUDY_KEYS if k in HEAD_FREE_KEYS + DERIVED_KEYS)
 # The sign of the correlation with loss that "more collapse, lower loss" predicts (METRICS.md's
 # healthy directions); equiangularity_mean heads toward -1/(K-1), so it predicts no sign.
 EXPECTED_SIGN: dict[str, int] = {
@@ -82,6 +88,7 @@ class StudyOptions:
     resamples: int = 2000  # run-clustered bootstrap resamples
     level: float = 0.95  # of the bootstrap intervals
     seed: int = 0  # of the bootstrap's draws
+    layers: bool = False  # also every hidden state's head-free metrics (one more pass)
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,7 @@ class CheckpointRow:
     run: str | None = None  # the training run it is a snapshot of (None: its own)
     tokens_seen: int | None = None  # training tokens before it (None: unknown)
     derived: dict[str, float | None] = field(default_factory=dict)  # DERIVED_KEYS
+    layers: list[LayerRow] | None = None  # hidden_states[0..L] with --layers
 
     def value(self, key: str) -> float | None:
         """A metric or derived quantity as a float (None: not computable)."""
@@ -118,9 +126,10 @@ class StudyResult:
     correlations: list[Correlation] = field(default_factory=list)
     controls: tuple[str, ...] = ()  # of the partial correlations
     runs: int | None = None  # bootstrap clusters among the rows
+    layer_correlations: list[tuple[int, Correlation]] | None = None  # with --layers
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "corpus": self.corpus,
             "eval_corpus": self.eval_corpus,
@@ -128,6 +137,7 @@ class StudyResult:
                 "max_tokens": self.options.max_tokens,
                 "max_eval_tokens": self.options.max_eval_tokens,
                 "context": self.options.context,
+                "layers": self.options.layers,
             },
             "bootstrap": {
                 "cluster": "run",
@@ -151,11 +161,17 @@ class StudyResult:
                     "run": r.run if r.run is not None else r.name,
                     "tokens_seen": r.tokens_seen,
                     "derived": {k: r.derived.get(k) for k in DERIVED_KEYS},
+                    **({} if r.layers is None else {"layers": [x.to_json() for x in r.layers]}),
                 }
                 for r in self.rows
             ],
             "correlations": [correlation_json(c) for c in self.correlations],
         }
+        if self.layer_correlations is not None:  # absent without --layers (additive field)
+            doc["layer_correlations"] = [
+                {"layer": layer, **correlation_json(c)} for layer, c in self.layer_correlations
+            ]
+        return doc
 
 
 def resolve_checkpoints(paths: Sequence[Path]) -> list[Path]:
@@ -267,24 +283,6 @@ class _Streams:
         return self._cache[key]
 
 
-def class_mean_sq_norm(stats: CollapseStats, min_count: int, device: torch.device) -> float | None:
-    """Mean over the kept classes of ||mu_c - mu_G||^2 (the metrics' classes and centring)."""
-    kept = stats.classes(min_count=min_count)
-    if kept.num_classes < 2:
-        return None
-    norms = ClassMeans(kept, device).centred_norms()
-    return float((norms * norms).mean())
-
-
-def derived_values(
-    metrics: dict[str, float | int | None], scale2: float | None
-) -> dict[str, float | None]:
-    """DERIVED_KEYS from the report and the squared class-mean scale."""
-    cdnv2 = metrics.get("nc1_cdnv2")
-    free = None if cdnv2 is None or scale2 is None else float(cdnv2) * scale2
-    return {"class_mean_sq_norm": scale2, "nc1_cdnv2_scale_free": free}
-
-
 def measure_checkpoint(
     path: Path,
     name: str,
@@ -324,6 +322,11 @@ def measure_checkpoint(
     val_loss, eval_tokens = validation_loss(model, eval_windows, options.batch_size)
     metrics = {key: report.value(key) for key in REPORT_KEYS}
     scale2 = class_mean_sq_norm(stats, settings.min_count, device)
+    del stats, eval_features  # the per-layer pass holds L + 1 statistics of its own
+    layers = None
+    if options.layers:
+        found = accumulate_layers(model, train_windows, options.batch_size, device)
+        layers = layer_rows(found, settings, device)
     config = getattr(model, "config", None)
     n_embd = getattr(config, "n_embd", None) or getattr(config, "hidden_size", None)
     n_layer = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", None)
@@ -340,6 +343,7 @@ def measure_checkpoint(
         run=None if info is None else info.run,
         tokens_seen=None if info is None else info.tokens_seen,
         derived=derived_values(metrics, scale2),
+        layers=layers,
     )
 
 
@@ -393,4 +397,9 @@ def run_study(
     if progress is not None:
         progress(len(paths), len(paths), "")
     found, controls, runs = correlations(rows, opts)
-    return StudyResult(str(corpus), str(eval_corpus), opts, rows, found, controls, runs)
+    by_layer = None
+    if opts.layers:
+        by_layer = layer_correlations(
+            [r.layers for r in rows], [r.val_loss for r in rows], LAYER_KEYS, EXPECTED_SIGN
+        )
+    return StudyResult(str(corpus), str(eval_corpus), opts, rows, found, controls, runs, by_layer)

@@ -1,7 +1,9 @@
 """The files of a study: study.csv (one row per checkpoint), correlations.csv, study.json.
 
 study.csv: ROW_COLUMNS, every METRICS.md key, then the study's DERIVED_KEYS. correlations.csv:
-CORRELATION_COLUMNS, each interval split into `<name>_low` and `<name>_high`.
+CORRELATION_COLUMNS, each interval split into `<name>_low` and `<name>_high`. With `--layers`
+also layers.csv (LAYER_COLUMNS, the head-free keys, DERIVED_KEYS: one row per checkpoint and
+hidden state) and layer_correlations.csv (`layer`, then correlations.csv's columns).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from monitor.data.output import OutputDir
 from monitor.metrics import REPORT_KEYS
 from monitor.offline.study import DERIVED_KEYS, StudyResult
+from monitor.offline.study_layers import HEAD_FREE_KEYS
 
 ROW_COLUMNS: tuple[str, ...] = (
     "name",
@@ -28,6 +32,7 @@ ROW_COLUMNS: tuple[str, ...] = (
     "run",
     "tokens_seen",
 )
+LAYER_COLUMNS: tuple[str, ...] = ("name", "layer", "head_input")
 CORRELATION_COLUMNS: tuple[str, ...] = (
     "metric",
     "n",
@@ -97,8 +102,32 @@ def write_study(result: StudyResult, out_dir: Path) -> list[Path]:
     corr: list[list[str]] = [_correlation_header()]
     corr.extend(_correlation_cells(item) for item in doc["correlations"])
     with OutputDir(out_dir) as out:
-        return [
+        written = [
             out.write_text("study.csv", _csv(table)),
             out.write_text("correlations.csv", _csv(corr)),
-            out.write_text("study.json", json.dumps(doc, indent=2) + "\n"),
         ]
+        if "layer_correlations" in doc:
+            written += [
+                out.write_text("layers.csv", _csv(_layer_table(doc))),
+                out.write_text("layer_correlations.csv", _csv(_layer_corr_table(doc))),
+            ]
+        written.append(out.write_text("study.json", json.dumps(doc, indent=2) + "\n"))
+        return written
+
+
+def _layer_table(doc: dict[str, Any]) -> list[list[str]]:
+    table: list[list[str]] = [list(LAYER_COLUMNS + HEAD_FREE_KEYS + DERIVED_KEYS)]
+    for row in doc["checkpoints"]:
+        for layer in row.get("layers") or []:
+            cells = [row["name"], layer["layer"], layer["head_input"]]
+            cells += [layer["metrics"][k] for k in HEAD_FREE_KEYS]
+            cells += [layer["derived"][k] for k in DERIVED_KEYS]
+            table.append([_cell(v) for v in cells])
+    return table
+
+
+def _layer_corr_table(doc: dict[str, Any]) -> list[list[str]]:
+    table: list[list[str]] = [["layer", *_correlation_header()]]
+    for item in doc["layer_correlations"]:
+        table.append([_cell(item["layer"]), *_correlation_cells(item)])
+    return table
