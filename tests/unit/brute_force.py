@@ -341,3 +341,19 @@ def anisotropy_by_formula(features: Any) -> float:
     N = X.shape[0]
     u = (X / np.linalg.norm(X, axis=1, keepdims=True)).sum(axis=0)
     return (float(u @ u) - N) / (N * (N - 1))
+
+
+def assert_matches(
+    got: dict[str, Any], want: dict[str, Any], keys: tuple[str, ...], rel: float = 1e-6
+) -> None:
+    """Every key of `got` equals the oracle's `want` within `rel` (1e-12 absolute); None
+    where the oracle says None. All mismatches are listed at once."""
+    bad = []
+    for key in keys:
+        g, w = got[key], want[key]
+        if w is None:
+            if g is not None:
+                bad.append(f"{key}: got {g!r}, reference None")
+        elif g is None or not math.isclose(float(g), float(w), rel_tol=rel, abs_tol=1e-12):
+            bad.append(f"{key}: got {g!r}, reference {w!r}")
+    assert not bad, "\n".join(bad)

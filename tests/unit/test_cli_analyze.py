@@ -6,7 +6,6 @@ The JSON it prints is compared key by key to the brute-force oracle (tests/unit/
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +13,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from brute_force import ALL_KEYS, METRIC_KEYS, STDERR_KEYS, brute_force_metrics
+from brute_force import (
+    ALL_KEYS,
+    METRIC_KEYS,
+    PAIRWISE_KEYS,
+    STDERR_KEYS,
+    assert_matches,
+    brute_force_metrics,
+)
 from safetensors.numpy import save_file
-
-REL = 1e-6
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -37,18 +41,6 @@ def run_json(*args: str | Path) -> dict[str, Any]:
     assert isinstance(out, dict)
     assert set(out) == set(ALL_KEYS), sorted(set(out) ^ set(ALL_KEYS))
     return out
-
-
-def assert_matches(got: dict[str, Any], want: dict[str, Any], keys: tuple[str, ...]) -> None:
-    bad = []
-    for key in keys:
-        g, w = got[key], want[key]
-        if w is None:
-            if g is not None:
-                bad.append(f"{key}: got {g!r}, reference None")
-        elif g is None or not math.isclose(float(g), float(w), rel_tol=REL, abs_tol=1e-12):
-            bad.append(f"{key}: got {g!r}, reference {w!r}")
-    assert not bad, "\n".join(bad)
 
 
 def dataset(
@@ -179,22 +171,12 @@ def test_max_exact_classes_switches_to_sampled_pairs(tmp_path: Path) -> None:
     )
     ref = brute_force_metrics(data["features"], data["labels"])
     assert got["class_count"] == ref["class_count"] > 20
-    pairwise = (
-        "nc1_cdnv",
-        "nc1_cdnv2",
-        "nc1_cdnv_unbiased",
-        "nc1_cdnv2_unbiased",
-        "nc2_equiangularity_mean",
-        "nc2_equiangularity_std",
-        "nc2_log_energy_mean",
-        "nc2_log_energy_std",
-    )
-    for key in pairwise:
+    for key in PAIRWISE_KEYS:
         se = got[f"{key}_stderr"]
         assert isinstance(se, float), (key, se)
         assert se > 0.0, (key, se)
         assert abs(got[key] - ref[key]) <= 5.0 * se, (key, got[key], ref[key], se)
-    assert_matches(got, ref, tuple(k for k in METRIC_KEYS if k not in pairwise))
+    assert_matches(got, ref, tuple(k for k in METRIC_KEYS if k not in PAIRWISE_KEYS))
 
 
 # --------------------------------------------------------------------------- table output

@@ -20,6 +20,7 @@ from brute_force import (
     PAIRWISE_KEYS,
     STDERR_KEYS,
     anisotropy_by_formula,
+    assert_matches,
     brute_force_metrics,
     cdnv_by_matrices,
     class_means_and_variances,
@@ -36,18 +37,6 @@ ABS = 1e-12
 # ----------------------------------------------------------------------------- helpers
 def close(a: float, b: float, rel: float = REL) -> bool:
     return math.isclose(a, b, rel_tol=rel, abs_tol=ABS)
-
-
-def assert_matches(got: dict[str, Any], want: dict[str, Any], keys: tuple[str, ...]) -> None:
-    bad = []
-    for key in keys:
-        g, w = got[key], want[key]
-        if w is None:
-            if g is not None:
-                bad.append(f"{key}: got {g!r}, reference None")
-        elif g is None or not close(float(g), float(w)):
-            bad.append(f"{key}: got {g!r}, reference {w!r}")
-    assert not bad, "\n".join(bad)
 
 
 # The volume-robust keys of issue 15 (checked against their own brute force in
