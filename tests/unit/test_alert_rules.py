@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import typer
 import yaml  # type: ignore[import-untyped]
+from cli_main import group_app
 from typer.testing import CliRunner
 
 from monitor.alerts.rules import (
@@ -508,14 +509,7 @@ def test_bad_thresholds_are_one_line_invalid_input(bad: dict[str, Any]) -> None:
 
 
 def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def root() -> None:
-        """A fresh root, as monitor.cli's app is."""
-
-    register(app)
-    return app
+    return group_app(register)
 
 
 def test_cli_render_formats_and_errors(tmp_path: Path) -> None:

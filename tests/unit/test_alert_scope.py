@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import typer
 import yaml  # type: ignore[import-untyped]
+from cli_main import group_app
 from typer.testing import CliRunner
 
 from monitor.alerts.rules import DEFAULT_RELEASE, alert_labels, render_rules, to_yaml
@@ -185,14 +186,7 @@ def test_direct_client_labels_from_settings() -> None:
 
 
 def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def root() -> None:
-        """A fresh root, as monitor.cli's app is."""
-
-    register(app)
-    return app
+    return group_app(register)
 
 
 def test_cli_labels_and_default_release() -> None:

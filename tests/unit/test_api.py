@@ -19,6 +19,7 @@ import msgpack
 import numpy as np
 import pytest
 import typer
+from cli_main import group_app
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
@@ -500,14 +501,7 @@ def test_random_feature_payloads_never_give_5xx(
 
 # ------------------------------------------------------------------------ command
 def _cli() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def root() -> None:
-        """Keeps `api` a subcommand."""
-
-    register(app)
-    return app
+    return group_app(register)
 
 
 def test_cli_api_refuses_bad_setups_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
