@@ -9,19 +9,8 @@ no torch at all. Flower needs no task code: events carry the task names.
 
 from __future__ import annotations
 
-from celery import Celery
+from monitor.worker.app import create_app
 
-from monitor.config import Settings
-from monitor.worker.app import celery_config, use_guarded_transports
-
-
-def create_flower_app(settings: Settings | None = None) -> Celery:
-    """A Celery app with the workers' broker and event settings and no task modules."""
-    settings = settings if settings is not None else Settings()
-    use_guarded_transports()
-    app = Celery("collapse_monitor")
-    app.conf.update(celery_config(settings))
-    return app
-
-
-app = create_flower_app()
+# The senders' app (`create_app` without tasks), from the environment's settings: built at
+# import because `celery -A` reads this module's `app`.
+app = create_app()
