@@ -12,6 +12,10 @@ from monitor.metrics.rows import ClassMeans, row_ranges, tile_rows
 from monitor.stats import ClassStatistics, CollapseStats
 
 _F64 = torch.float64
+# pinv(Sigma_B) cut-off relative to its largest eigenvalue. Hidden states on a (float32) LayerNorm
+# hyperplane leave "zero" eigenvalues at 1e-16..1e-13, where numpy's d * eps (7e-15 at d = 32) cut
+# them by chance of summation order; 1e-10 drops them (and max(d, K) * eps) with orders to spare.
+PINV_RTOL = 1e-10
 
 
 def anisotropy_mean_cos(stats: CollapseStats) -> float | None:
@@ -76,8 +80,7 @@ def trace_ratio(
     between = (between + between.T) / (2 * k)
     eigval, eigvec = torch.linalg.eigh(between)
     del between
-    # The pseudo-inverse cut-off of numpy.linalg.pinv(hermitian=True): d * eps * largest.
-    cutoff = eigval.abs().max() * dim * torch.finfo(_F64).eps
+    cutoff = eigval.abs().max() * PINV_RTOL
     keep = eigval > cutoff
     if not bool(keep.any()):
         return None
