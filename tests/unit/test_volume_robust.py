@@ -13,7 +13,10 @@ N = 250,000 samples; `volume_table()` prints every metric key of that model at b
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +24,10 @@ import pytest
 import torch
 
 from monitor import exporter
+from monitor.alerts.rules import render_rules
+from monitor.alerts.thresholds import MIN_Z, TREND_WINDOW, default_alerting
 from monitor.metrics import compute_metrics, pairwise
+from monitor.metrics.catalogue import gauge_name
 from monitor.metrics.drift import (
     DRIFT_KEYS,
     RATIO_KEYS,
@@ -260,35 +266,83 @@ def make_model(rank: int | None = None, scale: float = 1.0, dim: int = DIM) -> M
     return Model(means, rng.uniform(0.5, 1.5, size=V), probs, head)
 
 
+def chunks(model: Model, n: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A window's raw samples (features, labels) in chunks of 50,000."""
+    rng = np.random.default_rng(seed)
+    dim = model.means.shape[1]
+    for start in range(0, n, 50_000):
+        m = min(50_000, n - start)
+        y = rng.choice(V, size=m, p=model.probs)
+        yield model.means[y] + np.sqrt(model.var[y])[:, None] * rng.normal(size=(m, dim)), y
+
+
 def draw(
     model: Model, n: int, seed: int, *, keep: int = 0, **kw: Any
 ) -> tuple[CollapseStats, np.ndarray]:
     """A window of n samples (in chunks); returns its statistics and its first `keep` samples."""
-    rng = np.random.default_rng(seed)
     dim = model.means.shape[1]
     stats = CollapseStats(V, dim, **kw)
     kept = np.empty((0, dim))
-    for start in range(0, n, 50_000):
-        m = min(50_000, n - start)
-        y = rng.choice(V, size=m, p=model.probs)
-        x = model.means[y] + np.sqrt(model.var[y])[:, None] * rng.normal(size=(m, dim))
+    for x, y in chunks(model, n, seed):
         stats.update(torch.from_numpy(x), torch.from_numpy(y))
         if len(kept) < keep:
             kept = np.concatenate([kept, x[: keep - len(kept)]])
     return stats, kept
 
 
+def unbiased_by_blocks(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Both unbiased keys from raw samples in float64, vectorised for the acceptance windows'
+    2 million pairs (the pair loop above is checked against it): class means, and variances
+    from samples centred on them (not from sums of squares, as the statistics keep them);
+    squared distances from the means' differences (not a Gram matrix), 50 classes at a time."""
+    order = np.argsort(y, kind="stable")
+    xs = x[order]
+    _, starts, counts = np.unique(y[order], return_index=True, return_counts=True)
+    means = np.add.reduceat(xs, starts, axis=0) / counts[:, None]
+    centred = ((xs - np.repeat(means, counts, axis=0)) ** 2).sum(axis=1)
+    var = np.add.reduceat(centred, starts) / counts
+    keep = counts >= 2
+    means, n = means[keep], counts[keep]
+    s2 = var[keep] * n / (n - 1)
+    k, sums, sums2, kept = len(n), [], [], 0
+    for lo in range(0, k, 50):
+        rows = np.arange(lo, min(lo + 50, k))
+        dist2 = ((means[rows, None, :] - means[None, :, :]) ** 2).sum(axis=2)
+        noise = (s2 / n)[rows, None] + (s2 / n)[None, :]
+        d_tilde = dist2 - noise
+        ok = (np.arange(k)[None, :] > rows[:, None]) & (d_tilde > pairwise.RESOLUTION * noise)
+        num = ((s2[rows, None] + s2[None, :]) / 2)[ok]
+        sums.append(float((num / d_tilde[ok]).sum()))
+        sums2.append(float((num / d_tilde[ok] ** 2).sum()))
+        kept += int(ok.sum())
+    return {"nc1_cdnv_unbiased": math.fsum(sums) / kept,
+            "nc1_cdnv2_unbiased": math.fsum(sums2) / kept, "kept": kept}  # fmt: skip
+
+
+def raw_window(model: Model, n: int, seed: int) -> tuple[CollapseStats, np.ndarray, np.ndarray]:
+    """`draw`'s window (the same chunks, the same statistics) with its raw samples."""
+    stats = CollapseStats(V, DIM, second_moment=True)
+    parts = list(chunks(model, n, seed))
+    for x, y in parts:
+        stats.update(torch.from_numpy(x), torch.from_numpy(y))
+    return stats, np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
 @pytest.fixture(scope="module")
 def volumes() -> dict[str, Any]:
     model = make_model()
-    small, _ = draw(model, 2_000, 1, second_moment=True)
-    large, _ = draw(model, 250_000, 2, second_moment=True)
+    small, x_small, y_small = raw_window(model, 2_000, 1)
+    large, x_large, y_large = raw_window(model, 250_000, 2)
     return {
         "model": model,
         "small": small,
         "large": large,
         "m_small": compute_metrics(small).as_dict(),
         "m_large": compute_metrics(large).as_dict(),
+        # The float64 brute force over the same raw samples (which are not kept: 128 MB).
+        "loop_small": unbiased_reference(x_small, y_small, 2, pairwise.RESOLUTION),
+        "bf_small": unbiased_by_blocks(x_small, y_small),
+        "bf_large": unbiased_by_blocks(x_large, y_large),
     }
 
 
@@ -313,6 +367,16 @@ def test_acceptance_unbiased_cdnv_does_not_follow_traffic_volume(volumes: dict[s
     assert lo["nc1_cdnv2_unbiased"] / lo["nc1_cdnv2"] > 2.0  # still far closer than plug-in
     # mean_noise_ratio says which window is the noisy one.
     assert lo["mean_noise_ratio"] > 0.2 > 0.05 > hi["mean_noise_ratio"]
+    # The acceptance holds for the float64 brute force from the raw samples, which the walks
+    # reproduce at both volumes (and the vectorised brute force is the pair loop's).
+    loop, bf_lo, bf_hi = volumes["loop_small"], volumes["bf_small"], volumes["bf_large"]
+    assert bf_lo["kept"] == loop["kept"] > 10_000
+    assert bf_hi["kept"] > 1_900_000
+    for key in UNBIASED:
+        assert bf_lo[key] == pytest.approx(loop[key], rel=1e-12), key
+        assert lo[key] == pytest.approx(bf_lo[key], rel=1e-9), key
+        assert hi[key] == pytest.approx(bf_hi[key], rel=1e-9), key
+    assert bf_lo["nc1_cdnv_unbiased"] == pytest.approx(bf_hi["nc1_cdnv_unbiased"], rel=0.10)
 
 
 # --------------------------------------------------------------------- (d) drift
@@ -399,6 +463,47 @@ def test_catalogue_names_the_new_keys() -> None:
     # Names the evaluator fills in are not drift keys of compute_drift nor report keys.
     assert not set(RATIO_STDERR_KEYS) & set(DRIFT_KEYS)
     assert not set(TRAFFIC_STDERR_KEYS) & set(REPORT_KEYS)
+
+
+# --------------------------------------------------------- default rules, docs/metrics.md
+# Keys whose value does not follow the volume (corrected, or unbiased at any N), and the ratios
+# compute_drift withholds when a side is too thin (the guards tested above).
+VOLUME_FREE = {"nc1_cdnv_unbiased", "nc1_cdnv2_unbiased", "anisotropy_mean_cos", "drift_mmd",
+               "drift_mmd_threshold", "drift_nc1_cdnv_ratio"}  # fmt: skip
+GUARDED = {f"drift_{k}_ratio" for k in RATIO_KEYS} - VOLUME_FREE
+
+
+def test_default_rules_compare_volume_robust_or_guarded_values() -> None:
+    """Issue 15 goal 2: no shipped rule reads a key that follows traffic volume unguarded."""
+    alerting = default_alerting()
+    for rel in alerting.relative:
+        assert rel.metric in VOLUME_FREE | GUARDED, rel.metric
+        assert rel.min_z == MIN_Z, rel.alert  # and significance on every baseline ratio
+    for trend in alerting.predictive:
+        assert trend.metric in VOLUME_FREE | GUARDED, trend.metric
+        assert trend.matchers == TREND_WINDOW, trend.alert  # the day window's steady volume
+    for bound in alerting.absolute:  # effective rank falls at low N: judged from 100 samples
+        assert bound.metric in VOLUME_FREE | {"effective_rank"}, bound.metric
+        assert (bound.min_samples or 0) >= 100, bound.alert
+    assert all(d.min_mmd is not None for d in alerting.drift)
+    exprs = " ".join(r["expr"] for g in render_rules(alerting)["groups"] for r in g["rules"])
+    allowed = VOLUME_FREE | GUARDED | {"effective_rank", "sample_count"}
+    for key in (*REPORT_KEYS, *DRIFT_KEYS):
+        if key not in allowed and not key.endswith("_stderr"):
+            assert re.search(rf"\b{gauge_name(key)}\b", exprs) is None, key
+    for key in ("drift_nc1_cdnv_ratio", "effective_rank", "sample_count"):  # the check bites
+        assert re.search(rf"\b{gauge_name(key)}\b", exprs), key
+
+
+def test_docs_say_how_every_key_depends_on_volume() -> None:
+    """docs/metrics.md's volume table has one row per metric key (stderrs: one sentence)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    section = text.split("## How each metric depends on traffic volume and class count\n")[1]
+    section = section.split("\n## ")[0]
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \|", section, re.M)
+    keys = [k for k in (*REPORT_KEYS, *DRIFT_KEYS) if not k.endswith("_stderr")]
+    assert sorted(rows) == sorted(keys)
+    assert "`<key>_traffic_stderr` and `drift_<k>_ratio_stderr` shrink" in section
 
 
 # ------------------------------------------------------------- docs/metrics.md numbers
