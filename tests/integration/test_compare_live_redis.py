@@ -36,7 +36,8 @@ VOCAB, DIM, WIDE = 40, 8, 12
 WINDOW = "1m"
 TIMING = {"windows": {WINDOW: 60}, "bucket_seconds": 10, "coarse_bucket_seconds": 60,
           "fine_retention_seconds": 60}  # fmt: skip
-NAMES = {"stable": DIM, "canary": DIM, "wide": WIDE, "idle": DIM, "empty": DIM}
+NAMES = {"stable": DIM, "canary": DIM, "wide": WIDE, "idle": DIM, "empty": DIM, "big": DIM}
+VOCABS = {"big": 60}  # another vocabulary (a superset of the traffic's 40 tokens); others VOCAB
 BATCHES, ROWS = 6, 400
 
 
@@ -44,9 +45,10 @@ def declared(tmp: Path) -> list[dict[str, Any]]:
     """The models, each with a random LM head (NC3; NC4 needs a head to be reported)."""
     models = []
     for name, dim in NAMES.items():
-        head = tmp / f"head{dim}.npy"
-        np.save(head, np.random.default_rng(1).normal(size=(VOCAB, dim)))
-        models.append({"name": name, "vocab_size": VOCAB, "dim": dim, "second_moment": True,
+        vocab = VOCABS.get(name, VOCAB)
+        head = tmp / f"head{dim}x{vocab}.npy"
+        np.save(head, np.random.default_rng(1).normal(size=(vocab, dim)))
+        models.append({"name": name, "vocab_size": vocab, "dim": dim, "second_moment": True,
                        "classifier_path": str(head)})  # fmt: skip
     return models
 
@@ -204,6 +206,7 @@ def test_collapsed_canary_fails_with_exit_3(stack: LiveStack, tmp_path: Path) ->
     assert code == 3, err
     assert out.strip().splitlines()[-1].startswith("REGRESSION: ")
     assert "nc1_cdnv_unbiased" in out.strip().splitlines()[-1]
+    assert stack.compare("stable", "canary", "--format", "table") == (code, out, err)  # default
     # The failing checks turned off in a tolerance file: the same windows pass.
     loose = tmp_path / "live.yaml"
     loose.write_text("".join(f"{key}: null\n" for key in doc["regressions"]))
@@ -252,6 +255,27 @@ def test_other_width_compares_only_what_is_comparable(stack: LiveStack) -> None:
     assert code == 0
     assert "not comparable" in out
     assert "widths differ" in out
+
+
+def test_other_vocabulary_compares_only_what_is_comparable(stack: LiveStack) -> None:
+    stack.serve("stable", 1.0)
+    stack.serve("big", 1.0)
+    doc = stack.compare_json("stable", "big")
+    assert (doc["reference"]["vocab_size"], doc["candidate"]["vocab_size"]) == (VOCAB, 60)
+    assert doc["comparable"] == {"vocabulary": False, "width": True,
+                                 "not_comparable": ["class_count"]}  # fmt: skip
+    got = by_key(doc)
+    assert got["class_count"]["status"] == "not_comparable"
+    assert got["class_count"]["difference"] is None
+    assert got["effective_rank"]["status"] in ("ok", "not_significant")  # same width: judged
+    assert got["nc1_cdnv_unbiased"]["status"] in ("ok", "not_significant")
+    assert (doc["exit_code"], doc["regressions"]) == (0, [])
+    assert {d["status"] for d in doc["drift"]} == {"not_comparable"}
+    assert any("vocabularies differ (40 vs 60)" in note for note in doc["notes"])
+    code, out, _ = stack.compare("stable", "big", "--format", "table")
+    assert code == 0
+    assert "not comparable" in out
+    assert "vocabularies differ" in out
 
 
 @pytest.mark.parametrize(
