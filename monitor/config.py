@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -32,6 +32,7 @@ from monitor.metrics.options import (
     DEFAULT_TILE_SIZE,
     MetricOptions,
 )
+from monitor.store.base import DEFAULT_DECAY_MIN_WEIGHT
 from monitor.store.keys import MODEL_NAME
 
 ENV_PREFIX = "COLLAPSE_"
@@ -149,6 +150,20 @@ class Settings(BaseSettings):
     windows: dict[str, int] = Field(
         default_factory=lambda: {"15m": 900, "1h": 3600, "24h": 86400},
         description="Rolling windows: label -> seconds.",
+    )
+    window_mode: Literal["exact", "decayed"] = Field(
+        "exact",
+        description="exact: sliding windows of exactly their span, kept with buckets of class "
+        "rows (traffic standard errors); decayed: exponentially decayed windows (tau = span / 2) "
+        "and no bucket rows, so memory is about windows x classes x row (docs/architecture.md). "
+        "Switching restarts the windows.",
+    )
+    decay_min_weight: float = Field(
+        DEFAULT_DECAY_MIN_WEIGHT,
+        gt=0,
+        lt=1,
+        description="Decayed mode: a class leaves a window when its weight falls below this "
+        "(default exp(-2): one sample as old as the window's span).",
     )
     partial_ttl_seconds: int = Field(
         86400, ge=60, description="Uncompacted per-batch partials expire after this."

@@ -12,7 +12,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors.torch import load, save
@@ -22,7 +22,14 @@ from monitor.metrics.report import TRAFFIC_STDERR_SUFFIX
 from monitor.pipeline.registry import ModelRegistry, ModelShape
 from monitor.pipeline.windows import bucket_globals, maintain_model, read_state
 from monitor.stats import CollapseStats
-from monitor.stats.fields import GLOBAL_FIELD, Globals, decode_globals, field_chunks
+from monitor.stats.decayed import (
+    DecayedGlobals,
+    DecayedView,
+    count_members,
+    is_decayed,
+    presented_chunks,
+)
+from monitor.stats.fields import GLOBAL_FIELD, Fields, Globals, decode_globals, field_chunks
 from monitor.stats.fields import VERSION as STORE_FORMAT
 from monitor.stats.rff import BucketSums, bucket_sums
 from monitor.store.base import Baseline, Store, window_state
@@ -109,15 +116,23 @@ def pin_window(
     whole, so pinning a 4 GB window costs one pass and bounded memory.
     """
     check_model_name(name)
-    maintain_model(store, model)
+    now = time.time()
+    maintain_model(store, model, now)
     state = window_state(window)
     with store.locked(model):
-        g = decode_globals(store.state_field(model, state, GLOBAL_FIELD))
+        blob = store.state_field(model, state, GLOBAL_FIELD)
+        chunks: Iterator[Fields]
+        g: Globals | None
+        if blob is not None and is_decayed(blob):
+            g, classes, chunks = _presented_window(store, model, state, blob, now)
+        else:
+            g = decode_globals(blob)
+            classes = 0 if g is None else store.state_size(model, state) - g.non_row_fields()
+            chunks = (dict(chunk) for chunk in store.scan_state(model, state))
         if g is None or g.sample_count == 0:
             raise InvalidInput(
                 "insufficient_data", f"window {window} of {model!r} holds no samples"
             )
-        classes = store.state_size(model, state) - g.non_row_fields()
         meta = _stamp(registry, model, g, classes, f"window:{window}")
         stderrs = _window_stderrs(store, model, window, seconds, g.sample_count)
         if stderrs:
@@ -128,9 +143,22 @@ def pin_window(
             if b.rff_sum is not None
         ]
         calibration = encode_calibration(buckets) if g.rff is not None and buckets else None
-        chunks = (dict(chunk) for chunk in store.scan_state(model, state))
         store.pin_baseline(model, name, chunks, meta, replace=replace, calibration=calibration)
     return meta
+
+
+def _presented_window(
+    store: Store, model: str, state: str, blob: bytes, now: float
+) -> tuple[Globals, int, Iterator[Fields]]:
+    """A decayed window as the ordinary state it presents at `now` (a baseline stays the data
+    it was pinned from, whatever the mode later): two passes, the first for its sample count."""
+    view = DecayedView(DecayedGlobals.decode(blob), now, store.policy.decay_min_weight)
+    samples, classes = count_members(view, store.scan_state(model, state))
+    return (
+        view.g.presented(samples),
+        classes,
+        presented_chunks(view, store.scan_state(model, state), samples),
+    )
 
 
 def _window_stderrs(

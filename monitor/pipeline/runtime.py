@@ -47,6 +47,8 @@ def bucket_policy(settings: Settings) -> BucketPolicy:
         partial_ttl=settings.partial_ttl_seconds,
         seen_ttl=2 * settings.partial_ttl_seconds,
         windows=tuple(sorted(settings.windows.items(), key=lambda kv: (kv[1], kv[0]))),
+        window_mode=settings.window_mode,
+        decay_min_weight=settings.decay_min_weight,
     )
 
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from monitor.errors import CollapseMonitorError, IncompatibleStats
+from monitor.errors import CollapseMonitorError, IncompatibleStats, InvalidInput
+from monitor.stats.decayed import DecayedGlobals, DecayedStatsBuilder, is_decayed
 from monitor.stats.fields import (
     BLOCK_PREFIX,
     GLOBAL_FIELD,
@@ -66,14 +67,24 @@ def maintain_model(store: Store, model: str, now: float | None = None) -> Mainte
     return store.maintain(model, ALGEBRA, time.time() if now is None else now)
 
 
-def read_state(store: Store, model: str, state: str) -> CollapseStats | None:
-    """A stored state as `CollapseStats` (None when absent), read once under the state lock."""
+def read_state(
+    store: Store, model: str, state: str, *, now: float | None = None
+) -> CollapseStats | None:
+    """A stored state as `CollapseStats` (None when absent), read once under the state lock;
+    a decayed window is presented as it stands at `now` (monitor/stats/decayed.py)."""
     with store.locked(model):
         blob = store.state_field(model, state, GLOBAL_FIELD)
         if blob is None:
             return None
-        g = Globals.decode(blob)
-        builder = StatsBuilder(g, store.state_size(model, state) - g.non_row_fields())
+        builder: StatsBuilder | DecayedStatsBuilder
+        if is_decayed(blob):
+            dg = DecayedGlobals.decode(blob)
+            rows = store.state_size(model, state) - dg.non_row_fields()
+            at = time.time() if now is None else now
+            builder = DecayedStatsBuilder(dg, rows, at, store.policy.decay_min_weight)
+        else:
+            g = Globals.decode(blob)
+            builder = StatsBuilder(g, store.state_size(model, state) - g.non_row_fields())
         for chunk in store.scan_state(model, state):
             builder.add(chunk)
         return builder.finish()
@@ -162,8 +173,15 @@ def window_stats(
     if _configured(store, window, seconds):
         maintain_model(store, model, now)
         with store.locked(model):  # the window and its buckets' stamps from one moment
-            stats = read_state(store, model, window_state(window))
+            stats = read_state(store, model, window_state(window), now=now)
             cut = _window_cut(store, model, window, seconds, stats)
+    elif store.policy.decayed:
+        configured = ", ".join(label for label, _ in store.policy.windows) or "none"
+        raise InvalidInput(
+            "unknown_window",
+            f"window {window} ({seconds} s) is not configured, and in decayed window mode the "
+            f"buckets keep no class rows to sum: read a configured window ({configured})",
+        )
     else:
         stats, cut = _sum_buckets(store, model, seconds, now)
     if stats is not None and stats.sample_count == 0:
@@ -189,6 +207,8 @@ def _window_cut(
     state = store.windows(model).get(window)
     if stats is None or state is None or state.dirty or state.seconds != seconds:
         return ()
+    if state.mode == "decayed":
+        return ()  # no bucket holds class rows: no jackknife
     cuts = [
         cut
         for s in store.bucket_starts(model, state.level)
@@ -302,10 +322,12 @@ def window_summary(store: Store, model: str, window: str, seconds: int) -> Windo
     if _configured(store, window, seconds):
         maintain_model(store, model, now)
     state = window_state(window)
-    g = decode_globals(store.state_field(model, state, GLOBAL_FIELD))
+    blob = store.state_field(model, state, GLOBAL_FIELD)
     samples = classes = 0
-    if g is not None:
-        samples = g.sample_count
+    if blob is not None:
+        g = DecayedGlobals.decode(blob) if is_decayed(blob) else Globals.decode(blob)
+        # a decayed window: Kish's effective count, and rows not yet pruned among the classes
+        samples = g.effective_samples() if isinstance(g, DecayedGlobals) else g.sample_count
         classes = max(store.state_size(model, state) - g.non_row_fields(), 0)
     return WindowSummary(
         window, seconds, samples, classes, len(_window_buckets(store, model, seconds, now))

@@ -103,7 +103,7 @@ class Globals:
     def decode(cls, blob: bytes) -> Globals:
         try:
             arrays = np_load(bytes(blob))
-            header = json.loads(_metadata(blob)["g"])
+            header = json.loads(metadata_of(blob)["g"])
             if header.get("format") != FORMAT:
                 raise IncompatibleStats("not a split-statistics globals field")
             if header.get("version") != VERSION:
@@ -168,7 +168,7 @@ class Globals:
         return Globals(*self.signature(), counters, rff_sq, unit_sum, rff_sum)
 
 
-def _metadata(blob: bytes) -> dict[str, str]:
+def metadata_of(blob: bytes) -> dict[str, str]:
     length = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8 : 8 + length])
     meta = header.get("__metadata__") if isinstance(header, dict) else None
@@ -195,7 +195,7 @@ def _globals_of(stats: CollapseStats) -> Globals:
     )
 
 
-def _row_dtype(dim: int) -> np.dtype[np.void]:
+def row_dtype(dim: int) -> np.dtype[np.void]:
     return np.dtype([("n", "<i8"), ("q", "<f8"), ("s", "<f8", (dim,))])
 
 
@@ -203,7 +203,7 @@ def field_chunks(stats: CollapseStats, max_bytes: int = BLOCK_BYTES) -> Iterator
     """The fields of `stats` in chunks of about `max_bytes`: globals first, then class rows,
     then second-moment blocks. Streamed, so a large state is never encoded whole at once."""
     yield {GLOBAL_FIELD: _globals_of(stats).encode()}
-    dtype = _row_dtype(stats.dim)
+    dtype = row_dtype(stats.dim)
     step = max(1, max_bytes // dtype.itemsize)
     ids = stats.class_ids
     for start in range(0, stats.touched_classes, step):
@@ -267,6 +267,31 @@ class StatsAlgebra:
                     total[name] = value
         return total
 
+    def combine_decayed(
+        self,
+        fields: Sequence[bytes],
+        current: Sequence[bytes | None],
+        delta: Sequence[bytes],
+        at: float,
+        tau: float,
+    ) -> list[bytes | None]:
+        """`current` (a decayed window's fields) plus `delta` of data at time `at`."""
+        from monitor.stats.decayed import merge_fields
+
+        return list(merge_fields(fields, current, delta, at, tau))
+
+    def expired(
+        self, chunk: Iterable[tuple[bytes, bytes]], now: float, tau: float, min_weight: float
+    ) -> list[bytes]:
+        """Rows of a decayed state that weigh less than `min_weight` at `now`."""
+        from monitor.stats.decayed import expired_fields
+
+        return expired_fields(chunk, now, tau, min_weight)
+
+    def summary(self, fields: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
+        """The globals alone: what a bucket keeps in decayed mode."""
+        return {GLOBAL_FIELD: fields[GLOBAL_FIELD]} if GLOBAL_FIELD in fields else {}
+
     @staticmethod
     def _globals(current: bytes | None, delta: bytes, sign: int) -> bytes:
         add = Globals.decode(delta)
@@ -291,7 +316,7 @@ class StatsAlgebra:
         size = len(delta[0])
         if (size - 16) % 8 or any(len(d) != size for d in delta):
             raise IncompatibleStats("class rows of different widths")
-        dtype = _row_dtype((size - 16) // 8)
+        dtype = row_dtype((size - 16) // 8)
         add = np.frombuffer(b"".join(delta), dtype=dtype)
         base = np.zeros(len(delta), dtype=dtype)
         have = [i for i, c in enumerate(current) if c is not None]
@@ -324,7 +349,7 @@ class Rows:
 
 def decode_rows(chunk: Iterable[tuple[bytes, bytes]], globals_: Globals) -> Rows | None:
     """The class rows among `chunk`'s fields (others are skipped); None when there are none."""
-    dtype = _row_dtype(globals_.dim)
+    dtype = row_dtype(globals_.dim)
     ids: list[int] = []
     values: list[bytes] = []
     for field, value in chunk:

@@ -13,6 +13,7 @@ States, named by `StateRef` strings: `bucket:<level>:<start>`, `window:<label>`,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -39,6 +40,32 @@ class FieldAlgebra(Protocol):
 
     def merge_all(self, parts: Iterable[Mapping[bytes, bytes]]) -> dict[bytes, bytes]: ...
 
+    def combine_decayed(
+        self,
+        fields: Sequence[bytes],
+        current: Sequence[bytes | None],
+        delta: Sequence[bytes],
+        at: float,
+        tau: float,
+    ) -> list[bytes | None]:
+        """A decayed window's fields plus `delta` of data at time `at` (time constant `tau`)."""
+        ...
+
+    def expired(
+        self, chunk: Iterable[tuple[bytes, bytes]], now: float, tau: float, min_weight: float
+    ) -> list[bytes]:
+        """Fields of a decayed state that weigh less than `min_weight` at `now` (to delete)."""
+        ...
+
+    def summary(self, fields: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
+        """The fields a bucket keeps in decayed mode: the globals (MMD calibration)."""
+        ...
+
+
+WINDOW_MODES = ("exact", "decayed")
+# One sample of age S weighs exp(-S / tau) = exp(-2) in a decayed window of S seconds.
+DEFAULT_DECAY_MIN_WEIGHT = math.exp(-2.0)
+
 
 @dataclass(frozen=True)
 class BucketPolicy:
@@ -61,12 +88,34 @@ class BucketPolicy:
     group_bytes: int = 64 * 2**20  # soft bound on the new data one compaction step merges
     rebuild_seconds: int = 86400  # windows are rebuilt exactly from buckets this often
     lock_seconds: float = 60.0  # the state lock expires this long after its last refresh
+    # "exact": sliding windows over buckets with class rows; "decayed": exponentially decayed
+    # windows and buckets with globals only (monitor/stats/decayed.py, docs/architecture.md).
+    window_mode: str = "exact"
+    decay_min_weight: float = DEFAULT_DECAY_MIN_WEIGHT
 
     def __post_init__(self) -> None:
         if self.fine_seconds < 1 or self.coarse_seconds % self.fine_seconds:
             raise ValueError("coarse bucket length must be a positive multiple of the fine one")
         if self.seen_ttl < self.partial_ttl:
             raise ValueError("seen markers must outlive partials, or a redelivery counts twice")
+        if self.window_mode not in WINDOW_MODES:
+            raise ValueError(f"window_mode must be one of {WINDOW_MODES}, not {self.window_mode!r}")
+        if not 0 < self.decay_min_weight < 1:
+            raise ValueError("decay_min_weight must be between 0 and 1 (a fraction of a sample)")
+
+    @property
+    def decayed(self) -> bool:
+        return self.window_mode == "decayed"
+
+    @staticmethod
+    def time_constant(window_seconds: int) -> float:
+        """tau of a decayed window: the same as `monitor.stats.decayed.time_constant` (the
+        store may not import the statistics format; a test holds the two equal)."""
+        return window_seconds / 2.0
+
+    def prune_interval(self, window_seconds: int) -> float:
+        """How often maintenance deletes the rows that decayed below `decay_min_weight`."""
+        return max(self.time_constant(window_seconds) / 2.0, 60.0)
 
     def length(self, level: str) -> int:
         return self.fine_seconds if level == "fine" else self.coarse_seconds
@@ -120,8 +169,9 @@ class WindowState:
     seconds: int
     level: str
     since: int
-    built: float
+    built: float  # exact: last exact rebuild; decayed: last prune of rows below the minimum
     dirty: bool = False
+    mode: str = "exact"
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,14 @@ class MemoryStore:
             for (fine, coarse), members in groups.items():
                 delta = algebra.merge_all(state.partials.pop(i)[0] for i in members)
                 for target in planner.targets(fine, coarse, state.windows):
-                    _apply(state.states.setdefault(target, {}), delta, algebra, 1)
+                    fields = state.states.setdefault(target.state, {})
+                    part = target.fields_of(delta, algebra)
+                    names = list(part)
+                    current = [fields.get(n) for n in names]
+                    merged = target.merge(algebra, names, current, list(part.values()), fine)
+                    _store(fields, names, merged)
+                    if target.record is not None:
+                        state.windows[target.record[0]] = target.record[1]
                 state.index["fine"].add(fine)
                 state.index["coarse"].add(coarse)
             return CompactionResult(
@@ -113,9 +120,25 @@ class MemoryStore:
         with self._lock:
             state = self._models[model]
             planner = WindowPlanner(self.policy)
+            if planner.mode_changed(state.windows):
+                for level in LEVELS:  # buckets of the other mode: the windows start again
+                    for start in state.index[level]:
+                        state.states.pop(bucket_state(level, start), None)
+                    dropped += len(state.index[level])
+                    state.index[level].clear()
             starts = {level: sorted(state.index[level]) for level in LEVELS}
             steps = planner.plan(state.windows, starts, now, lambda s: s in state.states)
             for step in steps:
+                if step.prune_tau is not None:
+                    fields = state.states.get(step.target, {})
+                    items = list(fields.items())
+                    gone = algebra.expired(
+                        items, step.at, step.prune_tau, self.policy.decay_min_weight
+                    )
+                    for name in gone:
+                        fields.pop(name, None)
+                    state.windows[step.label] = step.state
+                    continue
                 if step.rebuild:
                     state.states.pop(step.target, None)
                     rebuilt += 1
@@ -271,9 +294,12 @@ class MemoryStore:
 
 def _apply(target: dict[bytes, bytes], delta: Fields, algebra: FieldAlgebra, sign: int) -> None:
     names = list(delta)
-    if not names:
-        return
-    merged = algebra.combine(names, [target.get(n) for n in names], [delta[n] for n in names], sign)
+    if names:
+        current = [target.get(n) for n in names]
+        _store(target, names, algebra.combine(names, current, [delta[n] for n in names], sign))
+
+
+def _store(target: dict[bytes, bytes], names: list[bytes], merged: list[bytes | None]) -> None:
     for name, value in zip(names, merged, strict=True):
         if value is None:
             target.pop(name, None)

@@ -145,7 +145,7 @@ class RedisStore:
                     windows = _parse_windows(cast(dict[bytes, bytes], pipe.hgetall(k.windows)))
                     planner = WindowPlanner(self.policy)
                     targets = planner.targets(fine, coarse, windows)
-                    state_keys = [k.state(t) for t in targets]
+                    state_keys = [k.state(t.state) for t in targets]
                     pipe.watch(*state_keys)
                     scores = cast(list[Any], pipe.zmscore(k.pending, members))
                     live = [m for m, s in zip(members, scores, strict=True) if s is not None]
@@ -162,16 +162,20 @@ class RedisStore:
                         if size >= self.policy.group_bytes:
                             break
                     delta = algebra.merge_all(parts)
-                    names = list(delta)
-                    values = [delta[n] for n in names]
                     updates = []
-                    for key in state_keys if names else []:
+                    for target, key in zip(targets, state_keys, strict=True) if delta else []:
+                        part = target.fields_of(delta, algebra)
+                        names = list(part)
                         current = cast(list[bytes | None], pipe.hmget(key, names))
-                        updates.append((key, algebra.combine(names, current, values, 1)))
+                        merged = target.merge(algebra, names, current, list(part.values()), fine)
+                        updates.append((key, names, merged))
                     pipe.multi()
-                    for key, merged in updates:
+                    for key, names, merged in updates:
                         StateOps.write(pipe, key, names, merged)
-                    if names:
+                    for target in targets if delta else []:
+                        if target.record is not None:
+                            pipe.hset(k.windows, target.record[0], _dump(target.record[1]))
+                    if delta:
                         for level, start in (("fine", fine), ("coarse", coarse)):
                             pipe.expire(
                                 k.state(bucket_state(level, start)), self.policy.key_ttl(level)
@@ -194,11 +198,17 @@ class RedisStore:
         self.check_format(model)
         k = self.keys(model)
         planner = WindowPlanner(self.policy)
-        subtracted = rebuilt = 0
+        subtracted = rebuilt = dropped = 0
         with self.locked(model):
             windows = self.windows(model)
+            if planner.mode_changed(windows):  # buckets of the other mode: windows start again
+                dropped += self._drop_buckets(k, float("inf"))
             starts = {level: self.bucket_starts(model, level) for level in LEVELS}
             for step in planner.plan(windows, starts, now, self._bucket_exists(k)):
+                if step.prune_tau is not None:
+                    self._prune(k, step.target, step.at, step.prune_tau, algebra)
+                    self.client.hset(k.windows, step.label, _dump(step.state))
+                    continue
                 self.client.hset(k.windows, step.label, _dump(step.dirty_state()))
                 target = k.state(step.target)
                 if step.rebuild:
@@ -211,13 +221,25 @@ class RedisStore:
             for label in planner.unconfigured(windows):
                 self.client.delete(k.state(f"window:{label}"))
                 self.client.hdel(k.windows, label)
-            dropped = self._drop_expired(k, now)
+            dropped += self._drop_buckets(k, now)
         return MaintenanceResult(subtracted, rebuilt, dropped, time.perf_counter() - started)
 
     def _bucket_exists(self, k: ModelKeys) -> Callable[[str], bool]:
         return lambda state: bool(self.client.exists(k.state(state)))
 
-    def _drop_expired(self, k: ModelKeys, now: float) -> int:
+    def _prune(
+        self, k: ModelKeys, state: str, now: float, tau: float, algebra: FieldAlgebra
+    ) -> None:
+        """Delete a decayed window's rows that weigh less than the minimum (under the lock;
+        HDEL is idempotent, and reads leave such rows out anyway, so a crash midway is harmless)."""
+        key = k.state(state)
+        for chunk in self._ops.scan(k, key, 32 * 2**20):
+            gone = algebra.expired(chunk, now, tau, self.policy.decay_min_weight)
+            if gone:
+                self.client.hdel(key, *gone)
+
+    def _drop_buckets(self, k: ModelKeys, now: float) -> int:
+        """Delete the buckets past retention (all of them when `now` is infinite)."""
         dropped = 0
         for level in LEVELS:
             horizon = self.policy.expired_before(level, now)
@@ -435,5 +457,6 @@ def _dump(state: WindowState) -> str:
             "since": state.since,
             "built": state.built,
             "dirty": state.dirty,
+            "mode": state.mode,
         }
     )
