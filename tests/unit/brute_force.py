@@ -201,7 +201,9 @@ def _trace_ratio(
             sigma_w += np.outer(dev, dev)
             n_kept += 1
     sigma_w /= n_kept
-    return float(np.trace(sigma_w @ np.linalg.pinv(sigma_b, hermitian=True))) / K
+    # Eigenvalues below 1e-10 of the largest are zero: states after a LayerNorm lie in a
+    # hyperplane to float32 precision, and numpy's default cut-off would keep that noise.
+    return float(np.trace(sigma_w @ np.linalg.pinv(sigma_b, rcond=1e-10, hermitian=True))) / K
 
 
 def _anisotropy(features: np.ndarray) -> float | None:
