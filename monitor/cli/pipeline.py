@@ -154,10 +154,11 @@ def status(
             title=f"{s.model}: {s.pending_partials} pending, lag {lag}, "
             f"{s.memory_bytes / 2**20:.1f} MiB, baselines {', '.join(s.baselines) or '-'}"
         )
-        for column in ("window", "samples", "classes", "buckets"):
+        for column in ("window", "mode", "samples", "classes", "buckets"):
             table.add_column(column, justify="right")
         for w in s.windows:
-            table.add_row(w.window, str(w.sample_count), str(w.class_count), str(w.buckets))
+            row = (w.window, w.mode, str(w.sample_count), str(w.class_count), str(w.buckets))
+            table.add_row(*row)
         Console().print(table)
         counters = ", ".join(f"{k}={v}" for k, v in sorted(s.counters.items())) or "none"
         typer.echo(f"counters: {counters}")

@@ -18,6 +18,7 @@ class WindowStatus:
     sample_count: int
     class_count: int
     buckets: int
+    mode: str = "exact"  # "decayed": effective samples, rows not pruned yet (window_mode)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,14 @@ def model_status(store: Store, settings: Settings, model: str) -> ModelStatus:
     for label, seconds in settings.windows.items():
         summary = window_summary(store, model, label, seconds)
         windows.append(
-            WindowStatus(label, seconds, summary.sample_count, summary.class_count, summary.buckets)
+            WindowStatus(
+                label,
+                seconds,
+                summary.sample_count,
+                summary.class_count,
+                summary.buckets,
+                summary.mode,
+            )
         )
     oldest = store.oldest_pending(model)
     last = None

@@ -143,9 +143,10 @@ class WindowSummary:
 
     window: str
     seconds: int
-    sample_count: int
-    class_count: int
+    sample_count: int  # decayed: Kish's effective count of all its samples
+    class_count: int  # decayed: rows not pruned yet
     buckets: int
+    mode: str = "exact"
 
 
 def _configured(store: Store, window: str, seconds: int) -> bool:
@@ -329,9 +330,9 @@ def window_summary(store: Store, model: str, window: str, seconds: int) -> Windo
         # a decayed window: Kish's effective count, and rows not yet pruned among the classes
         samples = g.effective_samples() if isinstance(g, DecayedGlobals) else g.sample_count
         classes = max(store.state_size(model, state) - g.non_row_fields(), 0)
-    return WindowSummary(
-        window, seconds, samples, classes, len(_window_buckets(store, model, seconds, now))
-    )
+    mode = "decayed" if blob is not None and is_decayed(blob) else "exact"
+    buckets = len(_window_buckets(store, model, seconds, now))
+    return WindowSummary(window, seconds, samples, classes, buckets, mode)
 
 
 def bucket_globals(store: Store, model: str, seconds: int) -> list[Globals]:
