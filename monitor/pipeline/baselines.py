@@ -22,13 +22,8 @@ from monitor.metrics.report import TRAFFIC_STDERR_SUFFIX
 from monitor.pipeline.registry import ModelRegistry, ModelShape
 from monitor.pipeline.windows import bucket_globals, maintain_model, read_state
 from monitor.stats import CollapseStats
-from monitor.stats.decayed import (
-    DecayedGlobals,
-    DecayedView,
-    count_members,
-    is_decayed,
-    presented_chunks,
-)
+from monitor.stats.decayed import DecayedGlobals, is_decayed
+from monitor.stats.decayed_read import DecayedView, count_members, presented_chunks
 from monitor.stats.fields import GLOBAL_FIELD, Fields, Globals, decode_globals, field_chunks
 from monitor.stats.fields import VERSION as STORE_FORMAT
 from monitor.stats.rff import BucketSums, bucket_sums

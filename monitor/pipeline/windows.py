@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from monitor.errors import CollapseMonitorError, IncompatibleStats, InvalidInput
-from monitor.stats.decayed import DecayedGlobals, DecayedStatsBuilder, is_decayed
+from monitor.stats.decayed import DecayedGlobals, is_decayed
+from monitor.stats.decayed_read import DecayedStatsBuilder
 from monitor.stats.fields import (
     BLOCK_PREFIX,
     GLOBAL_FIELD,

@@ -1,5 +1,5 @@
-"""Exponentially decayed windows (`window_mode = "decayed"`): their stored format, their merge, and
-how a read presents one as ordinary statistics (docs/architecture.md, "Decayed windows").
+"""Exponentially decayed windows (`window_mode = "decayed"`): their stored format and their merge
+(docs/architecture.md, "Decayed windows"; reading one is monitor/stats/decayed_read.py).
 
 A decayed window of S seconds weighs the data of the fine bucket starting at b by
 exp(-(t - b) / tau) at time t, tau = S / 2. It needs no buckets with class rows (nothing is ever
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,7 +36,6 @@ from monitor.errors import IncompatibleStats
 from monitor.stats.fields import (
     BLOCK_PREFIX,
     GLOBAL_FIELD,
-    Fields,
     Globals,
     block_rows,
     is_row,
@@ -46,7 +45,7 @@ from monitor.stats.fields import (
 from monitor.stats.rff_config import RFFConfig
 
 if TYPE_CHECKING:
-    from monitor.stats.collapse_stats import CollapseStats
+    pass
 
 DECAYED_FORMAT = "collapse-stats-decayed"
 DECAYED_VERSION = 1
@@ -325,156 +324,3 @@ def expired_fields(
             if float(w) * math.exp(-(now - float(a)) / tau) < min_weight:
                 out.append(field)
     return out
-
-
-@dataclass(frozen=True)
-class PresentedRows:
-    """Member classes of one chunk, presented: ids, effective counts, sums, square-norm sums."""
-
-    class_ids: np.ndarray
-    counts: np.ndarray
-    sums: np.ndarray
-    sq_norms: np.ndarray
-
-
-class DecayedView:
-    """Presents a decayed state at `now` as ordinary statistics (the module docstring)."""
-
-    def __init__(self, g: DecayedGlobals, now: float, min_weight: float) -> None:
-        self.g, self.now, self.min_weight = g, float(now), float(min_weight)
-        self.dtype = decayed_row_dtype(g.dim)
-
-    def weights_now(self, rows: np.ndarray) -> np.ndarray:
-        return np.asarray(rows["w"] * np.exp(-(self.now - rows["a"]) / self.g.tau))
-
-    def rows(self, chunk: Iterable[tuple[bytes, bytes]]) -> PresentedRows | None:
-        ids: list[int] = []
-        values: list[bytes] = []
-        for field, value in chunk:
-            if is_row(field):
-                ids.append(int(field))
-                values.append(value)
-        if not ids:
-            return None
-        if any(len(v) != self.dtype.itemsize for v in values):
-            raise IncompatibleStats("a decayed class row of the wrong width")
-        rows = np.frombuffer(b"".join(values), dtype=self.dtype)
-        class_ids = np.asarray(ids, dtype=np.int64)
-        if int(class_ids.min()) < 0 or int(class_ids.max()) >= self.g.num_classes:
-            raise IncompatibleStats("a class row outside the vocabulary")
-        if not (np.isfinite(rows["s"]).all() and np.isfinite(rows["q"]).all()):
-            raise IncompatibleStats("non-finite values in decayed class rows")
-        if bool((rows["w"] <= 0).any()) or bool((rows["v"] <= 0).any()):
-            raise IncompatibleStats("a decayed class row with no weight")
-        keep = self.weights_now(rows) >= self.min_weight
-        rows, class_ids = rows[keep], class_ids[keep]
-        counts = np.maximum(np.rint(rows["w"] ** 2 / rows["v"]), 1.0)
-        ratio = counts / rows["w"]
-        return PresentedRows(
-            class_ids, counts.astype(np.int64), rows["s"] * ratio[:, None], rows["q"] * ratio
-        )
-
-    def block(self, name: bytes, value: bytes, samples: int) -> tuple[int, np.ndarray]:
-        """Row start and values of a presented second-moment block (`sum h h^T` of `samples`)."""
-        step = block_rows(self.g.dim)
-        start = int(name[len(BLOCK_PREFIX) :]) * step
-        rows = min(step, self.g.dim - start)
-        block = np.frombuffer(value[8:], dtype="<f8")
-        if start >= self.g.dim or block.size != rows * self.g.dim:
-            raise IncompatibleStats("a second-moment block of the wrong size")
-        anchor = float(np.frombuffer(value[:8], dtype="<f8")[0])
-        w = self.g.weights["sample"]
-        # to the globals' anchor, then to `samples` effective samples
-        factor = math.exp(-(self.g.anchor - anchor) / self.g.tau) * (samples / w if w > 0 else 0)
-        return start, block.reshape(rows, self.g.dim) * factor
-
-
-def presented_chunks(
-    view: DecayedView, scan: Iterable[Sequence[tuple[bytes, bytes]]], samples: int
-) -> Iterator[Fields]:
-    """Ordinary fields of the presented state, chunk by chunk (for pinning a baseline), given
-    its effective sample count from a first pass (`count_members`). Globals come last."""
-    ordinary = row_dtype(view.g.dim)
-    for chunk in scan:
-        presented = view.rows(chunk)
-        if presented is not None:
-            rows = np.empty(len(presented.class_ids), dtype=ordinary)
-            rows["n"], rows["q"], rows["s"] = presented.counts, presented.sq_norms, presented.sums
-            ids = presented.class_ids.tolist()
-            yield {str(c).encode(): r.tobytes() for c, r in zip(ids, rows, strict=True)}
-        for name, value in chunk:
-            if name.startswith(BLOCK_PREFIX):
-                _, block = view.block(name, value, samples)
-                yield {name: np.ascontiguousarray(block, dtype="<f8").tobytes()}
-    yield {GLOBAL_FIELD: view.g.presented(samples).encode()}
-
-
-def count_members(
-    view: DecayedView, scan: Iterable[Sequence[tuple[bytes, bytes]]]
-) -> tuple[int, int]:
-    """(effective samples, member classes) of a decayed state: the first pass of a pin."""
-    samples = classes = 0
-    for chunk in scan:
-        presented = view.rows(chunk)
-        if presented is not None:
-            samples += int(presented.counts.sum())
-            classes += len(presented.class_ids)
-    return samples, classes
-
-
-class DecayedStatsBuilder:
-    """`CollapseStats` of a decayed state presented at `now`, from fields arriving in chunks
-    (the class rows go straight into one preallocated K x d tensor, as `StatsBuilder`'s)."""
-
-    def __init__(
-        self, g: DecayedGlobals, rows: int, now: float, min_weight: float, *, device: str = "cpu"
-    ) -> None:
-        from monitor.stats.collapse_stats import CollapseStats
-
-        self.view = DecayedView(g, now, min_weight)
-        self.stats = CollapseStats(
-            g.num_classes, g.dim, second_moment=g.second_moment, rff=g.rff, device=device
-        )
-        self.stats._reserve(min(max(rows, 0), g.num_classes))
-        self.blocks: list[tuple[bytes, bytes]] = []  # scaled once the sample count is known
-
-    def add(self, chunk: Iterable[tuple[bytes, bytes]]) -> None:
-        import torch
-
-        items = list(chunk)
-        for field, value in items:
-            if field.startswith(BLOCK_PREFIX):
-                self.blocks.append((field, value))
-            elif field != GLOBAL_FIELD and not is_row(field):
-                raise IncompatibleStats(f"unknown statistics field {field[:40]!r}")
-        rows = self.view.rows(items)
-        if rows is not None and len(rows.class_ids):
-            self.stats._load_rows(
-                torch.from_numpy(rows.class_ids),
-                torch.from_numpy(rows.counts),
-                torch.from_numpy(np.ascontiguousarray(rows.sums)),
-                torch.from_numpy(np.ascontiguousarray(rows.sq_norms)),
-            )
-
-    def finish(self) -> CollapseStats:
-        import torch
-
-        stats = self.stats
-        samples = int(stats.counts.sum())
-        g = self.view.g.presented(samples)
-        stats.sample_count = samples
-        stats.unit_count = g.counters["unit_count"]
-        stats.nc4_hits = g.counters["nc4_hits"]
-        stats.nc4_total = g.counters["nc4_total"]
-        stats.unit_sum = torch.from_numpy(g.unit_sum.copy()).to(stats.device)
-        if g.rff_sum is not None:
-            stats.rff_sum = torch.from_numpy(g.rff_sum.copy()).to(stats.device)
-            stats.rff_sq = g.rff_sq
-        second = stats.second
-        for name, value in self.blocks:
-            if second is None:
-                raise IncompatibleStats("a second-moment block in statistics without one")
-            start, block = self.view.block(name, value, samples)
-            second[start : start + block.shape[0]] = torch.from_numpy(block)
-        self.blocks = []
-        return stats
