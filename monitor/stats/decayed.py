@@ -11,12 +11,12 @@ it touches, and a crash between two fields leaves each of them self-consistent:
 - `g`: the same for the globals (W, V, unit, NC4 and RFF sums, `sum w^2 ||phi||^2`);
 - `m:<i>`: an 8-byte anchor, then a block of `sum w h h^T`.
 
-A read keeps the classes whose weight is at least `min_weight` (maintenance deletes the others'
-rows, so a class that returns after that starts afresh, without its old weight of less than
-`min_weight`) and presents each with its Kish
+A read keeps the classes whose weight is at least `min_weight` and presents each with its Kish
 effective size n = W^2 / V (rounded) and sums n S / W, n Q / W: class means and within-class
 variances are exactly the weighted ones, and every n/(n-1) and s^2/n correction of the metrics
-uses the effective size. Numpy only at import: compaction and `status` run without torch.
+uses the effective size. Maintenance deletes the rows below `min_weight`, so a class that returns
+after that starts afresh, without its old weight (less than `min_weight`). Numpy only at
+import: compaction and `status` run without torch.
 """
 
 from __future__ import annotations
