@@ -100,6 +100,8 @@ class MemoryStore:
             for (fine, coarse), members in groups.items():
                 delta = algebra.merge_all(state.partials.pop(i)[0] for i in members)
                 for target in planner.targets(fine, coarse, state.windows):
+                    if target.record is not None:  # a new window: no debris of a past one
+                        state.states.pop(target.state, None)
                     fields = state.states.setdefault(target.state, {})
                     part = target.fields_of(delta, algebra)
                     names = list(part)

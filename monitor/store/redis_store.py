@@ -167,10 +167,14 @@ class RedisStore:
                         part = target.fields_of(delta, algebra)
                         names = list(part)
                         current = cast(list[bytes | None], pipe.hmget(key, names))
+                        if target.record is not None:  # a new window: no debris of a past one
+                            current = [None] * len(names)
                         merged = target.merge(algebra, names, current, list(part.values()), fine)
                         updates.append((key, names, merged))
                     pipe.multi()
-                    for key, names, merged in updates:
+                    for target, (key, names, merged) in zip(targets, updates, strict=False):
+                        if target.record is not None:
+                            pipe.delete(key)
                         StateOps.write(pipe, key, names, merged)
                     for target in targets if delta else []:
                         if target.record is not None:
