@@ -18,7 +18,15 @@ import numpy as np
 
 from monitor.errors import IncompatibleStats
 from monitor.stats.decayed import DecayedGlobals, decayed_row_dtype
-from monitor.stats.fields import BLOCK_PREFIX, GLOBAL_FIELD, Fields, block_rows, is_row, row_dtype
+from monitor.stats.fields import (
+    BLOCK_PREFIX,
+    GLOBAL_FIELD,
+    Fields,
+    block_rows,
+    is_row,
+    row_dtype,
+    row_fields,
+)
 
 if TYPE_CHECKING:
     from monitor.stats.collapse_stats import CollapseStats
@@ -45,12 +53,7 @@ class DecayedView:
         return np.asarray(rows["w"] * np.exp(-(self.now - rows["a"]) / self.g.tau))
 
     def rows(self, chunk: Iterable[tuple[bytes, bytes]]) -> PresentedRows | None:
-        ids: list[int] = []
-        values: list[bytes] = []
-        for field, value in chunk:
-            if is_row(field):
-                ids.append(int(field))
-                values.append(value)
+        ids, values = row_fields(chunk)
         if not ids:
             return None
         if any(len(v) != self.dtype.itemsize for v in values):

@@ -347,15 +347,21 @@ class Rows:
     sums: torch.Tensor
 
 
-def decode_rows(chunk: Iterable[tuple[bytes, bytes]], globals_: Globals) -> Rows | None:
-    """The class rows among `chunk`'s fields (others are skipped); None when there are none."""
-    dtype = row_dtype(globals_.dim)
+def row_fields(chunk: Iterable[tuple[bytes, bytes]]) -> tuple[list[int], list[bytes]]:
+    """Class ids and values of the class rows among `chunk`'s fields (others are skipped)."""
     ids: list[int] = []
     values: list[bytes] = []
     for field, value in chunk:
         if is_row(field):
             ids.append(int(field))
             values.append(value)
+    return ids, values
+
+
+def decode_rows(chunk: Iterable[tuple[bytes, bytes]], globals_: Globals) -> Rows | None:
+    """The class rows among `chunk`'s fields (others are skipped); None when there are none."""
+    dtype = row_dtype(globals_.dim)
+    ids, values = row_fields(chunk)
     if not ids:
         return None
     if any(len(v) != dtype.itemsize for v in values):
