@@ -183,6 +183,19 @@ def pair_kernels(means: np.ndarray, variances: np.ndarray) -> dict[str, list[flo
     return out
 
 
+def pair_family(means: np.ndarray, variances: np.ndarray) -> dict[str, float]:
+    """The plug-in pair metrics (NC1 CDNVs, NC2 angles and log energies) of >= 2 classes."""
+    kern = pair_kernels(means, variances)
+    return {
+        "nc1_cdnv": _mean(kern["cdnv"]),
+        "nc1_cdnv2": _mean(kern["cdnv2"]),
+        "nc2_equiangularity_mean": _mean(kern["cos"]),
+        "nc2_equiangularity_std": _pop_std(kern["cos"]),
+        "nc2_log_energy_mean": _mean(kern["log_energy"]),
+        "nc2_log_energy_std": _pop_std(kern["log_energy"]),
+    }
+
+
 def _trace_ratio(
     features: np.ndarray, labels: np.ndarray, ids: list[int], means: np.ndarray
 ) -> float | None:
@@ -282,13 +295,7 @@ def brute_force_metrics(
     out["sample_count"] = N
 
     if K >= 2:
-        kern = pair_kernels(means, variances)
-        out["nc1_cdnv"] = _mean(kern["cdnv"])
-        out["nc1_cdnv2"] = _mean(kern["cdnv2"])
-        out["nc2_equiangularity_mean"] = _mean(kern["cos"])
-        out["nc2_equiangularity_std"] = _pop_std(kern["cos"])
-        out["nc2_log_energy_mean"] = _mean(kern["log_energy"])
-        out["nc2_log_energy_std"] = _pop_std(kern["log_energy"])
+        out.update(pair_family(means, variances))
 
     centred = means - means.sum(axis=0) / K if K else means
     norms = [float(np.sqrt(np.dot(row, row))) for row in centred]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from brute_force import _cov, _mean, _pop_std, pair_kernels, volume_robust
+from brute_force import _cov, _mean, pair_family, volume_robust
 
 DEFAULT_EPS = math.exp(-2.0)  # the spec's decay_min_weight default: one sample of age S
 
@@ -235,13 +235,7 @@ def presented_metrics(
     norms = [float(np.sqrt(row @ row)) for row in centred]
     out["nc2_equinorm_cv"] = _cov(norms) if k else None
     if k >= 2:
-        kern = pair_kernels(means, variances)
-        out["nc1_cdnv"] = _mean(kern["cdnv"])
-        out["nc1_cdnv2"] = _mean(kern["cdnv2"])
-        out["nc2_equiangularity_mean"] = _mean(kern["cos"])
-        out["nc2_equiangularity_std"] = _pop_std(kern["cos"])
-        out["nc2_log_energy_mean"] = _mean(kern["log_energy"])
-        out["nc2_log_energy_std"] = _pop_std(kern["log_energy"])
+        out.update(pair_family(means, variances))
         out.update(volume_robust(counts, means, variances, centred))
         out["nc1_trace_ratio"] = _presented_trace_ratio(ref, keep, means, min_count)
         if ref.nc4_total > 0:
