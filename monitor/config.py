@@ -70,6 +70,13 @@ class ModelSpec(BaseModel):
     rff_bandwidth: float | None = Field(
         None, gt=0, description="Kernel bandwidth; default: median heuristic on the first batch."
     )
+    max_tracked_classes: int | None = Field(
+        None,
+        ge=1,
+        description="Keep statistics for at most this many classes, the most frequent by "
+        "decayed count; samples of other classes are counted as untracked_samples and left "
+        "out (docs/architecture.md, 'Tracked classes'). None: every class (the default).",
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> ModelSpec:
@@ -138,7 +145,8 @@ class Settings(BaseSettings):
     models: list[ModelSpec] = Field(
         default_factory=list,
         description="Models to watch, as a JSON list of {name, checkpoint | vocab_size + dim, "
-        "device, dtype, second_moment}. Samples for other models are refused.",
+        "device, dtype, second_moment, max_tracked_classes}. Samples for other models are "
+        "refused.",
     )
     bucket_seconds: int = Field(300, ge=1, description="Length of fine time buckets.")
     coarse_bucket_seconds: int = Field(
@@ -164,6 +172,18 @@ class Settings(BaseSettings):
         lt=1,
         description="Decayed mode: a class leaves a window when its weight falls below this "
         "(default exp(-2): one sample as old as the window's span).",
+    )
+    tracked_half_life_seconds: float = Field(
+        86400.0,
+        gt=0,
+        description="Models with max_tracked_classes: their class frequencies halve once per "
+        "this many seconds (maintenance), so the tracked set follows the traffic.",
+    )
+    tracked_refresh_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Models with max_tracked_classes: each worker process reads the tracked "
+        "set (top classes by frequency) from the store this often.",
     )
     partial_ttl_seconds: int = Field(
         86400, ge=60, description="Uncompacted per-batch partials expire after this."

@@ -55,6 +55,9 @@ FAMILY_HELP: dict[str, str] = {
     "monitoring coverage lost (bad).",
     "partials_expired": "Per-batch partials that expired before compaction; any increase means "
     "lost data (bad).",
+    "untracked_samples": "Valid samples left out because their class is not among the model's "
+    "max_tracked_classes most frequent (0 without the cap); a large share means the cap is "
+    "too small for the traffic.",
     "samples_rejected": "Samples refused by reason (bad input, unknown model, limits); a "
     "rising rate is bad.",
     "dead_letters": "Messages dead-lettered by reason (poison broker messages, retries "
@@ -82,6 +85,7 @@ COUNTERS = (
     "batches_duplicate",
     "samples_dropped",
     "partials_expired",
+    "untracked_samples",
     "samples_rejected",
     "dead_letters",
     "ingest_failures",

@@ -11,11 +11,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from monitor.errors import InvalidInput
 from monitor.pipeline.payload import FeatureBatch, TimeBounds, claimed_rows, decode_batch
 from monitor.pipeline.registry import ModelRegistry
+from monitor.pipeline.tracking import TrackedClasses
 from monitor.stats.checks import check_arrays
-from monitor.store.base import Store
+from monitor.store.base import Store, TrackedCounts
 from monitor.store.keys import UNKNOWN_MODEL
 
 if TYPE_CHECKING:
@@ -47,11 +50,15 @@ class IngestResult:
     stored: bool  # False: the batch id was seen before (a redelivery), nothing was added
 
 
-def partial_stats(batch: FeatureBatch, registry: ModelRegistry, store: Store) -> CollapseStats:
-    """Statistics of one batch that `Ingestor.validate` accepted.
+def partial_stats(
+    batch: FeatureBatch, registry: ModelRegistry, store: Store, keep: np.ndarray | None = None
+) -> CollapseStats:
+    """Statistics of one batch that `Ingestor.validate` accepted; with `keep` (a capped model's
+    tracked samples), of those samples only, NC4 counts as sent.
 
     Only validated batches get here: the first batch a store sees proposes the model's RFF
-    bandwidth, kept forever (the registry checks its sample once more).
+    bandwidth, kept forever (the registry checks its sample once more); that sample is the
+    whole batch, so the cap does not change the bandwidth.
     """
     from monitor.stats.validation import CheckedBatch
 
@@ -60,6 +67,10 @@ def partial_stats(batch: FeatureBatch, registry: ModelRegistry, store: Store) ->
         batch.features, batch.labels, dim=shape.dim, num_classes=shape.vocab_size
     )
     stats = registry.new_stats(batch.model, store, checked.features)
+    if keep is not None:
+        checked = CheckedBatch.of_checked_arrays(
+            batch.features[keep], batch.labels[keep], dim=shape.dim, num_classes=shape.vocab_size
+        )
     stats.add_checked(checked)
     if batch.nc4_total:
         stats.record_nc4(batch.nc4_hits, batch.nc4_total)
@@ -67,13 +78,22 @@ def partial_stats(batch: FeatureBatch, registry: ModelRegistry, store: Store) ->
 
 
 def store_partial(
-    store: Store, model: str, batch_id: str, ts: float, stats: CollapseStats
+    store: Store,
+    model: str,
+    batch_id: str,
+    ts: float,
+    stats: CollapseStats,
+    tracked: TrackedCounts | None = None,
 ) -> IngestResult:
-    """Write the partial once under `batch_id`; a repeat (redelivery) only counts a duplicate."""
+    """Write the partial once under `batch_id`, with a capped model's class frequencies and
+    untracked samples in the same step; a repeat (redelivery) only counts a duplicate."""
     from monitor.stats.fields import to_fields
 
     samples = stats.sample_count
-    stored = store.put_partial(model, batch_id, to_fields(stats), ts, samples)
+    if tracked is None:
+        stored = store.put_partial(model, batch_id, to_fields(stats), ts, samples)
+    else:
+        stored = store.put_partial(model, batch_id, to_fields(stats), ts, samples, tracked=tracked)
     return IngestResult(model, batch_id, samples, stored)
 
 
@@ -88,12 +108,20 @@ class Ingestor:
     """Decode, validate, summarise and store one payload; bad input is counted, then re-raised."""
 
     def __init__(
-        self, store: Store, registry: ModelRegistry, *, max_samples: int, max_bytes: int
+        self,
+        store: Store,
+        registry: ModelRegistry,
+        *,
+        max_samples: int,
+        max_bytes: int,
+        tracked_refresh_seconds: float = 30.0,
     ) -> None:
         self.store = store
         self.registry = registry
         self.max_samples = max_samples
         self.max_bytes = max_bytes
+        # The tracked classes of models with max_tracked_classes, read again this often.
+        self.tracked = TrackedClasses(store, tracked_refresh_seconds)
 
     @property
     def times(self) -> TimeBounds:
@@ -124,14 +152,23 @@ class Ingestor:
 
     def ingest(self, payload: object, now: float | None = None) -> IngestResult:
         """Validate (time bounds at `now`, the clock by default: a simulation passes its own),
-        summarise and store one payload; a refusal is counted, then re-raised."""
+        summarise and store one payload; a refusal is counted, then re-raised.
+
+        A model with `max_tracked_classes` keeps the samples of its tracked classes only
+        (`monitor.pipeline.tracking`); a batch with none of them still stores its partial (no
+        rows, its NC4 counts), so its id, frequencies and counters are recorded exactly once.
+        """
         model: object = payload.get("model") if isinstance(payload, dict) else None
         try:
             batch = self.validate(payload, now)
-            stats = partial_stats(batch, self.registry, self.store)
+            cap = self.registry.spec(batch.model).max_tracked_classes
+            keep, tracked = None, None
+            if cap is not None:
+                keep, tracked = self.tracked.select(batch.model, cap, batch.labels)
+            stats = partial_stats(batch, self.registry, self.store, keep)
         except InvalidInput as exc:
             known = isinstance(model, str) and model in self.registry.names
             count_rejection(self.store, model if known else None, exc.reason, claimed_rows(payload))
             log.warning("rejected batch (%s): %s", exc.reason, exc)
             raise
-        return store_partial(self.store, batch.model, batch.batch_id, batch.ts, stats)
+        return store_partial(self.store, batch.model, batch.batch_id, batch.ts, stats, tracked)

@@ -49,6 +49,7 @@ def bucket_policy(settings: Settings) -> BucketPolicy:
         windows=tuple(sorted(settings.windows.items(), key=lambda kv: (kv[1], kv[0]))),
         window_mode=settings.window_mode,
         decay_min_weight=settings.decay_min_weight,
+        tracked_half_life=settings.tracked_half_life_seconds,
     )
 
 
@@ -248,6 +249,7 @@ class Runtime:
             self.registry,
             max_samples=self.settings.max_batch_samples,
             max_bytes=self.settings.max_payload_bytes,
+            tracked_refresh_seconds=self.settings.tracked_refresh_seconds,
         )
 
 

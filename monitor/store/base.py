@@ -63,6 +63,11 @@ class FieldAlgebra(Protocol):
 
 
 WINDOW_MODES = ("exact", "decayed")
+# Decayed class frequencies (the optional cap on tracked classes) below this are deleted: a
+# class seen once survives one half-life and is gone after the second.
+FREQUENCY_FLOOR = 0.5
+# Meta field: when the class frequencies were last decayed (the half-life steps count from it).
+FREQUENCY_DECAYED_FIELD = "frequencies_decayed"
 # One sample of age S weighs exp(-S / tau) = exp(-2) in a decayed window of S seconds.
 DEFAULT_DECAY_MIN_WEIGHT = math.exp(-2.0)
 
@@ -92,6 +97,8 @@ class BucketPolicy:
     # windows and buckets with globals only (monitor/stats/decayed.py, docs/architecture.md).
     window_mode: str = "exact"
     decay_min_weight: float = DEFAULT_DECAY_MIN_WEIGHT
+    # Class frequencies of capped models (max_tracked_classes) halve once per this many seconds.
+    tracked_half_life: float = 86400.0
 
     def __post_init__(self) -> None:
         if self.fine_seconds < 1 or self.coarse_seconds % self.fine_seconds:
@@ -102,6 +109,8 @@ class BucketPolicy:
             raise ValueError(f"window_mode must be one of {WINDOW_MODES}, not {self.window_mode!r}")
         if not 0 < self.decay_min_weight < 1:
             raise ValueError("decay_min_weight must be between 0 and 1 (a fraction of a sample)")
+        if not self.tracked_half_life > 0:
+            raise ValueError("tracked_half_life must be positive")
 
     @property
     def decayed(self) -> bool:
@@ -143,6 +152,21 @@ class BucketPolicy:
     def key_ttl(self, level: str) -> int:
         # A bucket must outlive the longest window that reads it, plus its own length.
         return self.retention(level) + 2 * self.length(level)
+
+
+@dataclass(frozen=True)
+class TrackedCounts:
+    """What a batch of a capped model (max_tracked_classes) adds besides its partial, in the
+    same exactly-once step: the count of every label it carried (tracked or not) into the
+    model's class frequencies, and the samples left out as untracked."""
+
+    frequencies: Mapping[int, float]
+    untracked: int
+
+
+def decay_steps(last: float, now: float, half_life: float) -> int:
+    """Whole half-lives from the last decay to `now` (the frequencies halve once per step)."""
+    return max(math.floor((now - last) / half_life), 0)
 
 
 @dataclass(frozen=True)
@@ -212,15 +236,41 @@ class Store(Protocol):
 
     # ------------------------------------------------------------ ingestion
     def put_partial(
-        self, model: str, batch_id: str, fields: Fields, ts: float, samples: int
+        self,
+        model: str,
+        batch_id: str,
+        fields: Fields,
+        ts: float,
+        samples: int,
+        *,
+        tracked: TrackedCounts | None = None,
     ) -> bool:
-        """Write a batch's statistics once and count its samples in the same atomic step.
+        """Write a batch's statistics once and count its samples in the same atomic step;
+        with `tracked` (a capped model) also its class frequencies and untracked samples.
 
         False if the id was seen before: nothing changes but the `batches_duplicate` counter.
         """
         ...
 
     def pending_count(self, model: str) -> int: ...
+
+    # ------------------------------------- class frequencies (max_tracked_classes)
+    def add_frequencies(self, model: str, counts: Mapping[int, float]) -> None:
+        """Add to the model's decayed class frequencies (not exactly once: `put_partial` with
+        `tracked` is the ingestion path)."""
+        ...
+
+    def top_classes(self, model: str, m: int) -> list[int]:
+        """The `m` most frequent classes, most frequent first (fewer when fewer are known);
+        ties in Redis's order (the higher class id as text first)."""
+        ...
+
+    def decay_frequencies(self, model: str, now: float) -> int:
+        """Halve the frequencies once per whole `tracked_half_life` since the last decay and
+        delete those below `FREQUENCY_FLOOR`, atomically with the stamp in the model's meta
+        (so at most once per step, whatever the number of maintainers). The first call on a
+        model with frequencies only sets the stamp; none without frequencies. Returns steps."""
+        ...
 
     def oldest_pending(self, model: str) -> float | None: ...
 

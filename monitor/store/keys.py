@@ -98,6 +98,11 @@ class ModelKeys:
         return f"{self.base}:counters"
 
     @property
+    def frequencies(self) -> str:
+        """Class id -> decayed count of a model with max_tracked_classes (a zset)."""
+        return f"{self.base}:freq"
+
+    @property
     def meta(self) -> str:
         return f"{self.base}:meta"
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 from monitor.store.base import (
+    FREQUENCY_DECAYED_FIELD,
+    FREQUENCY_FLOOR,
     Baseline,
     BaselineExists,
     BucketPolicy,
@@ -21,9 +23,11 @@ from monitor.store.base import (
     FieldAlgebra,
     Fields,
     MaintenanceResult,
+    TrackedCounts,
     WindowState,
     baseline_state,
     bucket_state,
+    decay_steps,
 )
 from monitor.store.keys import LEVELS
 from monitor.store.windows import WindowPlanner
@@ -41,6 +45,7 @@ class _ModelState:
         self.counters: dict[str, int] = defaultdict(int)
         self.meta: dict[str, str] = {}
         self.claims: dict[str, float] = {}
+        self.frequencies: dict[int, float] = {}  # class -> decayed count (max_tracked_classes)
 
 
 class MemoryStore:
@@ -61,7 +66,14 @@ class MemoryStore:
         return True
 
     def put_partial(
-        self, model: str, batch_id: str, fields: Fields, ts: float, samples: int
+        self,
+        model: str,
+        batch_id: str,
+        fields: Fields,
+        ts: float,
+        samples: int,
+        *,
+        tracked: TrackedCounts | None = None,
     ) -> bool:
         with self._lock:
             state = self._models[model]
@@ -73,6 +85,10 @@ class MemoryStore:
             state.partials[batch_id] = (dict(fields), float(ts))
             state.counters["batches_ingested"] += 1
             state.counters["samples_ingested"] += int(samples)
+            if tracked is not None:
+                self.add_frequencies(model, tracked.frequencies)
+                if tracked.untracked:
+                    state.counters["untracked_samples"] += int(tracked.untracked)
             return True
 
     def pending_count(self, model: str) -> int:
@@ -83,6 +99,40 @@ class MemoryStore:
         with self._lock:
             stamps = [ts for _, ts in self._models[model].partials.values()]
         return min(stamps) if stamps else None
+
+    def add_frequencies(self, model: str, counts: Mapping[int, float]) -> None:
+        with self._lock:
+            frequencies = self._models[model].frequencies
+            for cls, count in counts.items():
+                frequencies[int(cls)] = frequencies.get(int(cls), 0.0) + float(count)
+
+    def top_classes(self, model: str, m: int) -> list[int]:
+        with self._lock:
+            items = list(self._models[model].frequencies.items())
+        # ZREVRANGE's order: score, then the member (the class id as text), both descending.
+        items.sort(key=lambda kv: (kv[1], str(kv[0]).encode()), reverse=True)
+        return [cls for cls, _ in items[: max(m, 0)]]
+
+    def decay_frequencies(self, model: str, now: float) -> int:
+        with self._lock:
+            state = self._models[model]
+            if not state.frequencies:
+                return 0
+            last = state.meta.get(FREQUENCY_DECAYED_FIELD)
+            if last is None:
+                state.meta[FREQUENCY_DECAYED_FIELD] = repr(float(now))
+                return 0
+            steps = decay_steps(float(last), now, self.policy.tracked_half_life)
+            if steps:
+                factor = 0.5**steps
+                state.frequencies = {
+                    c: v * factor
+                    for c, v in state.frequencies.items()
+                    if v * factor >= FREQUENCY_FLOOR
+                }
+                stamp = float(last) + steps * self.policy.tracked_half_life
+                state.meta[FREQUENCY_DECAYED_FIELD] = repr(stamp)
+            return steps
 
     def compact(
         self, model: str, algebra: FieldAlgebra, *, limit: int = 64, now: float | None = None
@@ -159,6 +209,7 @@ class MemoryStore:
                     state.states.pop(bucket_state(level, start), None)
                     dropped += 1
             state.seen = {k: v for k, v in state.seen.items() if v > now}
+            self.decay_frequencies(model, now)
         return MaintenanceResult(subtracted, rebuilt, dropped, time.perf_counter() - started)
 
     @contextmanager
@@ -274,6 +325,7 @@ class MemoryStore:
         with self._lock:
             state = self._models[model]
             total = sum(_size(f) for f, _ in state.partials.values())
+            total += sum(len(str(c)) + 8 for c in state.frequencies)  # member text + score
             return total + sum(_size(fields) for fields in state.states.values())
 
     def meta_setdefault(self, model: str, field: str, value: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -23,6 +23,8 @@ from redis.cluster import RedisCluster
 from redis.exceptions import WatchError
 
 from monitor.store.base import (
+    FREQUENCY_DECAYED_FIELD,
+    FREQUENCY_FLOOR,
     Baseline,
     BaselineExists,
     BucketPolicy,
@@ -32,6 +34,7 @@ from monitor.store.base import (
     Fields,
     LegacyStoreFormat,
     MaintenanceResult,
+    TrackedCounts,
     WindowState,
     baseline_state,
     bucket_state,
@@ -58,6 +61,47 @@ redis.call('HINCRBY', KEYS[4], 'samples_ingested', ARGV[5])
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
 return 1
 """
+# The same for a capped model (max_tracked_classes), plus the batch's class frequencies and
+# untracked samples (ARGV[6], ARGV[7] = number of frequency pairs): exactly once with the batch.
+_PUT_TRACKED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[4], 'batches_duplicate', 1)
+  return 0
+end
+local first = 8 + 2 * tonumber(ARGV[7])
+for i = first, #ARGV, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[4])
+redis.call('HINCRBY', KEYS[4], 'batches_ingested', 1)
+redis.call('HINCRBY', KEYS[4], 'samples_ingested', ARGV[5])
+if tonumber(ARGV[6]) > 0 then
+  redis.call('HINCRBY', KEYS[4], 'untracked_samples', ARGV[6])
+end
+for i = 8, first - 1, 2 do
+  redis.call('ZINCRBY', KEYS[5], ARGV[i + 1], ARGV[i])
+end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
+return 1
+"""
+# Frequencies halve once per whole half-life since the stamp in meta, atomically with it.
+_DECAY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local last = redis.call('HGET', KEYS[2], ARGV[4])
+if not last then
+  redis.call('HSET', KEYS[2], ARGV[4], ARGV[1])
+  return 0
+end
+local half_life = tonumber(ARGV[2])
+local steps = math.floor((tonumber(ARGV[1]) - tonumber(last)) / half_life)
+if steps < 1 then return 0 end
+local weight = string.format('%.17g', 0.5 ^ steps)
+redis.call('ZUNIONSTORE', KEYS[1], 1, KEYS[1], 'WEIGHTS', weight)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[4], string.format('%.17g', tonumber(last) + steps * half_life))
+return steps
+"""
 _MAX_RETRIES = 20
 RedisClient = redis.Redis | RedisCluster
 MAX_PARTIALS_MEASURED = 1000  # memory_bytes measures at most this many pending partials
@@ -74,6 +118,8 @@ class RedisStore:
         self.policy = policy or BucketPolicy()
         self.prefix = prefix
         self._put_partial = client.register_script(_PUT_PARTIAL)
+        self._put_tracked = client.register_script(_PUT_TRACKED)
+        self._decay = client.register_script(_DECAY)
         self._lock = StateLock(client, self.policy.lock_seconds)
         self._ops = StateOps(client, self._lock)
 
@@ -85,15 +131,27 @@ class RedisStore:
 
     # ------------------------------------------------------------- partials
     def put_partial(
-        self, model: str, batch_id: str, fields: Fields, ts: float, samples: int
+        self,
+        model: str,
+        batch_id: str,
+        fields: Fields,
+        ts: float,
+        samples: int,
+        *,
+        tracked: TrackedCounts | None = None,
     ) -> bool:
         k = self.keys(model)
         args: list[Any] = [ts, self.policy.seen_ttl, self.policy.partial_ttl, batch_id, samples]
+        keys = [k.seen(batch_id), k.partial(batch_id), k.pending, k.counters]
+        script = self._put_partial
+        if tracked is not None:
+            script, keys = self._put_tracked, [*keys, k.frequencies]
+            args += [int(tracked.untracked), len(tracked.frequencies)]
+            for cls, count in tracked.frequencies.items():
+                args += [int(cls), repr(float(count))]
         for name, value in fields.items():
             args += [name, value]
-        written = self._put_partial(
-            keys=[k.seen(batch_id), k.partial(batch_id), k.pending, k.counters], args=args
-        )
+        written = script(keys=keys, args=args)
         if written:
             self.client.sadd(models_key(self.prefix), model)
         return bool(written)
@@ -104,6 +162,26 @@ class RedisStore:
     def oldest_pending(self, model: str) -> float | None:
         first = cast(list[Any], self.client.zrange(self.keys(model).pending, 0, 0, withscores=True))
         return float(first[0][1]) if first else None
+
+    # ----------------------------------------------------- class frequencies
+    def add_frequencies(self, model: str, counts: Mapping[int, float]) -> None:
+        key = self.keys(model).frequencies
+        pipe = self.client.pipeline(transaction=True)
+        for cls, count in counts.items():
+            pipe.zincrby(key, float(count), str(int(cls)))
+        pipe.execute()
+
+    def top_classes(self, model: str, m: int) -> list[int]:
+        if m < 1:
+            return []
+        raw = cast(list[bytes], self.client.zrevrange(self.keys(model).frequencies, 0, m - 1))
+        return [int(c) for c in raw]
+
+    def decay_frequencies(self, model: str, now: float) -> int:
+        k = self.keys(model)
+        args: list[Any] = [repr(float(now)), repr(self.policy.tracked_half_life)]
+        args += [repr(FREQUENCY_FLOOR), FREQUENCY_DECAYED_FIELD]
+        return int(self._decay(keys=[k.frequencies, k.meta], args=args))
 
     # ----------------------------------------------------------- compaction
     def compact(
@@ -226,6 +304,7 @@ class RedisStore:
                 self.client.delete(k.state(f"window:{label}"))
                 self.client.hdel(k.windows, label)
             dropped += self._drop_buckets(k, now)
+        self.decay_frequencies(model, now)
         return MaintenanceResult(subtracted, rebuilt, dropped, time.perf_counter() - started)
 
     def _bucket_exists(self, k: ModelKeys) -> Callable[[str], bool]:
@@ -413,6 +492,7 @@ class RedisStore:
         pipe.zrange(k.pending, 0, MAX_PARTIALS_MEASURED - 1)
         *levels, baselines, windows, partials = pipe.execute()
         keys = [k.pending, k.baselines, k.counters, k.meta, k.windows, k.state("reference")]
+        keys.append(k.frequencies)  # absent (0) unless the model has max_tracked_classes
         for level, starts in zip(LEVELS, levels, strict=True):
             keys.append(k.bucket_index(level))
             keys += [k.state(bucket_state(level, int(s))) for s in starts]
