@@ -28,6 +28,9 @@ default, `--aof` to keep it) and stops it, with every process it started, before
    in the store format (synthetic rows; the globals field of a real batch), then read by
    `window_stats` in a fresh child process: seconds, and peak RSS (`ru_maxrss`) against the
    RSS before the read. The metrics on such a window are timed by bench_scale_eval.py.
+6. modes: the memory of `window_mode` exact against decayed: the same simulated day and more of
+   Zipf traffic through both, through real ingestion, compaction and maintenance, against the
+   formula of docs/architecture.md (benchmarks/window_memory.py says how).
 
 Phases that need more than 3 GiB wait (up to `--memory-wait` s) until MemAvailable is at least
 12 GiB (or their estimate + 2 GiB), else they are skipped with a note. Features are normal,
@@ -37,6 +40,7 @@ are Zipf (`--zipf`) over the vocabulary. Prints Markdown; progress on stderr.
     .venv/bin/python benchmarks/bench_store_scale.py                      # V=128,256, d=4,096
     .venv/bin/python benchmarks/bench_store_scale.py --vocab 50257 --dim 768 --batches 96
     .venv/bin/python benchmarks/bench_store_scale.py --tiny               # seconds: smoke test
+    .venv/bin/python benchmarks/bench_store_scale.py --phases modes       # the two window modes
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ MAX_BULK = 512 * 2**20  # Redis's default proto-max-bulk-len: no value may be la
 BIG_PHASE_GIB = 3.0  # phases above this wait for MIN_FREE_GIB of MemAvailable
 MIN_FREE_GIB = 12.0
 POOL = 4  # feature matrices drawn once and reused
-PHASES = ("latency", "throughput", "growth", "before", "read")
+PHASES = ("latency", "throughput", "growth", "before", "read", "modes")
 
 
 def log(msg: str) -> None:
@@ -786,6 +790,19 @@ def ms_list(values: list[float]) -> str:
 
 
 def print_tables(args: argparse.Namespace, r: dict[str, Any]) -> None:
+    if any(isinstance(r.get(name), dict) for name in PHASES if name != "modes"):
+        print_store_tables(args, r)
+    if isinstance(r.get("modes"), dict):
+        from window_memory import print_modes
+
+        print_modes(args, r["modes"])
+    notes = [f"- {name}: {r[name]}" for name in PHASES if isinstance(r.get(name), str)]
+    if notes:
+        print("\nPhases not measured:\n")
+        print("\n".join(notes))
+
+
+def print_store_tables(args: argparse.Namespace, r: dict[str, Any]) -> None:
     print(
         f"#### Split store at V = {args.vocab:,}, d = {args.dim:,} (Zipf s = {args.zipf}, "
         f"float16 wire, batches of {args.batch_size:,}, Redis AOF: {args.aof})\n"
@@ -920,10 +937,6 @@ def print_tables(args: argparse.Namespace, r: dict[str, Any]) -> None:
                         mib(row["largest"]),
                     ]
             print("| " + " | ".join(cells) + " |")
-    notes = [f"- {name}: {r[name]}" for name in PHASES if isinstance(r.get(name), str)]
-    if notes:
-        print("\nPhases not measured:\n")
-        print("\n".join(notes))
 
 
 # ----------------------------------------------------------------------------- main
@@ -981,7 +994,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--read-k", type=int, default=0, help="classes of the read (0: vocabulary)")
     p.add_argument("--before", choices=["on", "off"], default="on")
     p.add_argument("--before-rev", default="aef66a4")
-    p.add_argument("--phases", default="latency,throughput,growth,before,read")
+    p.add_argument("--phases", default="latency,throughput,growth,before,read,modes")
+    p.add_argument("--modes-hours", type=int, default=48, help="modes: simulated hours")
+    p.add_argument(
+        "--modes-samples", type=int, default=512, help="modes: samples per 5-minute bucket"
+    )
+    p.add_argument("--modes-pin", type=int, choices=[0, 1], default=1, help="modes: pin 24h")
     p.add_argument("--aof", choices=["no", "everysec", "always"], default="no")
     p.add_argument("--memory-wait", type=float, default=900.0, help="seconds to wait for RAM")
     p.add_argument("--phase-timeout", type=float, default=900.0)
@@ -997,10 +1015,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.compaction_interval, args.evaluation_interval = 1.0, 2.0
         args.ingest_workers, args.stages, args.stage_batches = 1, [100, 400], 2
         args.memory_wait, args.phase_timeout = 0.0, 240.0
+        args.modes_hours, args.modes_samples = 8, 64
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    from window_memory import need_bytes, run_modes  # imports this module's helpers
+
     args = parse(argv)
     if args.child == "before":
         print(json.dumps(child_before(args)))
@@ -1027,6 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
         "growth": (growth, run_growth_new),
         "before": (before, run_growth_before),
         "read": (read, run_read),
+        "modes": (need_bytes(args), run_modes),
     }
     for name, (need, fn) in plan.items():
         if name in wanted:
