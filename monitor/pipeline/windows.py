@@ -36,6 +36,7 @@ from monitor.store.base import (
     bucket_state,
     window_state,
 )
+from monitor.store.windows import WindowPlanner
 
 if TYPE_CHECKING:
     from monitor.metrics.jackknife import Part, SecondBlock
@@ -48,7 +49,13 @@ ALGEBRA = StatsAlgebra()
 
 
 def compact_model(store: Store, model: str, *, rounds: int = 64) -> CompactionResult:
-    """Compact until nothing is pending (or `rounds` rounds ran: beat comes back later)."""
+    """Compact until nothing is pending (or `rounds` rounds ran: beat comes back later).
+
+    After a switch of `window_mode`, maintenance restarts the windows first: compaction adds
+    only to windows of the current mode, so the switch's first run would otherwise reach the
+    buckets alone, which that maintenance then drops."""
+    if WindowPlanner(store.policy).mode_changed(store.windows(model)):
+        maintain_model(store, model)
     partials = buckets = retries = 0
     started = time.perf_counter()
     for _ in range(rounds):

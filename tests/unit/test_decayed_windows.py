@@ -29,6 +29,7 @@ from monitor.metrics import compute_metrics
 from monitor.pipeline.runtime import Runtime
 from monitor.pipeline.windows import compact_model, maintain_model, window_stats
 from monitor.stats import CollapseStats, RFFConfig
+from monitor.stats.fields import to_fields
 from monitor.store.base import BucketPolicy, bucket_state, window_state
 from monitor.store.memory import MemoryStore
 
@@ -416,3 +417,29 @@ def test_a_baseline_pinned_from_a_decayed_window_is_its_presented_state(tmp_path
         per_bucket[p.bucket] = per_bucket.get(p.bucket, 0) + len(p.labels)
     counts = [b.count for b in decode_calibration(found.calibration)]
     assert sorted(counts) == sorted(per_bucket.values())
+
+
+@pytest.mark.parametrize(("before", "after"), [(EXACT, POLICY), (POLICY, EXACT)])
+def test_the_first_compaction_after_a_mode_switch_loses_nothing(
+    before: BucketPolicy, after: BucketPolicy
+) -> None:
+    """Compaction adds only to windows of the current mode: right after a switch (no
+    maintenance yet) it must restart the windows first, or its data would reach only the
+    buckets that the restart then drops."""
+    rng = np.random.default_rng(9)
+
+    def batch(n: int) -> dict[bytes, bytes]:
+        stats = CollapseStats(VOCAB, DIM)
+        stats.update(rng.normal(size=(n, DIM)), rng.integers(0, VOCAB, n))
+        return to_fields(stats)
+
+    store = MemoryStore(before, clock=lambda: T0 + 30.0)
+    store.put_partial("m", "old", batch(50), T0 + 1.0, 50)
+    compact_model(store, "m")
+    assert window_stats(store, "m", "10m", 600, now=T0 + 30.0).stats is not None
+    store.policy = after  # the workers restarted with the other mode
+    store.put_partial("m", "new", batch(40), T0 + 2.0, 40)
+    compact_model(store, "m")  # no maintenance in between
+    current = window_stats(store, "m", "10m", 600, now=T0 + 30.0).stats
+    assert current is not None
+    assert current.sample_count == 40  # the new batch, and only it: the windows restarted
