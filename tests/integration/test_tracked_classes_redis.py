@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import RedisServer
+from servers import RedisClusterServers, RedisServer
 
 from monitor.config import Settings
 from monitor.exporter.collector import CollapseCollector
@@ -155,3 +156,31 @@ def test_a_capped_run_holds_at_most_the_cap_rows_per_state(redis_server: RedisSe
     assert max(_row_counts(redis_server).values()) > 3 * CAP
     assert not redis_server.client().exists("cm:{m}:freq")
     assert "untracked_samples" not in off.store.counters("m")
+
+
+def test_capped_ingestion_and_decay_on_a_redis_cluster(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The partial script with the frequency key and the decay script name keys of one slot."""
+    cluster = RedisClusterServers(tmp_path / "cluster")
+    cluster.start()
+    try:
+        model = {"name": "m", "vocab_size": VOCAB, "dim": DIM, "max_tracked_classes": 3}
+        settings = Settings(redis_url=cluster.url, redis_cluster=True, broker_url=redis_server.url,
+                            models=[model], windows={"1h": 3600},
+                            tracked_half_life_seconds=60)  # fmt: skip
+        runtime = Runtime(settings)
+        rng, now = np.random.default_rng(3), time.time()
+        y = np.repeat(np.arange(6), [9, 8, 7, 3, 2, 1])
+        assert runtime.ingestor.ingest(payload(rng, y, "c0", now - 30), now=now).stored
+        assert not runtime.ingestor.ingest(payload(rng, y, "c0", now - 30), now=now).stored
+        store = runtime.store
+        assert store.top_classes("m", 10) == [0, 1, 2, 3, 4, 5]
+        assert store.counters("m")["untracked_samples"] == 6
+        compact_model(store, "m")
+        maintain_model(store, "m", now)  # stamps
+        maintain_model(store, "m", now + 125)  # two half-lives: 2/4 = 0.5 stays, 1/4 goes
+        assert store.top_classes("m", 10) == [0, 1, 2, 3, 4]
+        assert store.memory_bytes("m") > 0
+    finally:
+        cluster.stop()
