@@ -2,26 +2,23 @@
 
 Exactly once: a partial is written by a Lua script that first checks a `seen` marker which
 outlives the partial itself, so a redelivered task finds its batch id and adds nothing, even
-after compaction removed the partial. Compaction adds partials to their buckets and windows
-inside WATCH/MULTI on the partial, state and lock keys: of two racing compactors one commits
-and the other retries against the new state, and a crash before EXEC leaves everything as it
-was. Every statistics state is a hash of fields (`monitor.stats.fields`), so a merge reads and
+after compaction removed the partial. Compaction and maintenance are
+`monitor.store.redis_compaction` (WATCH/MULTI, exactly once under races and crashes). Every
+statistics state is a hash of fields (`monitor.stats.fields`), so a merge reads and
 writes only the classes the new data touched.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, cast
 
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import WatchError
 
+from monitor.store import redis_compaction
 from monitor.store.base import (
     FREQUENCY_DECAYED_FIELD,
     FREQUENCY_FLOOR,
@@ -40,8 +37,8 @@ from monitor.store.base import (
     bucket_state,
 )
 from monitor.store.keys import LEVELS, ModelKeys, legacy_indexes, models_key
+from monitor.store.redis_compaction import parse_windows
 from monitor.store.redis_states import StateLock, StateOps
-from monitor.store.windows import WindowPlanner
 
 # The ingestion counters move in the same script as the partial, so they stay exactly once too.
 # The `seen` marker is set last: Redis does not roll a script back, so if a command fails midway
@@ -102,7 +99,6 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[4], string.format('%.17g', tonumber(last) + steps * half_life))
 return steps
 """
-_MAX_RETRIES = 20
 RedisClient = redis.Redis | RedisCluster
 MAX_PARTIALS_MEASURED = 1000  # memory_bytes measures at most this many pending partials
 
@@ -121,7 +117,7 @@ class RedisStore:
         self._put_tracked = client.register_script(_PUT_TRACKED)
         self._decay = client.register_script(_DECAY)
         self._lock = StateLock(client, self.policy.lock_seconds)
-        self._ops = StateOps(client, self._lock)
+        self.ops = StateOps(client, self._lock)
 
     def keys(self, model: str) -> ModelKeys:
         return ModelKeys(self.prefix, model)
@@ -183,158 +179,14 @@ class RedisStore:
         args += [repr(FREQUENCY_FLOOR), FREQUENCY_DECAYED_FIELD]
         return int(self._decay(keys=[k.frequencies, k.meta], args=args))
 
-    # ----------------------------------------------------------- compaction
+    # ---------------------------------------------- compaction, maintenance
     def compact(
         self, model: str, algebra: FieldAlgebra, *, limit: int = 64, now: float | None = None
     ) -> CompactionResult:
-        started = time.perf_counter()
-        k = self.keys(model)
-        self.check_format(model)
-        entries = cast(list[Any], self.client.zrange(k.pending, 0, limit - 1, withscores=True))
-        groups: dict[tuple[int, int], list[str]] = defaultdict(list)
-        for raw_id, ts in entries:
-            key = (self.policy.start("fine", ts), self.policy.start("coarse", ts))
-            groups[key].append(raw_id.decode())
-        merged = retries = steps = 0
-        for (fine, coarse), members in groups.items():
-            while members:
-                outcome = self._compact_step(k, fine, coarse, members, algebra)
-                if outcome is None:
-                    return CompactionResult(
-                        merged, steps, retries, time.perf_counter() - started, deferred=True
-                    )
-                done, tries, members = outcome
-                merged, retries, steps = merged + done, retries + tries, steps + 1
-        return CompactionResult(merged, steps, retries, time.perf_counter() - started)
+        return redis_compaction.compact(self, model, algebra, limit)
 
-    def _compact_step(
-        self, k: ModelKeys, fine: int, coarse: int, members: list[str], algebra: FieldAlgebra
-    ) -> tuple[int, int, list[str]] | None:
-        """Merge a prefix of `members` (up to `group_bytes` of fields) in one transaction.
-
-        Returns (partials merged, retries, members left), or None when the state lock is held.
-        """
-        for attempt in range(_MAX_RETRIES):
-            with self.client.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(k.state_lock, k.windows)
-                    if pipe.exists(k.state_lock):
-                        return None
-                    windows = _parse_windows(cast(dict[bytes, bytes], pipe.hgetall(k.windows)))
-                    planner = WindowPlanner(self.policy)
-                    targets = planner.targets(fine, coarse, windows)
-                    state_keys = [k.state(t.state) for t in targets]
-                    pipe.watch(*state_keys)
-                    scores = cast(list[Any], pipe.zmscore(k.pending, members))
-                    live = [m for m, s in zip(members, scores, strict=True) if s is not None]
-                    if not live:
-                        return 0, attempt, []  # another compactor got there first
-                    taken, parts, size = [], [], 0
-                    for member in live:
-                        pipe.watch(k.partial(member))
-                        fields = cast(dict[bytes, bytes], pipe.hgetall(k.partial(member)))
-                        taken.append(member)
-                        if fields:
-                            parts.append(fields)
-                            size += sum(len(v) for v in fields.values())
-                        if size >= self.policy.group_bytes:
-                            break
-                    delta = algebra.merge_all(parts)
-                    updates = []
-                    for target, key in zip(targets, state_keys, strict=True) if delta else []:
-                        part = target.fields_of(delta, algebra)
-                        names = list(part)
-                        current = cast(list[bytes | None], pipe.hmget(key, names))
-                        if target.record is not None:  # a new window: no debris of a past one
-                            current = [None] * len(names)
-                        merged = target.merge(algebra, names, current, list(part.values()), fine)
-                        updates.append((key, names, merged))
-                    pipe.multi()
-                    for target, (key, names, merged) in zip(targets, updates, strict=False):
-                        if target.record is not None:
-                            pipe.delete(key)
-                        StateOps.write(pipe, key, names, merged)
-                    for target in targets if delta else []:
-                        if target.record is not None:
-                            pipe.hset(k.windows, target.record[0], _dump(target.record[1]))
-                    if delta:
-                        for level, start in (("fine", fine), ("coarse", coarse)):
-                            pipe.expire(
-                                k.state(bucket_state(level, start)), self.policy.key_ttl(level)
-                            )
-                            pipe.zadd(k.bucket_index(level), {str(start): start})
-                    pipe.zrem(k.pending, *taken)
-                    pipe.delete(*[k.partial(m) for m in taken])
-                    if len(parts) < len(taken):  # partials that expired before compaction
-                        pipe.hincrby(k.counters, "partials_expired", len(taken) - len(parts))
-                    pipe.hset(k.meta, "last_compaction", time.time())
-                    pipe.execute()
-                    return len(parts), attempt, live[len(taken) :]
-                except WatchError:
-                    continue
-        raise RuntimeError(f"compaction of {k.model} lost {_MAX_RETRIES} races in a row")
-
-    # ---------------------------------------------------------- maintenance
     def maintain(self, model: str, algebra: FieldAlgebra, now: float) -> MaintenanceResult:
-        started = time.perf_counter()
-        self.check_format(model)
-        k = self.keys(model)
-        planner = WindowPlanner(self.policy)
-        subtracted = rebuilt = dropped = 0
-        with self.locked(model):
-            windows = self.windows(model)
-            if planner.mode_changed(windows):  # buckets of the other mode: windows start again
-                dropped += self._drop_buckets(k, float("inf"))
-            starts = {level: self.bucket_starts(model, level) for level in LEVELS}
-            for step in planner.plan(windows, starts, now, self._bucket_exists(k)):
-                if step.prune_tau is not None:
-                    self._prune(k, step.target, step.at, step.prune_tau, algebra)
-                    self.client.hset(k.windows, step.label, _dump(step.state))
-                    continue
-                self.client.hset(k.windows, step.label, _dump(step.dirty_state()))
-                target = k.state(step.target)
-                if step.rebuild:
-                    self.client.delete(target)
-                    rebuilt += 1
-                for source, sign in step.sources:
-                    self._ops.apply(k, k.state(source), target, algebra, sign)
-                subtracted += sum(1 for _, sign in step.sources if sign < 0)
-                self.client.hset(k.windows, step.label, _dump(step.state))
-            for label in planner.unconfigured(windows):
-                self.client.delete(k.state(f"window:{label}"))
-                self.client.hdel(k.windows, label)
-            dropped += self._drop_buckets(k, now)
-        self.decay_frequencies(model, now)
-        return MaintenanceResult(subtracted, rebuilt, dropped, time.perf_counter() - started)
-
-    def _bucket_exists(self, k: ModelKeys) -> Callable[[str], bool]:
-        return lambda state: bool(self.client.exists(k.state(state)))
-
-    def _prune(
-        self, k: ModelKeys, state: str, now: float, tau: float, algebra: FieldAlgebra
-    ) -> None:
-        """Delete a decayed window's rows that weigh less than the minimum (under the lock;
-        HDEL is idempotent, and reads leave such rows out anyway, so a crash midway is harmless)."""
-        key = k.state(state)
-        for chunk in self._ops.scan(k, key, 32 * 2**20):
-            gone = algebra.expired(chunk, now, tau, self.policy.decay_min_weight)
-            if gone:
-                self.client.hdel(key, *gone)
-
-    def _drop_buckets(self, k: ModelKeys, now: float) -> int:
-        """Delete the buckets past retention (all of them when `now` is infinite)."""
-        dropped = 0
-        for level in LEVELS:
-            horizon = self.policy.expired_before(level, now)
-            index = k.bucket_index(level)
-            old = cast(list[bytes], self.client.zrangebyscore(index, "-inf", f"({horizon}"))
-            if old:
-                pipe = self.client.pipeline(transaction=True)
-                pipe.delete(*[k.state(bucket_state(level, int(s))) for s in old])
-                pipe.zrem(index, *old)
-                pipe.execute()
-                dropped += len(old)
-        return dropped
+        return redis_compaction.maintain(self, model, algebra, now)
 
     def check_format(self, model: str) -> None:
         """Refuse to work on statistics of store format 1 (one blob per bucket)."""
@@ -367,11 +219,11 @@ class RedisStore:
 
     def scan_state(self, model: str, state: str, *, max_bytes: int = 32 * 2**20) -> Iterator[Chunk]:
         k = self.keys(model)
-        return self._ops.scan(k, k.state(state), max_bytes)
+        return self.ops.scan(k, k.state(state), max_bytes)
 
     def write_state(self, model: str, state: str, chunks: Iterable[Fields]) -> None:
         k = self.keys(model)
-        staging = self._ops.stage(k, state, chunks)
+        staging = self.ops.stage(k, state, chunks)
         if staging is None:
             self.client.delete(k.state(state))
         else:
@@ -380,7 +232,7 @@ class RedisStore:
         self.client.sadd(models_key(self.prefix), model)
 
     def windows(self, model: str) -> dict[str, WindowState]:
-        return _parse_windows(
+        return parse_windows(
             cast(dict[bytes, bytes], self.client.hgetall(self.keys(model).windows))
         )
 
@@ -403,7 +255,7 @@ class RedisStore:
         document = json.dumps(meta, sort_keys=True)
         if not replace and not self.client.hsetnx(k.baselines, name, document):
             raise BaselineExists(f"baseline {name!r} of model {model!r} is pinned already")
-        staging = self._ops.stage(k, baseline_state(name), chunks)
+        staging = self.ops.stage(k, baseline_state(name), chunks)
         pipe = self.client.pipeline(transaction=True)
         if staging is None:
             pipe.delete(k.state(baseline_state(name)))
@@ -521,26 +373,3 @@ class RedisStore:
     def claim(self, model: str, name: str, ttl: float) -> bool:
         key = self.keys(model).claim(name)
         return bool(self.client.set(key, "1", nx=True, ex=max(1, int(ttl + 0.999))))
-
-
-def _parse_windows(raw: dict[bytes, bytes]) -> dict[str, WindowState]:
-    out = {}
-    for label, doc in raw.items():
-        try:
-            out[label.decode()] = WindowState(**json.loads(doc))
-        except (TypeError, ValueError):
-            continue  # unreadable: treated as absent, so the window is rebuilt
-    return out
-
-
-def _dump(state: WindowState) -> str:
-    return json.dumps(
-        {
-            "seconds": state.seconds,
-            "level": state.level,
-            "since": state.since,
-            "built": state.built,
-            "dirty": state.dirty,
-            "mode": state.mode,
-        }
-    )
