@@ -11,10 +11,14 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from monitor.errors import InvalidInput
 from monitor.pipeline.ingest import IngestResult, count_rejection, store_partial
 from monitor.pipeline.payload import SCHEMA_VERSION, TimeBounds, check_timestamp
 from monitor.pipeline.runtime import Runtime
+from monitor.pipeline.tracking import label_counts
+from monitor.store.base import TrackedCounts
 from monitor.store.keys import check_batch_id, check_model_name
 
 if TYPE_CHECKING:
@@ -144,16 +148,27 @@ def embed_payload(runtime: Runtime, payload: object) -> IngestResult:
 
         stats: CollapseStats | None = None
         reference = nc4_means_head(runtime.store, model, lm)
+        cap = runtime.registry.spec(model).max_tracked_classes
+        labels: list[np.ndarray] = []  # every label, for a capped model's class frequencies
         for batch in embed_batches(lm, tokenizer, items, batch_size=8, reference=reference):
             if stats is None:
                 stats = runtime.registry.new_stats(model, runtime.store, batch.features)
-            stats.update(batch.features, batch.labels)
+            features, batch_labels = batch.features, batch.labels
+            if cap is not None:  # as Ingestor.ingest: untracked classes' samples, dropped whole
+                labels.append(batch_labels.numpy())
+                keep = runtime.ingestor.tracked.keep(model, cap, labels[-1])
+                features, batch_labels = features[keep], batch_labels[keep]
+            stats.update(features, batch_labels)
             if batch.nc4_total:
                 stats.record_nc4(batch.nc4_hits, batch.nc4_total)
-        if stats is None or stats.sample_count == 0:
+        if stats is None or (stats.sample_count == 0 and not labels):
             raise InvalidInput("empty_batch", "no labelled positions: every text is under 2 tokens")
     except InvalidInput as exc:
         known = isinstance(owner, str) and owner in runtime.registry.names
         count_rejection(runtime.store, owner if known else None, exc.reason, _items(payload))
         raise
-    return store_partial(runtime.store, model, batch_id, ts, stats)
+    tracked = None
+    if labels:
+        every = np.concatenate(labels)
+        tracked = TrackedCounts(label_counts(every), int(every.size - stats.sample_count))
+    return store_partial(runtime.store, model, batch_id, ts, stats, tracked)
