@@ -174,3 +174,33 @@ def test_custom_metrics_from_entry_points_and_settings(
     assert snapshot.metrics["mean_count"] == pytest.approx(500 / touched)
     assert snapshot.metrics["bad"] is None
     assert json.loads(snapshot.to_json())["metrics"]["touched_classes_demo"] == touched
+
+
+@pytest.mark.parametrize(
+    ("settings", "withheld"),
+    [
+        ({"drift_max_mean_noise": 1e9, "drift_min_samples_per_dim": 0.0}, set()),
+        (
+            {"drift_max_mean_noise": 1e-12, "drift_min_samples_per_dim": 0.0},
+            {"nc2_equiangularity_std"},
+        ),
+        ({"drift_max_mean_noise": 1e9, "drift_min_samples_per_dim": 1e9}, {"effective_rank"}),
+    ],
+)
+def test_drift_guard_settings_reach_the_ratios(
+    head: tuple[Path, np.ndarray], settings: dict[str, float], withheld: set[str]
+) -> None:
+    """The evaluator passes the volume guards' settings to the drift ratios: a guarded ratio is
+    withheld exactly when its guard's setting says so (the window is its own baseline, so every
+    ratio that is computed is 1)."""
+    model = {"name": "m", "vocab_size": VOCAB, "dim": DIM, "classifier_path": str(head[0])}
+    runtime = Runtime(Settings(models=[{**model, "second_moment": True}], **settings))  # type: ignore[arg-type]
+    feed(runtime, [traffic(s, 400) for s in range(6)], "base", [1200.0 + 300 * i for i in range(6)])
+    pin_window(runtime.store, runtime.registry, "m", "ref", "1h", 3600)
+    snap = {s.window: s for s in Evaluator(runtime).evaluate_model("m")}["1h"]
+    for key in ("nc1_cdnv", "nc2_equiangularity_std", "effective_rank"):
+        ratio = snap.metrics.get(f"drift_{key}_ratio")
+        if key in withheld:
+            assert ratio is None, key
+        else:
+            assert ratio == pytest.approx(1.0, rel=1e-9), key
