@@ -210,7 +210,8 @@ def markdown(report: Report) -> str:
         f"{s.interval // 60} min; baseline day + {s.days:g} healthy days: {h.evaluations} "
         f"evaluations of 3 windows, {h.samples:,} samples; {len(report.trials)} failure trials "
         f"watched {s.horizon} intervals; {report.seconds:.0f} s. Rules: "
-        f"{'the shipped defaults' if report.alerting == default_alerting() else 'custom'}.",
+        f"{'the shipped defaults' if report.alerting == default_alerting() else 'custom'}; "
+        f"{s.window_mode} windows.",
         "",
         "**Goals**",
         "",
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=None)
     p.add_argument("--low-rate", type=float, default=None, help="states/s at midnight")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window-mode", choices=("exact", "decayed"), default="exact")
     p.add_argument("--no-trials", action="store_true", help="the healthy run alone")
     p.add_argument("--alerting", type=Path, default=None, help="judge these thresholds (YAML/JSON)")
     p.add_argument("--json", type=Path, default=None, help="write every number here")
@@ -254,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         days=base.days if args.days is None else args.days,
         low_rate=args.low_rate or base.low_rate,
         seed=args.seed,
+        window_mode=args.window_mode,
     )
     failures = QUICK_FAILURES if args.quick else FULL_FAILURES
     times = [NOON] if args.quick else [NOON, MIDNIGHT]

@@ -66,6 +66,7 @@ class Scale:
     days: float = 7.0  # healthy days after the baseline day
     horizon: int = 8  # evaluation intervals watched after an injection
     seed: int = 0
+    window_mode: str = "exact"  # or "decayed" (no traffic stderrs: min_z gates stay open)
 
 
 class Simulation:
@@ -91,6 +92,7 @@ class Simulation:
             snapshot_history=2,
             device="cpu",
             seed=scale.seed,
+            window_mode=scale.window_mode,
         )
         self.world, self.scale = world, scale
         self.runtime = Runtime(self.settings)
