@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +54,20 @@ def _world() -> World:
                  swing=SCALE.swing, batch_seconds=SCALE.batch_seconds)  # fmt: skip
 
 
+@pytest.mark.parametrize("mode", ["exact", "decayed"])
 def test_healthy_swings_stay_quiet_and_a_quarter_collapse_fires_within_two_intervals(
-    tmp_path: Path, one_thread: None
+    tmp_path: Path, one_thread: None, mode: str
 ) -> None:
+    """Both window modes: decayed windows have no traffic stderrs (every min_z gate open)."""
     alerting = default_alerting()
     world = _world()
+    scale = replace(SCALE, window_mode=mode)
     healthy = run_healthy(
-        world, SCALE, tmp_path, alerting, evaluate_from=EVAL_FROM, forks_at=[NOON]
+        world, scale, tmp_path, alerting, evaluate_from=EVAL_FROM, forks_at=[NOON]
     )
+    # the run really was in its mode: ratio stderrs in exact snapshots, none in decayed ones
+    traced = [v for _, _, m in healthy.trace for k, v in m.items() if k.endswith("_stderr")]
+    assert any(v is not None for v in traced) == (mode == "exact")
     counts = [m["sample_count"] for t, w, m in healthy.trace if w == "15m" and t > T0 + DAY]
     assert len(counts) == SCALE.days * DAY / SCALE.interval
     assert max(counts) / min(counts) > 5  # midnight to noon: the volume swing really happened
