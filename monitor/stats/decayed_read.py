@@ -23,6 +23,7 @@ from monitor.stats.fields import (
     GLOBAL_FIELD,
     Fields,
     block_rows,
+    install_globals,
     is_row,
     row_dtype,
     row_fields,
@@ -161,15 +162,7 @@ class DecayedStatsBuilder:
 
         stats = self.stats
         samples = int(stats.counts.sum())
-        g = self.view.g.presented(samples)
-        stats.sample_count = samples
-        stats.unit_count = g.counters["unit_count"]
-        stats.nc4_hits = g.counters["nc4_hits"]
-        stats.nc4_total = g.counters["nc4_total"]
-        stats.unit_sum = torch.from_numpy(g.unit_sum.copy()).to(stats.device)
-        if g.rff_sum is not None:
-            stats.rff_sum = torch.from_numpy(g.rff_sum.copy()).to(stats.device)
-            stats.rff_sq = g.rff_sq
+        install_globals(stats, self.view.g.presented(samples))
         second = stats.second
         for name, value in self.blocks:
             if second is None:

@@ -426,22 +426,27 @@ class StatsBuilder:
         second[start : start + rows] = torch.from_numpy(block.reshape(rows, -1).copy())
 
     def finish(self) -> CollapseStats:
-        import torch
-
         g, stats = self.globals, self.stats
         if int(stats.counts.sum()) != g.sample_count:
             raise IncompatibleStats(
                 f"class counts sum to {int(stats.counts.sum())}, the globals say {g.sample_count}"
             )
-        stats.sample_count = g.sample_count
-        stats.unit_count = g.counters["unit_count"]
-        stats.nc4_hits = g.counters["nc4_hits"]
-        stats.nc4_total = g.counters["nc4_total"]
-        stats.unit_sum = torch.from_numpy(g.unit_sum.copy()).to(stats.device)
-        if g.rff_sum is not None:
-            stats.rff_sum = torch.from_numpy(g.rff_sum.copy()).to(stats.device)
-            stats.rff_sq = g.rff_sq
+        install_globals(stats, g)
         return stats
+
+
+def install_globals(stats: CollapseStats, g: Globals) -> None:
+    """Set the global sums and counters of `stats` (built from rows) from its `g` field."""
+    import torch
+
+    stats.sample_count = g.sample_count
+    stats.unit_count = g.counters["unit_count"]
+    stats.nc4_hits = g.counters["nc4_hits"]
+    stats.nc4_total = g.counters["nc4_total"]
+    stats.unit_sum = torch.from_numpy(g.unit_sum.copy()).to(stats.device)
+    if g.rff_sum is not None:
+        stats.rff_sum = torch.from_numpy(g.rff_sum.copy()).to(stats.device)
+        stats.rff_sq = g.rff_sq
 
 
 def from_fields(fields: Mapping[bytes, bytes]) -> CollapseStats:

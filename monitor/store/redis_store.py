@@ -40,27 +40,12 @@ from monitor.store.keys import LEVELS, ModelKeys, legacy_indexes, models_key
 from monitor.store.redis_compaction import parse_windows
 from monitor.store.redis_states import StateLock, StateOps
 
-# The ingestion counters move in the same script as the partial, so they stay exactly once too.
-# The `seen` marker is set last: Redis does not roll a script back, so if a command fails midway
-# (a key of the wrong type) the batch id is not burned and a retry rewrites the same fields.
+# The ingestion counters move in the same script as the partial, so they stay exactly once too;
+# so do a capped model's class frequencies (max_tracked_classes) and untracked samples
+# (ARGV[6]; ARGV[7] = number of class/count pairs, 0 without the cap). The `seen` marker is set
+# last: Redis does not roll a script back, so if a command fails midway (a key of the wrong
+# type) the batch id is not burned and a retry rewrites the same fields.
 _PUT_PARTIAL = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HINCRBY', KEYS[4], 'batches_duplicate', 1)
-  return 0
-end
-for i = 6, #ARGV, 2 do
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-end
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[1], ARGV[4])
-redis.call('HINCRBY', KEYS[4], 'batches_ingested', 1)
-redis.call('HINCRBY', KEYS[4], 'samples_ingested', ARGV[5])
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
-return 1
-"""
-# The same for a capped model (max_tracked_classes), plus the batch's class frequencies and
-# untracked samples (ARGV[6], ARGV[7] = number of frequency pairs): exactly once with the batch.
-_PUT_TRACKED = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HINCRBY', KEYS[4], 'batches_duplicate', 1)
   return 0
@@ -114,7 +99,6 @@ class RedisStore:
         self.policy = policy or BucketPolicy()
         self.prefix = prefix
         self._put_partial = client.register_script(_PUT_PARTIAL)
-        self._put_tracked = client.register_script(_PUT_TRACKED)
         self._decay = client.register_script(_DECAY)
         self._lock = StateLock(client, self.policy.lock_seconds)
         self.ops = StateOps(client, self._lock)
@@ -138,16 +122,14 @@ class RedisStore:
     ) -> bool:
         k = self.keys(model)
         args: list[Any] = [ts, self.policy.seen_ttl, self.policy.partial_ttl, batch_id, samples]
-        keys = [k.seen(batch_id), k.partial(batch_id), k.pending, k.counters]
-        script = self._put_partial
-        if tracked is not None:
-            script, keys = self._put_tracked, [*keys, k.frequencies]
-            args += [int(tracked.untracked), len(tracked.frequencies)]
-            for cls, count in tracked.frequencies.items():
-                args += [int(cls), repr(float(count))]
+        keys = [k.seen(batch_id), k.partial(batch_id), k.pending, k.counters, k.frequencies]
+        frequencies = {} if tracked is None else tracked.frequencies
+        args += [0 if tracked is None else int(tracked.untracked), len(frequencies)]
+        for cls, count in frequencies.items():
+            args += [int(cls), repr(float(count))]
         for name, value in fields.items():
             args += [name, value]
-        written = script(keys=keys, args=args)
+        written = self._put_partial(keys=keys, args=args)
         if written:
             self.client.sadd(models_key(self.prefix), model)
         return bool(written)
