@@ -25,7 +25,6 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors import SafetensorError
@@ -44,14 +43,8 @@ from monitor.stats.fields import (
 )
 from monitor.stats.rff_config import RFFConfig
 
-if TYPE_CHECKING:
-    pass
-
 DECAYED_FORMAT = "collapse-stats-decayed"
 DECAYED_VERSION = 1
-# One sample of age S (the exact window's span) weighs exp(-S / tau) = exp(-2): a class seen once
-# stays as long as it would in the exact window; a frequent class stays while it still weighs that.
-DEFAULT_MIN_WEIGHT = math.exp(-2.0)
 _WEIGHTS = ("sample", "sample_sq", "unit", "nc4_hits", "nc4_total")
 
 
@@ -105,9 +98,6 @@ class DecayedGlobals:
         """Kish's effective sample count W^2 / V of all samples (what `status` shows)."""
         w, v = self.weights["sample"], self.weights["sample_sq"]
         return 0 if v <= 0 else round(w * w / v)
-
-    def weight_at(self, now: float) -> float:
-        return self.weights["sample"] * math.exp(-(now - self.anchor) / self.tau)
 
     def encode(self) -> bytes:
         header = {
