@@ -172,12 +172,8 @@ class MemoryStore:
         with self._lock:
             state = self._models[model]
             planner = WindowPlanner(self.policy)
-            if planner.mode_changed(state.windows):
-                for level in LEVELS:  # buckets of the other mode: the windows start again
-                    for start in state.index[level]:
-                        state.states.pop(bucket_state(level, start), None)
-                    dropped += len(state.index[level])
-                    state.index[level].clear()
+            if planner.mode_changed(state.windows):  # buckets of the other mode: start again
+                dropped += self._drop_buckets(state, float("inf"))
             starts = {level: sorted(state.index[level]) for level in LEVELS}
             steps = planner.plan(state.windows, starts, now, lambda s: s in state.states)
             for step in steps:
@@ -202,15 +198,21 @@ class MemoryStore:
             for label in planner.unconfigured(state.windows):
                 state.states.pop(f"window:{label}", None)
                 del state.windows[label]
-            for level in LEVELS:
-                horizon = self.policy.expired_before(level, now)
-                for start in [s for s in state.index[level] if s < horizon]:
-                    state.index[level].discard(start)
-                    state.states.pop(bucket_state(level, start), None)
-                    dropped += 1
+            dropped += self._drop_buckets(state, now)
             state.seen = {k: v for k, v in state.seen.items() if v > now}
             self.decay_frequencies(model, now)
         return MaintenanceResult(subtracted, rebuilt, dropped, time.perf_counter() - started)
+
+    def _drop_buckets(self, state: _ModelState, now: float) -> int:
+        """Delete the buckets past retention (all of them when `now` is infinite)."""
+        dropped = 0
+        for level in LEVELS:
+            horizon = self.policy.expired_before(level, now)
+            for start in [s for s in state.index[level] if s < horizon]:
+                state.index[level].discard(start)
+                state.states.pop(bucket_state(level, start), None)
+                dropped += 1
+        return dropped
 
     @contextmanager
     def locked(self, model: str) -> Iterator[None]:
