@@ -90,10 +90,7 @@ def store_partial(
     from monitor.stats.fields import to_fields
 
     samples = stats.sample_count
-    if tracked is None:
-        stored = store.put_partial(model, batch_id, to_fields(stats), ts, samples)
-    else:
-        stored = store.put_partial(model, batch_id, to_fields(stats), ts, samples, tracked=tracked)
+    stored = store.put_partial(model, batch_id, to_fields(stats), ts, samples, tracked=tracked)
     return IngestResult(model, batch_id, samples, stored)
 
 
