@@ -333,12 +333,16 @@ def window_summary(store: Store, model: str, window: str, seconds: int) -> Windo
     state = window_state(window)
     blob = store.state_field(model, state, GLOBAL_FIELD)
     samples = classes = 0
+    mode = "exact"
     if blob is not None:
-        g = DecayedGlobals.decode(blob) if is_decayed(blob) else Globals.decode(blob)
-        # a decayed window: Kish's effective count, and rows not yet pruned among the classes
-        samples = g.effective_samples() if isinstance(g, DecayedGlobals) else g.sample_count
+        g: Globals | DecayedGlobals
+        if is_decayed(blob):  # Kish's effective count; rows not yet pruned among the classes
+            g = DecayedGlobals.decode(blob)
+            samples, mode = g.effective_samples(), "decayed"
+        else:
+            g = Globals.decode(blob)
+            samples = g.sample_count
         classes = max(store.state_size(model, state) - g.non_row_fields(), 0)
-    mode = "decayed" if blob is not None and is_decayed(blob) else "exact"
     buckets = len(_window_buckets(store, model, seconds, now))
     return WindowSummary(window, seconds, samples, classes, buckets, mode)
 
