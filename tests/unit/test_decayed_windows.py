@@ -443,3 +443,36 @@ def test_the_first_compaction_after_a_mode_switch_loses_nothing(
     current = window_stats(store, "m", "10m", 600, now=T0 + 30.0).stats
     assert current is not None
     assert current.sample_count == 40  # the new batch, and only it: the windows restarted
+
+
+@pytest.mark.parametrize("policy", [POLICY, EXACT])
+def test_status_summary_names_the_mode_and_counts_effective_samples(policy: BucketPolicy) -> None:
+    """`status` reads only globals: a decayed window's samples are Kish's effective count
+    (sum w)^2 / sum w^2 over its samples, an exact one's the number of samples; the classes
+    are its rows."""
+    from monitor.pipeline.windows import window_summary
+
+    rng = np.random.default_rng(3)
+    store = MemoryStore(policy, clock=time.time)
+    now = time.time()
+    sizes = {now - 1.0: 70, now - 241.0: 30}  # two fine buckets, 4 minutes apart
+    labels = set()
+    for i, (ts, n) in enumerate(sizes.items()):
+        stats = CollapseStats(VOCAB, DIM)
+        y = rng.integers(0, 12, n)
+        labels.update(y.tolist())
+        stats.update(rng.normal(size=(n, DIM)), y)
+        store.put_partial("m", f"b{i}", to_fields(stats), ts, n)
+    compact_model(store, "m")
+    summary = window_summary(store, "m", "10m", 600)
+    assert summary.mode == policy.window_mode
+    assert summary.class_count == len(labels)
+    if policy.window_mode == "exact":
+        assert summary.sample_count == 100
+        return
+    newest = max(policy.start("fine", ts) for ts in sizes)
+    w = {ts: math.exp(-(newest - policy.start("fine", ts)) / 300.0) for ts in sizes}
+    kish = sum(w[t] * n for t, n in sizes.items()) ** 2 / sum(
+        w[t] ** 2 * n for t, n in sizes.items()
+    )
+    assert summary.sample_count == round(kish) < 100
