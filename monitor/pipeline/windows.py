@@ -14,9 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from monitor.errors import CollapseMonitorError, IncompatibleStats, InvalidInput
+from monitor.errors import CollapseMonitorError, InvalidInput
 from monitor.stats.decayed import DecayedGlobals, is_decayed
 from monitor.stats.decayed_read import DecayedStatsBuilder
 from monitor.stats.fields import (
@@ -25,7 +23,7 @@ from monitor.stats.fields import (
     Globals,
     StatsAlgebra,
     StatsBuilder,
-    block_rows,
+    decode_block,
     decode_globals,
     decode_rows,
 )
@@ -316,13 +314,8 @@ def _block(name: bytes, value: bytes, dim: int) -> SecondBlock:
 
     from monitor.metrics.jackknife import SecondBlock
 
-    step = block_rows(dim)
-    start = int(name[len(BLOCK_PREFIX) :]) * step
-    rows = min(step, dim - start)
-    block = np.frombuffer(value, dtype="<f8")
-    if start >= dim or block.size != rows * dim:
-        raise IncompatibleStats("a second-moment block of the wrong size")
-    return SecondBlock(start, torch.from_numpy(block.reshape(rows, dim).copy()))
+    start, block = decode_block(name, value, dim)
+    return SecondBlock(start, torch.from_numpy(block.copy()))
 
 
 def window_summary(store: Store, model: str, window: str, seconds: int) -> WindowSummary:

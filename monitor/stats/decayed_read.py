@@ -22,7 +22,7 @@ from monitor.stats.fields import (
     BLOCK_PREFIX,
     GLOBAL_FIELD,
     Fields,
-    block_rows,
+    decode_block,
     install_globals,
     is_row,
     row_dtype,
@@ -75,19 +75,14 @@ class DecayedView:
             class_ids, counts.astype(np.int64), rows["s"] * ratio[:, None], rows["q"] * ratio
         )
 
-    def block(self, name: bytes, value: bytes, samples: int) -> tuple[int, np.ndarray]:
-        """Row start and values of a presented second-moment block (`sum h h^T` of `samples`)."""
-        step = block_rows(self.g.dim)
-        start = int(name[len(BLOCK_PREFIX) :]) * step
-        rows = min(step, self.g.dim - start)
-        block = np.frombuffer(value[8:], dtype="<f8")
-        if start >= self.g.dim or block.size != rows * self.g.dim:
-            raise IncompatibleStats("a second-moment block of the wrong size")
+    def block(self, name: bytes, value: bytes) -> tuple[int, np.ndarray]:
+        """Row start and values of a second-moment block per unit of weight: `sum w h h^T / W`
+        at the globals' anchor (times the presented sample count, it is the presented block)."""
+        start, block = decode_block(name, value[8:], self.g.dim)
         anchor = float(np.frombuffer(value[:8], dtype="<f8")[0])
         w = self.g.weights["sample"]
-        # to the globals' anchor, then to `samples` effective samples
-        factor = math.exp(-(self.g.anchor - anchor) / self.g.tau) * (samples / w if w > 0 else 0)
-        return start, block.reshape(rows, self.g.dim) * factor
+        factor = math.exp(-(self.g.anchor - anchor) / self.g.tau) / w if w > 0 else 0.0
+        return start, block * factor
 
 
 def presented_chunks(
@@ -105,8 +100,8 @@ def presented_chunks(
             yield {str(c).encode(): r.tobytes() for c, r in zip(ids, rows, strict=True)}
         for name, value in chunk:
             if name.startswith(BLOCK_PREFIX):
-                _, block = view.block(name, value, samples)
-                yield {name: np.ascontiguousarray(block, dtype="<f8").tobytes()}
+                _, block = view.block(name, value)
+                yield {name: np.ascontiguousarray(block * samples, dtype="<f8").tobytes()}
     yield {GLOBAL_FIELD: view.g.presented(samples).encode()}
 
 
@@ -137,7 +132,6 @@ class DecayedStatsBuilder:
             g.num_classes, g.dim, second_moment=g.second_moment, rff=g.rff, device=device
         )
         self.stats._reserve(min(max(rows, 0), g.num_classes))
-        self.blocks: list[tuple[bytes, bytes]] = []  # scaled once the sample count is known
 
     def add(self, chunk: Iterable[tuple[bytes, bytes]]) -> None:
         import torch
@@ -145,7 +139,13 @@ class DecayedStatsBuilder:
         items = list(chunk)
         for field, value in items:
             if field.startswith(BLOCK_PREFIX):
-                self.blocks.append((field, value))
+                # per unit of weight now, scaled to the sample count in `finish` (in place: the
+                # d x d moment is never held twice)
+                second = self.stats.second
+                if second is None:
+                    raise IncompatibleStats("a second-moment block in statistics without one")
+                start, block = self.view.block(field, value)
+                second[start : start + block.shape[0]] = torch.from_numpy(block)
             elif field != GLOBAL_FIELD and not is_row(field):
                 raise IncompatibleStats(f"unknown statistics field {field[:40]!r}")
         rows = self.view.rows(items)
@@ -158,16 +158,10 @@ class DecayedStatsBuilder:
             )
 
     def finish(self) -> CollapseStats:
-        import torch
 
         stats = self.stats
         samples = int(stats.counts.sum())
         install_globals(stats, self.view.g.presented(samples))
-        second = stats.second
-        for name, value in self.blocks:
-            if second is None:
-                raise IncompatibleStats("a second-moment block in statistics without one")
-            start, block = self.view.block(name, value, samples)
-            second[start : start + block.shape[0]] = torch.from_numpy(block)
-        self.blocks = []
+        if stats.second is not None:
+            stats.second.mul_(samples)
         return stats

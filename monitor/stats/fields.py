@@ -333,6 +333,17 @@ class StatsAlgebra:
         return [row.tobytes() if row["n"] > 0 else None for row in out]
 
 
+def decode_block(field: bytes, value: bytes, dim: int) -> tuple[int, np.ndarray]:
+    """First row and (rows, dim) values of second-moment block `m:<i>`, its size checked."""
+    step = block_rows(dim)
+    start = int(field[len(BLOCK_PREFIX) :]) * step
+    rows = min(step, dim - start)
+    block = np.frombuffer(value, dtype="<f8")
+    if start >= dim or block.size != rows * dim:
+        raise IncompatibleStats("a second-moment block of the wrong size")
+    return start, block.reshape(rows, dim)
+
+
 def decode_globals(blob: bytes | None) -> Globals | None:
     return None if blob is None else Globals.decode(blob)
 
@@ -417,13 +428,8 @@ class StatsBuilder:
         second = self.stats.second
         if second is None:
             raise IncompatibleStats("a second-moment block in statistics without one")
-        index = int(field[len(BLOCK_PREFIX) :])
-        start = index * self._step
-        block = np.frombuffer(value, dtype="<f8")
-        rows = min(self._step, self.globals.dim - start)
-        if start >= self.globals.dim or block.size != rows * self.globals.dim:
-            raise IncompatibleStats("a second-moment block of the wrong size")
-        second[start : start + rows] = torch.from_numpy(block.reshape(rows, -1).copy())
+        start, block = decode_block(field, value, self.globals.dim)
+        second[start : start + block.shape[0]] = torch.from_numpy(block.copy())
 
     def finish(self) -> CollapseStats:
         g, stats = self.globals, self.stats
